@@ -1,0 +1,1 @@
+"""A pytest plugin and command line that build trees of hosts and run context trees through them."""
