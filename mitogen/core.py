@@ -1,0 +1,2163 @@
+"""The bootstrap: everything a new context needs to start, talk and fetch the rest.
+
+This module's source is sent, minified and compressed, to every new context, and runs there as
+the interpreter's main script. It therefore uses the standard library only, has no side effects
+at import time (every process-wide change happens inside :meth:`ExternalContext.main`), and
+holds nothing that a plain child can do without: code needed only by contexts that start
+children of their own lives in :mod:`mitogen.parent`, code needed only by the master in
+:mod:`mitogen.master`, and both reach children through the importer defined here.
+
+Sections, each using only what the sections above it define:
+
+1. constants and errors
+2. serialization: the restricted unpickler and the types allowed through it
+3. the frame codec: bytes in, messages out, no IO
+4. thread primitives: Latch, Receiver, Sender, Channel
+5. contexts and function calls
+6. routing
+7. streams and the IO multiplexer (Broker)
+8. the importer
+9. logging and stdio forwarding
+10. the child's entry point (ExternalContext)
+"""
+
+import builtins
+import collections
+import errno
+import fcntl
+import heapq
+import importlib
+import importlib.machinery
+import io
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import types
+import zlib
+
+if __name__ == 'mitogen.core':
+    import mitogen
+else:
+    # Running as a child's main script: ExternalContext.main() builds a synthetic package.
+    mitogen = None
+
+LOG = logging.getLogger('mitogen')
+IOLOG = logging.getLogger('mitogen.io')
+
+# ---------------------------------------------------------------------------------------------
+# 1. Constants and errors
+# ---------------------------------------------------------------------------------------------
+
+GET_MODULE = 100
+CALL_FUNCTION = 101
+FORWARD_LOG = 102
+ADD_ROUTE = 103
+DEL_ROUTE = 104
+ALLOCATE_ID = 105
+SHUTDOWN = 106
+LOAD_MODULE = 107
+FORWARD_MODULE = 108
+DETACHING = 109
+CALL_SERVICE = 110
+STUB_CALL_SERVICE = 111
+
+#: In a message's ``reply_to``: the sender is gone, or the message could not be delivered.
+IS_DEAD = 999
+
+#: Largest single read from a stream. Bigger reads cost more memory than they save syscalls.
+CHUNK_SIZE = 131072
+
+#: Longest text a CallError carries: a runaway traceback must not become a huge message.
+MAX_CALL_ERROR = 65536
+
+PICKLE_PROTOCOL = 4
+
+now = time.monotonic
+
+
+class Error(Exception):
+    """Base for every error this package raises; the message is %-formatted from the args."""
+
+    def __init__(self, fmt=None, *args):
+        if args:
+            fmt %= args
+        if fmt is None:
+            Exception.__init__(self)
+        else:
+            Exception.__init__(self, str(fmt))
+
+
+class LatchError(Error):
+    """A Latch was closed while, or before, a thread waited on it."""
+
+
+class StreamError(Error):
+    """A stream to another context failed, or sent something that cannot be accepted."""
+
+
+class CorruptFrameError(StreamError):
+    """The peer sent bytes that are not a frame: the stream cannot be trusted any more."""
+
+
+class ChannelError(Error):
+    """The other end of a channel went away, or a message could not be delivered."""
+
+    remote_msg = 'Channel closed by remote end.'
+    local_msg = 'Channel closed by local end.'
+
+
+class TimeoutError(Error, builtins.TimeoutError):
+    """A wait ran out of time. Also the built-in TimeoutError, so either may be caught."""
+
+
+class CallError(Error):
+    """A function called in another context raised.
+
+    Carries the remote exception's type name and its traceback as text, never the exception
+    object itself: the remote type may not exist here, and unpickling arbitrary types would let
+    a compromised context run code in its parent.
+    """
+
+    def __init__(self, fmt=None, *args):
+        if not isinstance(fmt, BaseException):
+            Error.__init__(self, fmt, *args)
+            return
+        exc = fmt
+        cls = type(exc)
+        text = '%s.%s: %s' % (cls.__module__, cls.__qualname__, exc)
+        tb = exc.__traceback__
+        if tb is not None:
+            import traceback
+            text += '\n' + ''.join(traceback.format_tb(tb))
+        if len(text) > MAX_CALL_ERROR:
+            text = text[:MAX_CALL_ERROR] + '\n[... truncated]'
+        Error.__init__(self, text)
+
+    @property
+    def type_name(self):
+        """Dotted name of the remote exception's type, e.g. ``builtins.ValueError``."""
+        return str(self).split(':', 1)[0]
+
+    def __reduce__(self):
+        return (CallError, (str(self),))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Serialization
+# ---------------------------------------------------------------------------------------------
+
+
+class Blob(bytes):
+    """Bytes that log as their length only: for file contents and other bulk data."""
+
+    def __repr__(self):
+        return '[blob: %d bytes]' % len(self)
+
+    def __reduce__(self):
+        return (Blob, (bytes(self),))
+
+
+class Secret(str):
+    """A string that never shows in a repr or a log line: for passwords."""
+
+    def __repr__(self):
+        return '[secret]'
+
+    def __reduce__(self):
+        return (Secret, (str(self),))
+
+
+class Kwargs(dict):
+    """Keyword arguments of a call; a plain dict that is allowed through the unpickler."""
+
+    def __repr__(self):
+        return 'Kwargs(%s)' % dict.__repr__(self)
+
+    def __reduce__(self):
+        return (Kwargs, (dict(self),))
+
+
+_BUILTINS_ALLOWED = frozenset(['bytearray', 'complex', 'frozenset', 'set', 'slice', 'range'])
+
+
+class _Unpickler(pickle.Unpickler):
+    """Rebuilds only plain built-in types and this module's own message types.
+
+    Anything else names a global that would be imported and called: refusing it here, before
+    it is looked up, is what keeps a compromised context from running code in its peers.
+    """
+
+    def __init__(self, data, router):
+        pickle.Unpickler.__init__(self, io.BytesIO(data))
+        self._router = router
+
+    def find_class(self, module, name):
+        if module == 'mitogen.core':
+            if name in ('CallError', 'Blob', 'Secret', 'Kwargs'):
+                return globals()[name]
+            if name == '_unpickle_context':
+                return self._context
+            if name == '_unpickle_sender':
+                return self._sender
+        elif module == 'builtins' and name in _BUILTINS_ALLOWED:
+            return getattr(builtins, name)
+        raise StreamError('refused to unpickle %s.%s: only plain built-in types and '
+                          'mitogen.core message types may cross a stream', module, name)
+
+    def _context(self, context_id, name):
+        return _unpickle_context(context_id, name, self._router)
+
+    def _sender(self, context_id, dst_handle):
+        return _unpickle_sender(context_id, dst_handle, self._router)
+
+
+def _unpickle_context(context_id, name, router=None):
+    if not (isinstance(context_id, int) and context_id >= 0 and
+            (name is None or isinstance(name, str))):
+        raise TypeError('cannot unpickle Context: bad id or name')
+    if router is None:
+        return Context(None, context_id, name)
+    return router.context_by_id(context_id, name=name)
+
+
+def _unpickle_sender(context_id, dst_handle, router=None):
+    if not (isinstance(dst_handle, int) and dst_handle > 0):
+        raise TypeError('cannot unpickle Sender: bad handle')
+    return Sender(_unpickle_context(context_id, None, router), dst_handle)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Frame codec
+# ---------------------------------------------------------------------------------------------
+
+#: magic/encoding, dst_id, src_id, auth_id, handle, reply_to, length; all big-endian.
+HEADER = struct.Struct('>HIIIIII')
+HEADER_LEN = HEADER.size
+ENC_LEGACY = 0x4d49
+ENC_PKL = 0x4d4a
+ENC_BIN = 0x4d4b
+_ENCODINGS = frozenset([ENC_LEGACY, ENC_PKL, ENC_BIN])
+_NOT_UNPICKLED = object()
+
+
+class Message:
+    """One frame: routing header plus a pickled or raw body."""
+
+    __slots__ = ('dst_id', 'src_id', 'auth_id', 'handle', 'reply_to', 'data', 'enc', 'router',
+                 'receiver', 'oversize', '_unpickled')
+
+    def __init__(self, **kwargs):
+        self.dst_id = None
+        self.src_id = self.auth_id = mitogen.context_id
+        self.handle = None
+        self.reply_to = None
+        self.data = b''
+        self.enc = ENC_PKL
+        self.router = None
+        self.receiver = None
+        self.oversize = 0
+        self._unpickled = _NOT_UNPICKLED
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def __repr__(self):
+        return 'Message(%r, %r, %r, %r, %r, %d bytes)' % (
+            self.dst_id, self.src_id, self.auth_id, self.handle, self.reply_to, len(self.data))
+
+    @property
+    def is_dead(self):
+        """True for a message saying the sender is gone or this message's request failed."""
+        return self.reply_to == IS_DEAD
+
+    @classmethod
+    def dead(cls, reason=None, **kwargs):
+        """A message that tells its receiver why nothing more will arrive."""
+        return cls(reply_to=IS_DEAD, enc=ENC_BIN, data=(reason or '').encode('utf-8'), **kwargs)
+
+    @classmethod
+    def pickled(cls, obj, **kwargs):
+        msg = cls(**kwargs)
+        try:
+            msg.data = pickle.dumps(obj, PICKLE_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            msg.data = pickle.dumps(CallError(e), PICKLE_PROTOCOL)
+        return msg
+
+    @classmethod
+    def encoded(cls, obj, enc=ENC_PKL, **kwargs):
+        if enc == ENC_BIN:
+            return cls(data=obj, enc=ENC_BIN, **kwargs)
+        return cls.pickled(obj, **kwargs)
+
+    def pack(self):
+        """The whole frame as one bytes object (streams write header and body separately)."""
+        return self.pack_header() + bytes(self.data)
+
+    def pack_header(self):
+        return HEADER.pack(self.enc, self.dst_id, self.src_id, self.auth_id, self.handle or 0,
+                           self.reply_to or 0, len(self.data))
+
+    def reply(self, msg, router=None, **kwargs):
+        """Send `msg` (a Message, or any object to pickle) to whoever sent this message."""
+        if not isinstance(msg, Message):
+            msg = Message.pickled(msg)
+        msg.dst_id = self.src_id
+        msg.handle = self.reply_to
+        for name, value in kwargs.items():
+            setattr(msg, name, value)
+        if msg.handle:
+            (router or self.router).route(msg)
+        else:
+            LOG.debug('dropping reply to %r: it has no reply_to', self)
+
+    def _dead_reason(self):
+        reason = bytes(self.data).decode('utf-8', 'replace')
+        if reason:
+            return reason
+        if self.src_id == mitogen.context_id:
+            return ChannelError.local_msg
+        return ChannelError.remote_msg
+
+    def decode(self, throw=True, throw_dead=True):
+        """The body: raw bytes for ENC_BIN, otherwise the unpickled object."""
+        return self.unpickle(throw=throw, throw_dead=throw_dead)
+
+    def unpickle(self, throw=True, throw_dead=True):
+        """Deserialize the body; raise CallError/ChannelError when it says so."""
+        if throw_dead and self.is_dead:
+            raise ChannelError(self._dead_reason())
+        obj = self._unpickled
+        if obj is _NOT_UNPICKLED:
+            if self.enc == ENC_BIN:
+                obj = bytes(self.data)
+            else:
+                try:
+                    obj = _Unpickler(self.data, self.router).load()
+                except StreamError:
+                    raise
+                except Exception as e:
+                    raise StreamError('cannot unpickle %r: %s: %s', self, type(e).__name__, e)
+            self._unpickled = obj
+        if throw and isinstance(obj, CallError):
+            raise obj
+        return obj
+
+
+class Decoder:
+    """Turns the bytes of a stream into Messages. Does no IO, so it can be tested and fuzzed
+    alone: ``feed(data)`` then ``next_message()`` until it returns None.
+
+    Large bodies are received into a buffer of their exact size, which the stream can read into
+    directly (``read_target``/``advance``) so that a 64 MiB argument is not copied chunk by
+    chunk. A frame longer than ``max_message_size`` is skipped without being buffered and
+    returned as a Message with ``oversize`` set and no body, so that the stream can refuse it
+    and stay up. Bytes that are not a frame raise CorruptFrameError.
+    """
+
+    #: Bodies at least this long are received into a dedicated buffer.
+    BIG_BODY = 262144
+
+    def __init__(self, max_message_size):
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._header = None
+        self._body = None
+        self._filled = 0
+        self._skip = 0
+
+    @property
+    def pending(self):
+        """True while part of a frame has been received: EOF now means a truncated frame."""
+        return bool(self._buf or self._header or self._skip)
+
+    def feed(self, data):
+        if self._skip:
+            take = min(self._skip, len(data))
+            self._skip -= take
+            data = data[take:]
+            if not data:
+                return
+        if self._body is not None:
+            room = len(self._body) - self._filled
+            self._body[self._filled:self._filled + min(room, len(data))] = data[:room]
+            self._filled += min(room, len(data))
+            data = data[room:]
+            if not data:
+                return
+        self._buf += data
+
+    def read_target(self):
+        """A writable view of the unfilled part of a big body, or None."""
+        if self._body is None or self._buf:
+            return None
+        return memoryview(self._body)[self._filled:]
+
+    def advance(self, n):
+        """Record that `n` bytes were written into the view read_target returned."""
+        self._filled += n
+
+    def next_message(self):
+        if self._skip:
+            return None
+        if self._header is None:
+            if len(self._buf) < HEADER_LEN:
+                return None
+            header = HEADER.unpack_from(self._buf)
+            if header[0] not in _ENCODINGS:
+                raise CorruptFrameError('bad frame magic 0x%04x: the stream is corrupt' % header[0])
+            del self._buf[:HEADER_LEN]
+            length = header[6]
+            if length > self.max_message_size:
+                self._skip = length
+                rest = bytes(self._buf)
+                del self._buf[:]
+                self.feed(rest)
+                return self._make(header, b'', oversize=length)
+            self._header = header
+            if length >= self.BIG_BODY and len(self._buf) < length:
+                self._body = bytearray(length)
+                self._filled = len(self._buf)
+                self._body[:self._filled] = self._buf
+                del self._buf[:]
+        header = self._header
+        length = header[6]
+        if self._body is not None:
+            if self._filled < length:
+                return None
+            data = bytes(self._body)
+            self._body = None
+        else:
+            if len(self._buf) < length:
+                return None
+            data = bytes(self._buf[:length])
+            del self._buf[:length]
+        self._header = None
+        return self._make(header, data)
+
+    @staticmethod
+    def _make(header, data, oversize=0):
+        msg = Message.__new__(Message)
+        msg.enc, msg.dst_id, msg.src_id, msg.auth_id, msg.handle, msg.reply_to = header[:6]
+        msg.data = data
+        msg.oversize = oversize
+        msg.router = msg.receiver = None
+        msg._unpickled = _NOT_UNPICKLED
+        return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Thread primitives
+# ---------------------------------------------------------------------------------------------
+
+
+def set_cloexec(fd):
+    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+
+
+def set_nonblock(fd):
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
+def set_block(fd):
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+class _ThreadWaker:
+    """A thread's own socketpair for sleeping in Latch.get(), created on first use.
+
+    Descriptors are bounded by the number of threads that ever sleep, not by the number of
+    latches. They are plain descriptors closed by __del__, which runs when the thread's locals
+    are dropped at thread exit: there is no other hook that runs on every thread's exit.
+    """
+
+    def __init__(self):
+        rsock, wsock = socket.socketpair()
+        self.rfd = rsock.detach()
+        self.wfd = wsock.detach()
+        set_nonblock(self.rfd)
+        self.poller = select.poll()
+        self.poller.register(self.rfd, select.POLLIN)
+
+    def wake(self):
+        try:
+            os.write(self.wfd, b'\x7f')
+        except OSError as e:
+            if e.errno not in (errno.EBADF, errno.EPIPE):
+                raise
+
+    def wait(self, timeout):
+        """Sleep until woken or `timeout` seconds pass. The caller decides what it means."""
+        self.poller.poll(-1 if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+
+    def consume(self):
+        """Read away the one wake byte that a waker has written or is about to write."""
+        while True:
+            try:
+                if os.read(self.rfd, 1):
+                    return
+            except BlockingIOError:
+                pass
+            self.poller.poll(-1)
+
+    def close(self):
+        for fd in (self.rfd, self.wfd):
+            if fd is not None:
+                os.close(fd)
+        self.rfd = self.wfd = None
+
+    __del__ = close
+
+
+_thread_state = threading.local()
+
+
+def _get_thread_waker():
+    try:
+        return _thread_state.waker
+    except AttributeError:
+        waker = _thread_state.waker = _ThreadWaker()
+        return waker
+
+
+def _warm_thread_resources():
+    """Create the calling thread's lifetime resources now (used by leak checks in tests)."""
+    _get_thread_waker()
+
+
+class Latch:
+    """A thread-safe FIFO queue whose get() can sleep with a timeout, woken by put().
+
+    Implements the design of "Latch Internals": each sleeping thread waits on its own
+    socketpair, ``_sleeping`` lists them in arrival order and ``_waking`` counts how many have
+    been sent their wake byte. A woken thread receives exactly the item that matches its place
+    in that order, so items are handed out strictly first-come first-served and no thread is
+    woken for an item another thread then steals.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queue = []
+        self._sleeping = []
+        self._waking = 0
+        self.closed = False
+        self.notify = None
+
+    def __repr__(self):
+        return 'Latch(%#x, size=%d)' % (id(self), len(self._queue))
+
+    def empty(self):
+        return not self._queue
+
+    def size(self):
+        return len(self._queue)
+
+    def close(self):
+        """Wake every sleeper with LatchError; later get() and put() raise it too."""
+        with self._lock:
+            self.closed = True
+            to_wake = self._sleeping[self._waking:]
+            self._waking = len(self._sleeping)
+        for waker in to_wake:
+            self._wake(waker)
+
+    def put(self, obj=None):
+        waker = None
+        with self._lock:
+            if self.closed:
+                raise LatchError('put() on a closed latch')
+            self._queue.append(obj)
+            if self._waking < len(self._sleeping):
+                waker = self._sleeping[self._waking]
+                self._waking += 1
+        if waker is not None:
+            self._wake(waker)
+        if self.notify is not None:
+            self.notify(self)
+
+    @staticmethod
+    def _wake(waker):
+        waker.wake()
+
+    def get(self, timeout=None, block=True):
+        """Return the next item; raise TimeoutError after `timeout` seconds or when
+        `block` is False and nothing is queued, LatchError if the latch is closed."""
+        with self._lock:
+            if self.closed:
+                raise LatchError('get() on a closed latch')
+            position = len(self._sleeping)
+            if len(self._queue) > position:
+                return self._queue.pop(position)
+            if not block:
+                raise TimeoutError('latch is empty')
+            waker = _get_thread_waker()
+            self._sleeping.append(waker)
+        interrupted = None
+        try:
+            waker.wait(timeout)
+        except BaseException as e:
+            interrupted = e
+        return self._after_sleep(waker, interrupted)
+
+    def _after_sleep(self, waker, interrupted):
+        with self._lock:
+            position = self._sleeping.index(waker)
+            del self._sleeping[position]
+            if position >= self._waking:
+                if interrupted is not None:
+                    raise interrupted
+                raise TimeoutError('timed out waiting on latch')
+            self._waking -= 1
+            waker.consume()
+            if self.closed:
+                raise LatchError('latch closed while waiting')
+            item = self._queue.pop(position)
+            if interrupted is None:
+                return item
+            # Hand the item on to the next thread in line rather than losing it.
+            self._queue.insert(self._waking, item)
+            next_waker = None
+            if self._waking < len(self._sleeping):
+                next_waker = self._sleeping[self._waking]
+                self._waking += 1
+        if next_waker is not None:
+            self._wake(next_waker)
+        raise interrupted
+
+
+def _on_fork():
+    """Forget thread resources inherited from the parent: they belong to its threads."""
+    state = vars(_thread_state)
+    waker = state.pop('waker', None)
+    if waker is not None:
+        waker.close()
+
+
+class Receiver:
+    """Receives messages sent to one handle in this context.
+
+    Messages queue in a Latch until get() takes them; a dead message (the sender closed the
+    channel, or the respondent context disconnected) raises ChannelError in get().
+    """
+
+    notify = None
+
+    def __init__(self, router, handle=None, persist=True, respondent=None, policy=None,
+                 overwrite=False):
+        self.router = router
+        self._latch = Latch()
+        self.handle = router.add_handler(fn=self._on_receive, handle=handle, policy=policy,
+                                         persist=persist, respondent=respondent,
+                                         overwrite=overwrite)
+
+    def __repr__(self):
+        return 'Receiver(%r, %r)' % (self.router, self.handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def to_sender(self):
+        """A Sender, to hand to another context, that delivers to this receiver."""
+        return Sender(self.router.myself(), self.handle)
+
+    def _on_receive(self, msg):
+        try:
+            self._latch.put(msg)
+        except LatchError:
+            return
+        if self.notify is not None:
+            self.notify(self)
+
+    def close(self):
+        """Stop receiving; threads waiting in get() raise ChannelError."""
+        if self.handle is not None:
+            self.router.del_handler(self.handle)
+            self.handle = None
+        try:
+            self._latch.put(Message.dead(ChannelError.local_msg, src_id=mitogen.context_id))
+        except LatchError:
+            pass
+
+    def size(self):
+        return self._latch.size()
+
+    def empty(self):
+        return self._latch.empty()
+
+    def get(self, timeout=None, block=True, throw_dead=True):
+        try:
+            msg = self._latch.get(timeout=timeout, block=block)
+        except LatchError:
+            raise ChannelError(ChannelError.local_msg)
+        if throw_dead and msg.is_dead:
+            raise ChannelError(msg._dead_reason())
+        return msg
+
+    def __iter__(self):
+        """Yield messages until the channel is closed."""
+        while True:
+            try:
+                msg = self.get(throw_dead=False)
+            except ChannelError:
+                return
+            if msg.is_dead:
+                return
+            yield msg
+
+
+class Sender:
+    """Sends pickled objects to one handle of one context; may itself be sent to others."""
+
+    def __init__(self, context, dst_handle):
+        self.context = context
+        self.dst_handle = dst_handle
+
+    def __repr__(self):
+        return 'Sender(%r, %r)' % (self.context, self.dst_handle)
+
+    def __reduce__(self):
+        return (_unpickle_sender, (self.context.context_id, self.dst_handle))
+
+    def send(self, data):
+        self.context.send(Message.pickled(data, handle=self.dst_handle))
+
+    def close(self):
+        """Tell the receiver nothing more will come."""
+        self.context.send(Message.dead(handle=self.dst_handle))
+
+
+class Channel(Sender, Receiver):
+    """A Sender and a Receiver to one peer, for two-way conversations."""
+
+    def __init__(self, router, context, dst_handle, handle=None):
+        Sender.__init__(self, context, dst_handle)
+        Receiver.__init__(self, router, handle)
+
+    def __repr__(self):
+        return 'Channel(%r, %r)' % (Sender.__repr__(self), Receiver.__repr__(self))
+
+    def close(self):
+        Receiver.close(self)
+        Sender.close(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Contexts and function calls
+# ---------------------------------------------------------------------------------------------
+
+
+def listen(obj, name, func):
+    """Call `func` whenever `obj` fires the signal `name`."""
+    vars(obj).setdefault('_signals', {}).setdefault(name, []).append(func)
+
+
+def unlisten(obj, name, func):
+    try:
+        vars(obj)['_signals'][name].remove(func)
+    except (KeyError, ValueError):
+        raise ValueError('%r is not listening to %r of %r' % (func, name, obj))
+
+
+def fire(obj, name, *args, **kwargs):
+    for func in list(vars(obj).get('_signals', {}).get(name, ())):
+        func(*args, **kwargs)
+
+
+def takes_econtext(func):
+    """Mark `func` to receive the child's ExternalContext as ``econtext=`` when called."""
+    func.mitogen_takes_econtext = True
+    return func
+
+
+def takes_router(func):
+    """Mark `func` to receive the child's Router as ``router=`` when called."""
+    func.mitogen_takes_router = True
+    return func
+
+
+def has_parent_authority(msg, stream=None):
+    """Policy: accept only messages sent on behalf of this context or one of its parents."""
+    return msg.auth_id == mitogen.context_id or msg.auth_id in mitogen.parent_ids
+
+
+class CallChain:
+    """Issues function calls to one context; optionally pipelined.
+
+    With ``pipelined=True`` every call carries this chain's ID: once one call fails, the
+    target refuses the rest of the chain with the same error without running them, so a caller
+    may send a sequence of dependent calls without waiting for each.
+    """
+
+    _counter = itertools.count(1)
+
+    def __init__(self, context, pipelined=False):
+        self.context = context
+        self.chain_id = self.make_chain_id() if pipelined else None
+
+    @classmethod
+    def make_chain_id(cls):
+        return '%s-%d-%x-%x' % (socket.gethostname(), os.getpid(), threading.get_ident(),
+                                next(cls._counter))
+
+    def __repr__(self):
+        return 'CallChain(%r, %r)' % (self.context, self.chain_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.reset()
+
+    def reset(self):
+        """Forget a failure: later calls of this chain run again."""
+        if self.chain_id is None:
+            return
+        saved, self.chain_id = self.chain_id, self.make_chain_id()
+        self.context.call_no_reply(Dispatcher.forget_chain, saved)
+
+    @staticmethod
+    def _describe(fn):
+        """(module, class path, function name) naming `fn` so the target can import it."""
+        if getattr(fn, '__name__', None) == '<lambda>':
+            raise TypeError('cannot call a lambda in another context: it has no importable '
+                            'name; define it at module level instead')
+        if getattr(fn, '__closure__', None):
+            raise TypeError('cannot call a closure in another context: the variables it '
+                            'captures cannot be sent; define it at module level and pass '
+                            'them as arguments')
+        owner = getattr(fn, '__self__', None)
+        if isinstance(fn, types.MethodType) and not isinstance(owner, type):
+            raise TypeError('cannot call a bound instance method in another context: its '
+                            'instance cannot be sent; use a module-level function, a '
+                            'classmethod or a staticmethod')
+        if isinstance(owner, type):
+            return owner.__module__, owner.__qualname__, fn.__name__
+        qualname = getattr(fn, '__qualname__', fn.__name__)
+        if '<locals>' in qualname:
+            raise TypeError('cannot call %s in another context: it is defined inside '
+                            'another function, so it cannot be imported there' % qualname)
+        module = fn.__module__
+        if module is None and isinstance(owner, types.ModuleType):
+            module = owner.__name__
+        klass, _, name = qualname.rpartition('.')
+        return module, klass or None, name
+
+    def make_msg(self, fn, *args, **kwargs):
+        module, klass, name = self._describe(fn)
+        return Message.pickled((self.chain_id, module, klass, name, args, Kwargs(kwargs)),
+                               handle=CALL_FUNCTION)
+
+    def call_no_reply(self, fn, *args, **kwargs):
+        """Run `fn` remotely without waiting; a failure is only logged by the target."""
+        self.context.send(self.make_msg(fn, *args, **kwargs))
+
+    def call_async(self, fn, *args, **kwargs):
+        """Start `fn` remotely; returns a Receiver whose get().unpickle() is the result."""
+        return self.context.send_async(self.make_msg(fn, *args, **kwargs))
+
+    def call(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` remotely and return its result, or raise CallError."""
+        recv = self.call_async(fn, *args, **kwargs)
+        try:
+            return recv.get().unpickle()
+        finally:
+            recv.close()
+
+
+class Context:
+    """A handle on some context of the tree, addressed by its ID."""
+
+    via = None
+    remote_name = None
+
+    def __init__(self, router, context_id, name=None):
+        self.router = router
+        self.context_id = context_id
+        self.name = name
+        self._call_chain = None
+
+    def __repr__(self):
+        return 'Context(%s, %r)' % (self.context_id, self.name)
+
+    def __reduce__(self):
+        return (_unpickle_context, (self.context_id, self.name))
+
+    def __eq__(self, other):
+        return isinstance(other, Context) and other.context_id == self.context_id and \
+            other.router is self.router
+
+    def __hash__(self):
+        return hash(self.context_id)
+
+    @property
+    def default_call_chain(self):
+        if self._call_chain is None:
+            self._call_chain = CallChain(self)
+        return self._call_chain
+
+    def on_disconnect(self):
+        fire(self, 'disconnect')
+
+    def send(self, msg):
+        msg.dst_id = self.context_id
+        self.router.route(msg)
+
+    def send_async(self, msg, persist=False):
+        """Send `msg`; returns the Receiver that its replies go to."""
+        recv = Receiver(self.router, persist=persist, respondent=self)
+        msg.dst_id = self.context_id
+        msg.reply_to = recv.handle
+        self.router.route(msg)
+        return recv
+
+    def send_await(self, msg, deadline=None):
+        """Send `msg` and return its unpickled reply, waiting until `deadline` at most."""
+        recv = self.send_async(msg)
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - now())
+            return recv.get(timeout=timeout).unpickle()
+        finally:
+            recv.close()
+
+    def call_async(self, fn, *args, **kwargs):
+        return self.default_call_chain.call_async(fn, *args, **kwargs)
+
+    def call(self, fn, *args, **kwargs):
+        return self.default_call_chain.call(fn, *args, **kwargs)
+
+    def call_no_reply(self, fn, *args, **kwargs):
+        self.default_call_chain.call_no_reply(fn, *args, **kwargs)
+
+    def shutdown(self, wait=False):
+        """Ask the context to exit. Returns a Latch that receives None once it has
+        disconnected; with ``wait=True``, waits for that first."""
+        latch = Latch()
+        listen(self, 'disconnect', lambda: latch.put(None))
+        self.send(Message(handle=SHUTDOWN))
+        if wait:
+            latch.get()
+        return latch
+
+
+class Dispatcher:
+    """Runs CALL_FUNCTION requests on the child's main thread, one at a time."""
+
+    def __init__(self, econtext):
+        self.econtext = econtext
+        self._error_by_chain_id = {}
+        self.recv = Receiver(econtext.router, handle=CALL_FUNCTION,
+                             policy=has_parent_authority)
+        listen(econtext.broker, 'shutdown', self.recv.close)
+
+    @staticmethod
+    @takes_econtext
+    def forget_chain(chain_id, econtext):
+        econtext.dispatcher._error_by_chain_id.pop(chain_id, None)
+
+    def _resolve(self, msg):
+        chain_id, module, klass, name, args, kwargs = msg.unpickle(throw=False)
+        if not (isinstance(module, str) and isinstance(name, str) and
+                isinstance(args, tuple) and isinstance(kwargs, dict)):
+            raise TypeError('malformed CALL_FUNCTION request')
+        _thread_state.import_hint = module
+        try:
+            obj = importlib.import_module(module)
+        finally:
+            _thread_state.import_hint = None
+        for part in (klass.split('.') if klass else ()):
+            obj = getattr(obj, part)
+        fn = getattr(obj, name)
+        if getattr(fn, 'mitogen_takes_econtext', False):
+            kwargs['econtext'] = self.econtext
+        if getattr(fn, 'mitogen_takes_router', False):
+            kwargs['router'] = self.econtext.router
+        return chain_id, fn, args, kwargs
+
+    def dispatch(self, msg):
+        chain_id = None
+        try:
+            chain_id, fn, args, kwargs = self._resolve(msg)
+            failed = self._error_by_chain_id.get(chain_id) if chain_id else None
+            result = failed if failed is not None else fn(*args, **kwargs)
+        except Exception as e:
+            result = CallError(e)
+            if chain_id is not None:
+                self._error_by_chain_id[chain_id] = result
+            elif not msg.reply_to:
+                LOG.error('call_no_reply failed: %s', result)
+        if msg.reply_to:
+            msg.reply(result)
+
+    def run(self):
+        for msg in self.recv:
+            self.dispatch(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Routing
+# ---------------------------------------------------------------------------------------------
+
+
+class Router:
+    """Delivers messages to local handlers or forwards them along the tree.
+
+    Each context knows the streams to its direct children and the IDs reachable through each
+    (``ADD_ROUTE``); anything else goes to the parent. Before a received message is forwarded
+    or dispatched, its ``auth_id`` and ``src_id`` must be reachable through the stream it came
+    in on ("Source Verification"), so a context can never speak for its parents or siblings.
+    """
+
+    context_class = Context
+    max_message_size = 128 * 1048576
+    unidirectional = False
+
+    def __init__(self, broker):
+        self.broker = broker
+        self.parent_stream = None
+        self._stream_by_id = {}
+        self._context_by_id = {}
+        self._handle_map = {}
+        self._handles_by_respondent = {}
+        self._handle_counter = itertools.count(1000)
+        self.dropped_count = 0
+        listen(broker, 'exit', self._on_broker_exit)
+        self.add_handler(self._on_del_route, DEL_ROUTE)
+
+    def __repr__(self):
+        return 'Router(%r)' % (self.broker,)
+
+    # --- contexts and routes
+
+    def myself(self):
+        return self.context_by_id(mitogen.context_id, name='self')
+
+    def context_by_id(self, context_id, via_id=None, create=True, name=None):
+        context = self._context_by_id.get(context_id)
+        if context is None and create:
+            context = self.context_class(self, context_id, name=name)
+            if via_id is not None:
+                context.via = self.context_by_id(via_id)
+            self._context_by_id[context_id] = context
+        elif context is not None and name and not context.name:
+            context.name = name
+        return context
+
+    def stream_by_id(self, dst_id):
+        """The stream a message for `dst_id` would leave on: a route, else the parent."""
+        return self._stream_by_id.get(dst_id) or self.parent_stream
+
+    def add_route(self, target_id, stream):
+        LOG.debug('%r: route to %d via %r', self, target_id, stream)
+        self._stream_by_id[target_id] = stream
+        stream.routes.add(target_id)
+
+    def del_route(self, target_id):
+        stream = self._stream_by_id.pop(target_id, None)
+        if stream is not None:
+            stream.routes.discard(target_id)
+        context = self._context_by_id.get(target_id)
+        if context is not None:
+            context.on_disconnect()
+
+    def get_routes(self):
+        """{context_id: stream name} for every route this router holds."""
+        return {cid: stream.name for cid, stream in self._stream_by_id.items()}
+
+    def register(self, context, stream):
+        """Route `context` through `stream`, a stream connected directly to it."""
+        self._context_by_id[context.context_id] = context
+        self.add_route(context.context_id, stream)
+        listen(stream, 'disconnect', lambda: self._on_stream_disconnect(stream))
+
+    def _on_stream_disconnect(self, stream):
+        for target_id in sorted(stream.routes):
+            if self._stream_by_id.get(target_id) is stream:
+                self.del_route(target_id)
+
+    def _on_del_route(self, msg):
+        """DEL_ROUTE from our parent: a context elsewhere in the tree is gone."""
+        if msg.is_dead:
+            return
+        target_id = int(msg.unpickle())
+        if self._stream_by_id.get(target_id) is None:
+            context = self._context_by_id.get(target_id)
+            if context is not None:
+                context.on_disconnect()
+
+    # --- handlers
+
+    def add_handler(self, fn, handle=None, persist=True, policy=None, respondent=None,
+                    overwrite=False):
+        """Call ``fn(msg)`` on the broker thread for each message sent to `handle`.
+
+        `policy(msg, stream)` may refuse a message; `respondent` is the context expected to
+        reply: if it disconnects, `fn` receives a dead message at once instead of waiting.
+        """
+        handle = handle or next(self._handle_counter)
+        if not overwrite and handle in self._handle_map:
+            raise Error('%r: handle %r is already in use', self, handle)
+        self._handle_map[handle] = (persist, fn, policy, respondent)
+        if respondent is not None:
+            handles = self._handles_by_respondent.get(respondent)
+            if handles is None:
+                handles = self._handles_by_respondent[respondent] = set()
+                listen(respondent, 'disconnect',
+                       lambda: self._on_respondent_disconnect(respondent))
+            handles.add(handle)
+        return handle
+
+    def del_handler(self, handle):
+        entry = self._handle_map.pop(handle, None)
+        respondent = entry and entry[3]
+        if respondent is not None:
+            self._handles_by_respondent.get(respondent, set()).discard(handle)
+
+    def _on_respondent_disconnect(self, context):
+        for handle in list(self._handles_by_respondent.pop(context, ())):
+            entry = self._handle_map.get(handle)
+            if entry is not None:
+                msg = Message.dead('the respondent %r disconnected' % (context,),
+                                   handle=handle, src_id=context.context_id,
+                                   dst_id=mitogen.context_id)
+                self.broker.defer(self._invoke, msg, None)
+
+    def _on_broker_exit(self):
+        """Nothing will ever arrive now: fail every waiting receiver instead of hanging it."""
+        for handle in list(self._handle_map):
+            fn = self._handle_map[handle][1]
+            try:
+                fn(Message.dead('the broker has shut down', handle=handle))
+            except Exception:
+                LOG.exception('%r: handler for %d failed at exit', self, handle)
+
+    def _invoke(self, msg, stream):
+        try:
+            persist, fn, policy, respondent = self._handle_map[msg.handle]
+        except KeyError:
+            self._refuse(msg, 'no handler for handle %r in context %r'
+                         % (msg.handle, mitogen.context_id))
+            return
+        if respondent is not None and not msg.is_dead and \
+                msg.src_id != respondent.context_id:
+            self._drop(msg, stream, 'reply from %r, expected %r' % (msg.src_id, respondent))
+            return
+        if policy is not None and not policy(msg, stream):
+            self._drop(msg, stream, 'refused by the policy of handle %r' % (msg.handle,))
+            self._refuse(msg, 'refused by policy')
+            return
+        if not persist:
+            self.del_handler(msg.handle)
+        msg.router = self
+        try:
+            fn(msg)
+        except Exception:
+            LOG.exception('%r: handler %r failed on %r', self, fn, msg)
+
+    # --- sending and forwarding
+
+    def _drop(self, msg, stream, reason):
+        self.dropped_count += 1
+        LOG.error('%r: dropped %r from %r: %s', self, msg, stream, reason)
+
+    def _refuse(self, msg, reason):
+        """Tell the sender its message will never be answered, unless it is itself dead."""
+        if msg.reply_to and not msg.is_dead:
+            dead = Message.dead(reason, dst_id=msg.src_id, handle=msg.reply_to)
+            self.route(dead)
+
+    def route(self, msg):
+        """Send `msg` towards its ``dst_id``; callable from any thread.
+
+        The common case, a message for another context with a known stream, is written from
+        the calling thread at once: handing it to the broker thread first would cost a thread
+        wake-up on every call.
+        """
+        if msg.dst_id != mitogen.context_id and len(msg.data) <= self.max_message_size:
+            stream = self._stream_by_id.get(msg.dst_id) or self.parent_stream
+            if stream is not None:
+                stream.send(msg)
+                return
+        self.broker.defer(self._async_route, msg)
+
+    def _async_route(self, msg, in_stream=None):
+        if in_stream is not None:
+            if not self._verify_source(msg, in_stream):
+                return
+        elif len(msg.data) > self.max_message_size:
+            reason = 'message too large (%d bytes; max_message_size is %d)' % (
+                len(msg.data), self.max_message_size)
+            LOG.error('%r: refused to send %r: %s', self, msg, reason)
+            if msg.reply_to:
+                self._refuse(msg, reason)
+            elif msg.handle and not msg.is_dead:
+                # A reply has nobody to refuse to: tell whoever waits for it instead.
+                self.route(Message.dead(reason, dst_id=msg.dst_id, handle=msg.handle))
+            return
+        if msg.dst_id == mitogen.context_id:
+            self._invoke(msg, in_stream)
+            return
+        out_stream = self._stream_by_id.get(msg.dst_id) or self.parent_stream
+        if out_stream is None:
+            self._refuse(msg, 'no route to context %r' % (msg.dst_id,))
+            return
+        if in_stream is not None:
+            if out_stream is in_stream:
+                self._drop(msg, in_stream, 'it would be sent back the way it came')
+                return
+            if self.unidirectional and self.parent_stream not in (in_stream, out_stream):
+                self._drop(msg, in_stream, 'unidirectional mode forbids routing between '
+                                           'children')
+                self._refuse(msg, 'unidirectional mode forbids routing between children')
+                return
+        out_stream.send(msg)
+
+    def _verify_source(self, msg, stream):
+        for claimed in (msg.auth_id, msg.src_id):
+            expected = self._stream_by_id.get(claimed) or self.parent_stream
+            if claimed == mitogen.context_id or expected is not stream:
+                self._drop(msg, stream, 'id %r cannot arrive on this stream' % (claimed,))
+                return False
+        stream.egress_ids.add(msg.dst_id)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Streams and the IO multiplexer
+# ---------------------------------------------------------------------------------------------
+
+
+class EpollPoller:
+    """Waits for descriptors with epoll: cost independent of how many are watched."""
+
+    READ = select.EPOLLIN if hasattr(select, 'epoll') else 1
+    WRITE = select.EPOLLOUT if hasattr(select, 'epoll') else 4
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._masks = {}
+
+    def close(self):
+        self._epoll.close()
+
+    def set_mask(self, fd, mask):
+        old = self._masks.get(fd)
+        if not mask:
+            if old is not None:
+                del self._masks[fd]
+                self._epoll.unregister(fd)
+        elif old is None:
+            self._masks[fd] = mask
+            self._epoll.register(fd, mask)
+        elif old != mask:
+            self._masks[fd] = mask
+            self._epoll.modify(fd, mask)
+
+    def poll(self, timeout):
+        return self._epoll.poll(-1 if timeout is None else timeout)
+
+
+class PollPoller(EpollPoller):
+    """select.poll: for systems without epoll."""
+
+    READ = select.POLLIN
+    WRITE = select.POLLOUT
+
+    def __init__(self):
+        self._poll = select.poll()
+        self._masks = {}
+
+    def close(self):
+        pass
+
+    def set_mask(self, fd, mask):
+        if mask:
+            self._masks[fd] = mask
+            self._poll.register(fd, mask)
+        elif self._masks.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
+    def poll(self, timeout):
+        ms = None if timeout is None else int(timeout * 1000 + 0.999)
+        return self._poll.poll(ms)
+
+
+class Timer:
+    """A function scheduled on the broker thread; cancel() it to stop it firing."""
+
+    def __init__(self, when, func):
+        self.when = when
+        self.func = func
+        self.active = True
+
+    def __lt__(self, other):
+        return self.when < other.when
+
+    def cancel(self):
+        self.active = False
+
+
+class Stream:
+    """Something the broker watches: a read descriptor, optionally a write descriptor.
+
+    Subclasses override the ``on_*`` callbacks, which run on the broker thread only.
+    ``keep_alive`` streams hold up a graceful broker shutdown until they disconnect.
+    """
+
+    keep_alive = False
+    rfd = wfd = None
+
+    def __init__(self, name='stream'):
+        self.name = name
+        self.closed = False
+
+    def __repr__(self):
+        return '%s(%r)' % (type(self).__name__, self.name)
+
+    def on_readable(self, broker):
+        pass
+
+    def on_writable(self, broker):
+        pass
+
+    def on_shutdown(self, broker):
+        """The broker is shutting down gracefully."""
+
+    def on_disconnect(self, broker):
+        """Close descriptors and stop being watched; fires 'disconnect' once."""
+        if self.closed:
+            return
+        self.closed = True
+        broker.stop_receive(self)
+        broker._stop_transmit(self)
+        for fd in {self.rfd, self.wfd} - {None}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fire(self, 'disconnect')
+
+
+class Waker(Stream):
+    """The broker's self-pipe: other threads write a byte to wake it for deferred work."""
+
+    def __init__(self, broker):
+        Stream.__init__(self, 'waker')
+        self.broker = broker
+        self.rfd, self.wfd = os.pipe()
+        for fd in (self.rfd, self.wfd):
+            set_cloexec(fd)
+            set_nonblock(fd)
+        self.pending = False
+
+    def wake(self):
+        if self.pending:
+            return
+        self.pending = True
+        try:
+            os.write(self.wfd, b'\x00')
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EBADF):
+                raise
+
+    def on_readable(self, broker):
+        try:
+            os.read(self.rfd, 256)
+        except BlockingIOError:
+            pass
+        self.pending = False
+
+
+class MessageStream(Stream):
+    """A connection to a neighbouring context carrying frames in both directions.
+
+    Any thread may call send(): when nothing is queued the frame is written at once from the
+    caller's thread (one writev, header and body without joining them), and only what the
+    kernel would not take is queued for the broker to finish. Reads happen on the broker
+    thread and feed the Decoder; each complete message is handed to the router.
+    """
+
+    keep_alive = True
+
+    def __init__(self, router, rfd, wfd, name, remote_id=None):
+        Stream.__init__(self, name)
+        self.router = router
+        self.broker = router.broker
+        self.rfd = rfd
+        self.wfd = wfd
+        self.remote_id = remote_id
+        self.decoder = Decoder(router.max_message_size)
+        self.routes = set()
+        self.egress_ids = set()
+        self.conn = None
+        self._out = collections.deque()
+        self._out_lock = threading.Lock()
+        self._transmitting = False
+        self.rx_bytes = self.tx_bytes = 0
+        for fd in (rfd, wfd):
+            set_nonblock(fd)
+            set_cloexec(fd)
+
+    def send(self, msg):
+        header = msg.pack_header()
+        data = msg.data
+        with self._out_lock:
+            if self.closed:
+                failed = 'the stream to %s is closed' % (self.name,)
+            elif self._out:
+                self._out.append(memoryview(header))
+                if data:
+                    self._out.append(memoryview(data))
+                return
+            else:
+                failed = self._write_now(header, data)
+                if failed is None:
+                    return
+        if failed == '':
+            self.broker.defer(self._start_transmit)
+        else:
+            self.broker.defer(self._on_send_failed, msg, failed)
+
+    def _write_now(self, header, data):
+        """Write directly; return None when done, '' when the rest was queued, else why
+        it failed."""
+        try:
+            written = os.writev(self.wfd, [header, data] if data else [header])
+        except BlockingIOError:
+            written = 0
+        except OSError as e:
+            return 'write failed: %s' % (e,)
+        self.tx_bytes += written
+        total = len(header) + len(data)
+        if written == total:
+            return None
+        if written < len(header):
+            self._out.append(memoryview(header)[written:])
+            if data:
+                self._out.append(memoryview(data))
+        else:
+            self._out.append(memoryview(data)[written - len(header):])
+        return ''
+
+    def _on_send_failed(self, msg, reason):
+        self.router._refuse(msg, reason)
+        self.on_disconnect(self.broker)
+
+    def _start_transmit(self):
+        if not self.closed and self._out:
+            self.broker._start_transmit(self)
+
+    @property
+    def pending_bytes(self):
+        return sum(len(b) for b in self._out)
+
+    def on_writable(self, broker):
+        with self._out_lock:
+            failed = None
+            while self._out:
+                try:
+                    written = os.writev(self.wfd, list(itertools.islice(self._out, 64)))
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    failed = e
+                    break
+                self.tx_bytes += written
+                while written:
+                    head = self._out[0]
+                    if written >= len(head):
+                        written -= len(head)
+                        self._out.popleft()
+                    else:
+                        self._out[0] = head[written:]
+                        written = 0
+            if not self._out:
+                broker._stop_transmit(self)
+        if failed is not None:
+            LOG.debug('%r: write failed: %s', self, failed)
+            self.on_disconnect(broker)
+
+    def on_readable(self, broker):
+        decoder = self.decoder
+        target = decoder.read_target()
+        try:
+            if target is not None:
+                n = os.readv(self.rfd, [target])
+                decoder.advance(n)
+                data = n
+            else:
+                data = os.read(self.rfd, CHUNK_SIZE)
+                n = len(data)
+                decoder.feed(data)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            LOG.debug('%r: read failed: %s', self, e)
+            data = n = 0
+        if not data:
+            if decoder.pending:
+                LOG.error('%r: the stream ended inside a frame (truncated frame)', self)
+            self.on_disconnect(broker)
+            return
+        self.rx_bytes += n
+        self.process_buffered(broker)
+
+    def process_buffered(self, broker):
+        """Route every complete message the decoder holds."""
+        decoder = self.decoder
+        route = self.router._async_route
+        while True:
+            try:
+                msg = decoder.next_message()
+            except CorruptFrameError as e:
+                LOG.error('%r: %s; disconnecting', self, e)
+                self.on_disconnect(broker)
+                return
+            if msg is None:
+                return
+            if msg.oversize:
+                LOG.error('%r: refused a %d byte message (max_message_size is %d)',
+                          self, msg.oversize, decoder.max_message_size)
+                self.router._refuse(msg, 'message too large (%d bytes; max_message_size is %d)'
+                                    % (msg.oversize, decoder.max_message_size))
+                continue
+            msg.router = self.router
+            route(msg, self)
+
+    def on_shutdown(self, broker):
+        if self is self.router.parent_stream:
+            self.keep_alive = False
+
+    def on_disconnect(self, broker):
+        with self._out_lock:
+            self._out.clear()
+        Stream.on_disconnect(self, broker)
+
+
+class Broker:
+    """The IO multiplexer: one thread that does every read, timer and deferred call.
+
+    Other threads hand it work with defer(); they may also write to streams directly (see
+    MessageStream.send). shutdown() lets streams finish gracefully for up to
+    ``shutdown_timeout`` seconds, then disconnects whatever is left.
+    """
+
+    shutdown_timeout = 3.0
+    poller_class = EpollPoller if hasattr(select, 'epoll') else PollPoller
+
+    def __init__(self, poller_class=None):
+        self.poller = (poller_class or self.poller_class)()
+        self._readers = {}
+        self._writers = {}
+        self._deferred = collections.deque()
+        self._timers = []
+        self._alive = True
+        self._exited = False
+        self._waker = Waker(self)
+        self.start_receive(self._waker)
+        self._thread = threading.Thread(target=self._run, name='mitogen.broker', daemon=True)
+        self._thread.start()
+
+    def __repr__(self):
+        return 'Broker(%#x)' % (id(self),)
+
+    # --- API for other threads
+
+    def defer(self, func, *args, **kwargs):
+        """Run ``func(*args, **kwargs)`` on the broker thread soon."""
+        if self._exited:
+            raise Error('the broker has shut down: it cannot run %r', func)
+        self._deferred.append((func, args, kwargs))
+        if threading.current_thread() is not self._thread:
+            self._waker.wake()
+
+    def defer_sync(self, func):
+        """Run `func` on the broker thread and return its result here."""
+        if threading.current_thread() is self._thread:
+            return func()
+        latch = Latch()
+
+        def run():
+            try:
+                latch.put((True, func()))
+            except Exception as e:
+                latch.put((False, e))
+
+        self.defer(run)
+        ok, value = latch.get()
+        if not ok:
+            raise value
+        return value
+
+    def shutdown(self):
+        """Begin a graceful shutdown; join() waits for it to finish."""
+        if not self._exited:
+            self.defer(self._begin_shutdown)
+
+    def join(self):
+        self._thread.join()
+
+    def keep_alive(self):
+        """True while some stream still holds up shutdown."""
+        return any(s.keep_alive for s in self._readers.values()) or \
+            any(getattr(s, '_out', None) for s in self._writers.values())
+
+    @property
+    def running(self):
+        return self._alive
+
+    # --- registration (broker thread)
+
+    def start_receive(self, stream):
+        self._readers[stream.rfd] = stream
+        self._update(stream.rfd)
+
+    def stop_receive(self, stream):
+        if self._readers.get(stream.rfd) is stream:
+            del self._readers[stream.rfd]
+            self._update(stream.rfd)
+
+    def _start_transmit(self, stream):
+        self._writers[stream.wfd] = stream
+        self._update(stream.wfd)
+
+    def _stop_transmit(self, stream):
+        if self._writers.get(stream.wfd) is stream:
+            del self._writers[stream.wfd]
+            self._update(stream.wfd)
+
+    def _update(self, fd):
+        mask = 0
+        if fd in self._readers:
+            mask |= self.poller.READ
+        if fd in self._writers:
+            mask |= self.poller.WRITE
+        try:
+            self.poller.set_mask(fd, mask)
+        except (OSError, ValueError) as e:
+            if mask:
+                raise
+            LOG.debug('%r: unwatching fd %r: %s', self, fd, e)
+
+    def timer(self, delay, func):
+        """Call `func` on the broker thread after `delay` seconds; returns a Timer."""
+        timer = Timer(now() + delay, func)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    # --- the loop
+
+    def _begin_shutdown(self):
+        self._alive = False
+
+    def _run_deferred(self):
+        while self._deferred:
+            func, args, kwargs = self._deferred.popleft()
+            try:
+                func(*args, **kwargs)
+            except Exception:
+                LOG.exception('%r: deferred %r failed', self, func)
+
+    def _next_timeout(self, limit=None):
+        if self._deferred:
+            return 0
+        while self._timers and not self._timers[0].active:
+            heapq.heappop(self._timers)
+        timeout = limit
+        if self._timers:
+            due = max(0.0, self._timers[0].when - now())
+            timeout = due if timeout is None else min(timeout, due)
+        return timeout
+
+    def _fire_timers(self):
+        t = now()
+        while self._timers and self._timers[0].when <= t:
+            timer = heapq.heappop(self._timers)
+            if timer.active:
+                timer.active = False
+                try:
+                    timer.func()
+                except Exception:
+                    LOG.exception('%r: timer %r failed', self, timer.func)
+
+    def _loop_once(self, timeout=None):
+        events = self.poller.poll(self._next_timeout(timeout))
+        for fd, mask in events:
+            if mask & ~self.poller.WRITE:
+                stream = self._readers.get(fd)
+                if stream is not None:
+                    self._call(stream, stream.on_readable)
+            if mask & self.poller.WRITE:
+                stream = self._writers.get(fd)
+                if stream is not None:
+                    self._call(stream, stream.on_writable)
+        self._run_deferred()
+        self._fire_timers()
+
+    def _call(self, stream, func):
+        try:
+            func(self)
+        except Exception:
+            LOG.exception('%r: %r failed; disconnecting it', self, func)
+            try:
+                stream.on_disconnect(self)
+            except Exception:
+                LOG.exception('%r: disconnecting %r failed', self, stream)
+
+    def _run(self):
+        try:
+            while self._alive:
+                self._loop_once()
+            self._graceful_shutdown()
+        except Exception:
+            LOG.exception('%r: the broker crashed', self)
+        finally:
+            self._final_cleanup()
+
+    def _graceful_shutdown(self):
+        fire(self, 'shutdown')
+        for stream in self._all_streams():
+            self._call(stream, stream.on_shutdown)
+        deadline = now() + self.shutdown_timeout
+        while self.keep_alive() and now() < deadline:
+            self._loop_once(max(0.0, deadline - now()))
+        if self.keep_alive():
+            LOG.error('%r: %r did not finish within %.1fs; forcing them', self,
+                      [s for s in self._all_streams() if s.keep_alive], self.shutdown_timeout)
+
+    def _all_streams(self):
+        streams = list(self._readers.values()) + list(self._writers.values())
+        return [s for i, s in enumerate(streams) if s not in streams[:i]]
+
+    def _final_cleanup(self):
+        for stream in self._all_streams():
+            if stream is not self._waker:
+                self._call(stream, stream.on_disconnect)
+        self._run_deferred()
+        self._exited = True
+        fire(self, 'exit')
+        self._waker.on_disconnect(self)
+        self.poller.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The importer
+# ---------------------------------------------------------------------------------------------
+
+
+class Importer:
+    """Imports modules that this context's own Python lacks by asking the parent for them.
+
+    Installed first on ``sys.meta_path``. For a top-level name the local interpreter is asked
+    first; only when it cannot import the module is GET_MODULE sent upward. Submodules of a
+    package that came from the parent always come from the parent too (mixing versions would be
+    worse), and a name missing from that package's submodule list fails at once, without a
+    message ("Avoiding Negative Imports"). One request per module is ever in flight, shared by
+    every thread and every child; the lock is never held while waiting.
+    """
+
+    def __init__(self, router, context, core_src, whitelist=(), blacklist=()):
+        self._router = router
+        self._context = context
+        self._lock = threading.Lock()
+        self._cache = {}      # fullname -> (pkg_present, path, source bytes, related) or None
+        self._pending = {}    # fullname -> [callbacks]
+        self._local = threading.local()
+        self.whitelist = list(whitelist)
+        self.blacklist = list(blacklist)
+        self.get_module_count = 0
+        if core_src is not None:
+            self._cache['mitogen.core'] = (None, 'mitogen/core.py', core_src, [])
+        router.add_handler(self._on_load_module, LOAD_MODULE, policy=self._from_parent)
+        listen(router.broker, 'exit', self._abort_pending)
+
+    def __repr__(self):
+        return 'Importer'
+
+    @staticmethod
+    def _from_parent(msg, stream):
+        return stream is msg.router.parent_stream if msg.router else True
+
+    # --- cache
+
+    def _on_load_module(self, msg):
+        if msg.is_dead:
+            return
+        fullname, pkg_present, path, compressed, related = msg.unpickle()
+        self._store(fullname, pkg_present, path, compressed, related)
+
+    def _store(self, fullname, pkg_present, path, compressed, related):
+        """Cache a module; `compressed` None means it cannot be served, and `path` then
+        says why (or is None for a plain "no such module")."""
+        if compressed is None:
+            entry = path
+        else:
+            entry = (pkg_present, path, zlib.decompress(compressed), list(related or ()),
+                     compressed)
+        with self._lock:
+            self._cache[fullname] = entry
+            callbacks = self._pending.pop(fullname, [])
+        for callback in callbacks:
+            callback()
+
+    def _abort_pending(self):
+        """The broker is gone: nothing will answer, so fail every waiting import."""
+        for fullname in list(self._pending):
+            self._store(fullname, None, 'the parent connection was lost while importing %s'
+                        % (fullname,), None, None)
+
+    def get_cached(self, fullname):
+        return self._cache.get(fullname)
+
+    def request(self, fullname, callback, hint=None):
+        """Call `callback` once `fullname` is cached, asking the parent at most once.
+
+        `hint` names the module the caller is really after (``pkg.mod`` while ``pkg`` is
+        being imported), so the parent can send it along with the package in one round trip.
+        """
+        with self._lock:
+            if fullname in self._cache:
+                ready = True
+            else:
+                ready = False
+                waiters = self._pending.get(fullname)
+                first = waiters is None
+                if first:
+                    waiters = self._pending[fullname] = []
+                waiters.append(callback)
+        if ready:
+            callback()
+        elif first:
+            self.get_module_count += 1
+            body = fullname if not hint or hint == fullname else fullname + '\n' + hint
+            self._context.send(Message(data=body.encode('utf-8'), handle=GET_MODULE,
+                                       enc=ENC_BIN))
+
+    def _fetch(self, fullname):
+        if fullname not in self._cache:
+            latch = Latch()
+            self.request(fullname, latch.put, getattr(_thread_state, 'import_hint', None))
+            latch.get()
+        return self._cache[fullname]
+
+    # --- finder
+
+    def _refused_by_policy(self, fullname):
+        def matches(prefixes):
+            return any(fullname == p or fullname.startswith(p + '.') for p in prefixes)
+        if self.whitelist and not matches(self.whitelist):
+            return 'it is not in the import whitelist'
+        if matches(self.blacklist):
+            return 'it is in the import blacklist'
+        return None
+
+    def _is_ours(self, fullname):
+        """Decide whether this importer should serve `fullname`; may ask local Python."""
+        if fullname in self._cache:
+            return self._cache[fullname] is not None
+        if self._refused_by_policy(fullname):
+            return False
+        parent, _, _ = fullname.rpartition('.')
+        if parent:
+            if parent == 'mitogen':
+                return True
+            if parent not in self._cache:
+                return False
+            entry = self._cache[parent]
+            return entry is not None and entry[0] is not None and fullname in entry[0]
+        if fullname == '__main__':
+            return True
+        if getattr(self._local, 'busy', False):
+            return False
+        self._local.busy = True
+        try:
+            for finder in sys.meta_path:
+                find_spec = getattr(finder, 'find_spec', None)
+                if finder is not self and find_spec and find_spec(fullname, None) is not None:
+                    return False
+            return True
+        except (ImportError, ValueError):
+            return True
+        finally:
+            self._local.busy = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if getattr(self._local, 'busy', False) or not self._is_ours(fullname):
+            return None
+        entry = self._fetch(fullname)
+        if entry is None:
+            return None
+        if isinstance(entry, str):
+            raise ImportError(entry, name=fullname)
+        pkg_present, origin = entry[:2]
+        spec = importlib.machinery.ModuleSpec(fullname, self, origin=origin,
+                                              is_package=pkg_present is not None)
+        spec.has_location = True
+        if pkg_present is not None:
+            spec.submodule_search_locations = [os.path.dirname(origin)]
+        return spec
+
+    # --- loader
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        fullname = module.__name__
+        origin, source = self._cache[fullname][1:3]
+        module.__file__ = origin
+        module.__loader__ = self
+        exec(compile(source, origin, 'exec', dont_inherit=True), module.__dict__)
+
+    def get_source(self, fullname):
+        entry = self._cache.get(fullname)
+        if entry is not None:
+            return entry[2].decode('utf-8', 'replace')
+        raise ImportError('%s was not imported by mitogen' % (fullname,), name=fullname)
+
+    def is_package(self, fullname):
+        entry = self._cache.get(fullname)
+        return entry is not None and entry[0] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Logging and stdio forwarding
+# ---------------------------------------------------------------------------------------------
+
+
+class LogHandler(logging.Handler):
+    """Forwards log records to the master's FORWARD_LOG handle.
+
+    Records logged while forwarding (by the router or a stream) are dropped, otherwise a
+    broken link would log about itself forever.
+    """
+
+    def __init__(self, context):
+        logging.Handler.__init__(self)
+        self.context = context
+        self._local = threading.local()
+
+    def emit(self, record):
+        if getattr(self._local, 'busy', False) or record.name == 'mitogen.io':
+            return
+        self._local.busy = True
+        try:
+            text = self.format(record)
+            self.context.send(Message.pickled((record.name, record.levelno, text),
+                                              handle=FORWARD_LOG))
+        except Exception:
+            pass
+        finally:
+            self._local.busy = False
+
+
+class IoLogger(Stream):
+    """Turns everything written to one of the child's standard descriptors into log lines.
+
+    A socketpair rather than a pipe, so that at shutdown ``shutdown(SHUT_WR)`` ends the stream
+    even when a daemon started by user code still holds a copy of the descriptor.
+    """
+
+    keep_alive = True
+
+    def __init__(self, broker, name, dest_fd):
+        Stream.__init__(self, name)
+        self._log = logging.getLogger(name)
+        self._buf = b''
+        rsock, self._wsock = socket.socketpair()
+        self.rfd = os.dup(rsock.fileno())
+        rsock.close()
+        set_cloexec(self.rfd)
+        set_nonblock(self.rfd)
+        os.dup2(self._wsock.fileno(), dest_fd)
+        set_cloexec(self._wsock.fileno())
+
+    def _log_lines(self, lines):
+        for line in lines:
+            self._log.info('%s', line.decode('utf-8', 'replace').rstrip('\r'))
+
+    def on_readable(self, broker):
+        try:
+            data = os.read(self.rfd, CHUNK_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not data:
+            if self._buf:
+                self._log_lines([self._buf])
+            self.on_disconnect(broker)
+            return
+        lines = (self._buf + data).split(b'\n')
+        self._buf = lines.pop()
+        self._log_lines(lines)
+
+    def on_shutdown(self, broker):
+        try:
+            self._wsock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._wsock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. The child's entry point
+# ---------------------------------------------------------------------------------------------
+
+
+class ExternalContext:
+    """The life of a child context, from the first line of bootstrap to exit.
+
+    `config` is the dict the parent appended to this module's source: the context's place in
+    the tree, log level, limits, and the descriptors the first stage left behind.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.router = None
+        self.broker = None
+        self.parent = None
+        self.dispatcher = None
+        self.importer = None
+        self._exiting = False
+        self._main_done = threading.Event()
+
+    def _setup_package(self):
+        """Make this module importable as ``mitogen.core`` in a synthetic ``mitogen`` package,
+        so that pickles name its classes correctly and ``import mitogen.x`` reaches the
+        importer; ``__main__`` is removed so that the master's own ``__main__`` is fetched on
+        demand."""
+        global mitogen
+        package = types.ModuleType('mitogen')
+        package.__path__ = []
+        package.__package__ = 'mitogen'
+        package.__file__ = 'mitogen/__init__.py'
+        package.is_master = False
+        package.context_id = self.config['context_id']
+        package.parent_ids = list(self.config['parent_ids'])
+        package.parent_id = package.parent_ids[0]
+        package.__version__ = tuple(self.config.get('version', ()))
+        mitogen = package
+        core = sys.modules['__main__']
+        core.__name__ = 'mitogen.core'
+        core.__package__ = 'mitogen'
+        core.__file__ = 'mitogen/core.py'
+        package.core = core
+        sys.modules['mitogen'] = package
+        sys.modules['mitogen.core'] = core
+        del sys.modules['__main__']
+        for value in list(vars(core).values()):
+            if getattr(value, '__module__', None) == '__main__':
+                try:
+                    value.__module__ = 'mitogen.core'
+                except (AttributeError, TypeError):
+                    pass
+
+    def _setup_fds(self):
+        """Take over the link to the parent left on fds 100 (read) and 1 (write), reap the
+        first stage, and point stdin at /dev/null so nothing else can read the link."""
+        config = self.config
+        core_fd = config.get('core_fd')
+        core_src = None
+        if core_fd is not None:
+            chunks = []
+            while True:
+                chunk = os.read(core_fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            os.close(core_fd)
+            core_src = b''.join(chunks)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            pass
+        rfd = os.dup(config.get('in_fd', 100))
+        wfd = os.dup(1)
+        os.close(config.get('in_fd', 100))
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.close(null)
+        return rfd, wfd, core_src
+
+    def _setup_logging(self):
+        root = logging.getLogger()
+        root.setLevel(self.config.get('log_level', logging.INFO))
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        handler = LogHandler(self.router.context_by_id(0, name='master'))
+        root.addHandler(handler)
+        if self.config.get('debug'):
+            LOG.setLevel(logging.DEBUG)
+
+    def _setup_stdio(self):
+        self._stdout = IoLogger(self.broker, 'stdout', 1)
+        self._stderr = IoLogger(self.broker, 'stderr', 2)
+        self.broker.defer(self.broker.start_receive, self._stdout)
+        self.broker.defer(self.broker.start_receive, self._stderr)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), line_buffering=True,
+                                      errors='backslashreplace')
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), line_buffering=True,
+                                      errors='backslashreplace')
+
+    def _on_shutdown_msg(self, msg):
+        if not msg.is_dead:
+            self.broker.shutdown()
+
+    def _on_parent_disconnect(self):
+        if not self._exiting:
+            LOG.debug('parent disconnected: shutting down')
+        self.broker.shutdown()
+
+    def _on_broker_exit(self):
+        """Last step of the broker thread: a main thread still busy with user code is ended
+        with SIGTERM, so that a hung function can never keep the process alive."""
+        if not self._main_done.wait(1.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _start_router(self, rfd, wfd, core_src):
+        config = self.config
+        Router.max_message_size = config.get('max_message_size', Router.max_message_size)
+        self.broker = Broker()
+        self.router = Router(self.broker)
+        self.router.unidirectional = config.get('unidirectional', False)
+        parent_id = mitogen.parent_id
+        self.parent = self.router.context_by_id(parent_id, name='parent')
+        stream = MessageStream(self.router, rfd, wfd, 'parent', remote_id=parent_id)
+        self.router.parent_stream = stream
+        listen(stream, 'disconnect', self._on_parent_disconnect)
+        listen(self.broker, 'exit', self._on_broker_exit)
+        self.router.add_handler(self._on_shutdown_msg, SHUTDOWN, policy=has_parent_authority)
+        self.importer = Importer(self.router, self.parent, core_src,
+                                 config.get('whitelist', ()), config.get('blacklist', ()))
+        sys.meta_path.insert(0, self.importer)
+        self.dispatcher = Dispatcher(self)
+        self.broker.defer(self.broker.start_receive, stream)
+
+    def main(self):
+        self._setup_package()
+        executable = sys.executable
+        if '(mitogen:' in executable:
+            sys.executable = executable[:executable.index('(mitogen:')]
+        sys.path[:] = [p for p in sys.path if p]
+        rfd, wfd, core_src = self._setup_fds()
+        self._start_router(rfd, wfd, core_src)
+        self._setup_logging()
+        if self.config.get('stdio', True):
+            self._setup_stdio()
+        try:
+            self.dispatcher.run()
+        finally:
+            self._exiting = True
+            self._main_done.set()
+            self.broker.shutdown()
+            self.broker.join()

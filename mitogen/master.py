@@ -1,0 +1,429 @@
+"""The root of the tree: the program that imports this module is the master.
+
+Never sent to children. Holds what only the master does: allocating context IDs, serving
+module source to the whole tree (with preloading), and writing children's log records into
+the local logging package.
+"""
+
+from __future__ import annotations
+
+import dis
+import importlib.util
+import logging
+import os
+import pkgutil
+import re
+import sys
+import threading
+import types
+import zlib
+from typing import Any
+
+import mitogen
+import mitogen.core
+import mitogen.parent
+from mitogen.core import (
+    ALLOCATE_ID,
+    FORWARD_LOG,
+    GET_MODULE,
+    LOAD_MODULE,
+    Message,
+    now,
+)
+
+__all__ = ["Broker", "IdAllocator", "LogForwarder", "ModuleFinder", "ModuleResponder",
+           "Router"]
+
+LOG = logging.getLogger("mitogen")
+
+#: Context IDs handed to a child that starts children of its own, per ALLOCATE_ID request.
+ID_BLOCK_SIZE = 1000
+
+
+class Broker(mitogen.core.Broker):
+    """The master's broker: children get 5 s to disconnect gracefully at shutdown."""
+
+    shutdown_timeout = 5.0
+
+    def __init__(self, install_watcher: bool = True, poller_class: Any = None) -> None:
+        super().__init__(poller_class=poller_class)
+
+
+class IdAllocator:
+    """Allocates context IDs: one at a time for the master's own children, and blocks of
+    1000 to children that start children (so IDs match what Mitogen users see)."""
+
+    def __init__(self, router: Router) -> None:
+        self._lock = threading.Lock()
+        self._next = 1
+        router.add_handler(self._on_allocate_id, ALLOCATE_ID)
+
+    def allocate(self) -> int:
+        with self._lock:
+            context_id = self._next
+            self._next += 1
+            return context_id
+
+    def allocate_block(self) -> tuple[int, int]:
+        with self._lock:
+            start = self._next
+            self._next += ID_BLOCK_SIZE
+            return start, self._next
+
+    def _on_allocate_id(self, msg: Message) -> None:
+        if not msg.is_dead:
+            start, end = self.allocate_block()
+            LOG.debug("allocated IDs %d..%d to context %d", start, end - 1, msg.src_id)
+            msg.reply((start, end))
+
+
+class LogForwarder:
+    """Writes records forwarded by children into ``mitogen.ctx.<context name>`` loggers."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._loggers: dict[int, logging.Logger] = {}
+        router.add_handler(self._on_forward_log, FORWARD_LOG)
+
+    def _logger_for(self, context_id: int) -> logging.Logger:
+        logger = self._loggers.get(context_id)
+        if logger is None:
+            context = self._router.context_by_id(context_id)
+            name = context.name or str(context_id)
+            logger = self._loggers[context_id] = logging.getLogger("mitogen.ctx." + name)
+        return logger
+
+    def _on_forward_log(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        try:
+            name, level, text = msg.unpickle()
+        except (mitogen.core.StreamError, ValueError, TypeError):
+            LOG.error("%r: malformed FORWARD_LOG from %d", self, msg.src_id)
+            return
+        logger = self._logger_for(msg.src_id)
+        logger.log(int(level), "%s: %s", name, text,
+                   extra={"mitogen_name": name, "mitogen_context": msg.src_id,
+                          "mitogen_msg": text})
+
+
+# ---------------------------------------------------------------------------------------------
+# Module source, and what to send with it
+# ---------------------------------------------------------------------------------------------
+
+_MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]\s*:""", re.MULTILINE)
+
+
+def neutralize_main(path: str, source: str) -> str:
+    """Cut a script at its ``if __name__ == '__main__':`` guard so importing it in a child
+    defines its functions without running the program; refuse a script without a guard."""
+    match = _MAIN_GUARD.search(source)
+    if match is None:
+        raise ImportError(
+            "refusing to send __main__ (%s) to a child: it has no "
+            "`if __name__ == '__main__':` guard, so importing it there would run the whole "
+            "script again. Move the script's top-level code under such a guard." % (path,))
+    return source[: match.start()]
+
+
+class ModuleFinder:
+    """Finds the source of modules in the master and the modules each one imports."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, Any] = {}
+        self._deps: dict[str, list[str]] = {}
+
+    def find(self, fullname: str) -> tuple[str, str, list[str] | None] | str:
+        """(path, source, submodule names or None) or, for a module that cannot be sent,
+        a string saying why."""
+        if fullname not in self._found:
+            try:
+                self._found[fullname] = self._find(fullname)
+            except ImportError as e:
+                self._found[fullname] = str(e)
+            except Exception as e:
+                self._found[fullname] = "cannot find %s: %s: %s" % (
+                    fullname, type(e).__name__, e)
+        return self._found[fullname]
+
+    def _find(self, fullname: str) -> tuple[str, str, list[str] | None] | str:
+        if fullname == "__main__":
+            return self._find_main()
+        module = sys.modules.get(fullname)
+        spec = getattr(module, "__spec__", None) if module is not None else None
+        if spec is None:
+            spec = importlib.util.find_spec(fullname)
+        if spec is None:
+            return "No module named %r in the master" % (fullname,)
+        locations = spec.submodule_search_locations
+        is_pkg = locations is not None
+        if spec.loader is None or spec.origin in (None, "namespace"):
+            if is_pkg:  # PEP 420 namespace package: no source of its own
+                path = os.path.join(next(iter(locations)), "__init__.py")
+                return path, "", self._submodules(fullname, locations)
+            return "%s has no loader in the master" % (fullname,)
+        get_source = getattr(spec.loader, "get_source", None)
+        source = get_source(fullname) if get_source else None
+        if source is None:
+            return ("%s cannot be sent to a child: it has no Python source in the master "
+                    "(%s); install it on the child's host instead" % (fullname, spec.origin))
+        return spec.origin, source, (self._submodules(fullname, locations) if is_pkg else None)
+
+    @staticmethod
+    def _find_main() -> tuple[str, str, None]:
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None)
+        if not path:
+            raise ImportError("__main__ has no file (interactive session?): define the "
+                              "function in a module instead")
+        loader = getattr(main, "__loader__", None)
+        source = loader.get_source("__main__") if hasattr(loader, "get_source") else None
+        if source is None:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+        return path, neutralize_main(path, source), None
+
+    @staticmethod
+    def _submodules(fullname: str, locations: Any) -> list[str]:
+        return sorted("%s.%s" % (fullname, info.name)
+                      for info in pkgutil.iter_modules(list(locations)))
+
+    def dependencies(self, fullname: str) -> list[str]:
+        """Modules that `fullname`'s code imports and that are loaded in this process.
+
+        Found from the bytecode (IMPORT_NAME, plus IMPORT_FROM names that are modules),
+        which is fast and version-independent; the sys.modules filter skips imports that the
+        code guards by platform, version or optional dependency.
+        """
+        if fullname not in self._deps:
+            found = self.find(fullname)
+            names: set[str] = set()
+            if not isinstance(found, str) and found[1]:
+                path, source, pkg_present = found
+                try:
+                    code = compile(source, path, "exec", dont_inherit=True)
+                except SyntaxError:
+                    code = None
+                if code is not None:
+                    package = fullname if pkg_present is not None else fullname.rpartition(".")[0]
+                    names = _scan_imports(code, package)
+            self._deps[fullname] = sorted(
+                n for n in names if n != fullname and sys.modules.get(n) is not None)
+        return self._deps[fullname]
+
+
+def _scan_imports(code: types.CodeType, package: str) -> set[str]:
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        co = stack.pop()
+        level = 0
+        fromlist: Any = None
+        last_import = None
+        for ins in dis.get_instructions(co):
+            if ins.opname == "LOAD_CONST":
+                level, fromlist = fromlist, ins.argval
+            elif ins.opname == "IMPORT_NAME":
+                base = _resolve(ins.argval, level if isinstance(level, int) else 0, package)
+                last_import = base
+                if base:
+                    parts = base.split(".")
+                    names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+                    for attr in fromlist or ():
+                        if attr != "*":
+                            names.add(base + "." + attr)
+            elif ins.opname == "IMPORT_FROM" and last_import:
+                names.add(last_import + "." + ins.argval)
+        stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+def _resolve(name: str, level: int, package: str) -> str | None:
+    if level == 0:
+        return name
+    parts = package.split(".") if package else []
+    if level - 1 > len(parts):
+        return None
+    base = ".".join(parts[: len(parts) - (level - 1)])
+    return "%s.%s" % (base, name) if name and base else (base or name)
+
+
+class ModuleResponder:
+    """Answers GET_MODULE from children with LOAD_MODULE messages, preloading what the
+    module will import next ("Import Preloading"):
+
+    * a package is sent after the modules of the same package that it imports;
+    * once a child has received a top-level package from us, a submodule of it is sent
+      after everything of that package it depends on, directly or indirectly.
+
+    A module is never sent twice down the same stream unless the child asks for it again.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._finder = ModuleFinder()
+        self._lock = threading.Lock()
+        self._built: dict[str, tuple] = {}
+        self._sent: dict[Any, set[str]] = {}
+        self._packages: dict[Any, set[str]] = {}
+        self.whitelist: list[str] = []
+        self.blacklist: list[str] = []
+        self.get_module_count = 0
+        self.get_module_secs = 0.0
+        self.good_load_module_count = 0
+        self.good_load_module_size = 0
+        self.bad_load_module_count = 0
+        router.add_handler(self._on_get_module, GET_MODULE)
+
+    def __repr__(self) -> str:
+        return "ModuleResponder"
+
+    def whitelist_prefix(self, fullname: str) -> None:
+        """Serve only modules under the given prefixes (the whitelist starts empty = all)."""
+        self.whitelist.append(fullname)
+
+    def blacklist_prefix(self, fullname: str) -> None:
+        """Never serve modules under `fullname`."""
+        self.blacklist.append(fullname)
+
+    def _policy_refusal(self, fullname: str) -> str | None:
+        def matches(prefixes: list[str]) -> bool:
+            return any(fullname == p or fullname.startswith(p + ".") for p in prefixes)
+
+        if self.whitelist and not matches(self.whitelist):
+            return "%s is refused by the master's import policy (not in whitelist %r)" % (
+                fullname, self.whitelist)
+        if matches(self.blacklist):
+            return "%s is refused by the master's import policy (blacklisted)" % (fullname,)
+        return None
+
+    def _build(self, fullname: str) -> tuple:
+        """The LOAD_MODULE body for `fullname`: (name, pkg_present, path, zlib source,
+        related), or a negative answer whose third field says why."""
+        built = self._built.get(fullname)
+        if built is None:
+            refusal = self._policy_refusal(fullname)
+            found = refusal or self._finder.find(fullname)
+            if isinstance(found, str):
+                built = (fullname, None, found, None, None)
+            else:
+                path, source, pkg_present = found
+                related = [n for n in self._related(fullname) if not self._policy_refusal(n)]
+                built = (fullname, pkg_present, path, zlib.compress(source.encode("utf-8"), 9),
+                         related)
+            self._built[fullname] = built
+        return built
+
+    def _related(self, fullname: str) -> list[str]:
+        """Every module of `fullname`'s top-level package that it needs, transitively,
+        dependencies first."""
+        top = fullname.split(".", maxsplit=1)[0]
+        order: list[str] = []
+        seen = {fullname}
+
+        def visit(name: str) -> None:
+            for dep in self._finder.dependencies(name):
+                if dep not in seen and (dep == top or dep.startswith(top + ".")):
+                    seen.add(dep)
+                    visit(dep)
+                    order.append(dep)
+
+        visit(fullname)
+        return order
+
+    def _on_get_module(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        started = now()
+        fullname, _, hint = msg.data.decode("utf-8").partition("\n")
+        stream = self._router.stream_by_id(msg.src_id)
+        with self._lock:
+            self.get_module_count += 1
+            try:
+                self._answer(msg.src_id, stream, fullname, hint)
+            finally:
+                self.get_module_secs += now() - started
+
+    def _answer(self, dst_id: int, stream: Any, fullname: str, hint: str) -> None:
+        sent = self._sent.setdefault(stream, set())
+        packages = self._packages.setdefault(stream, set())
+        built = self._build(fullname)
+        wanted: list[str] = []
+        top = fullname.split(".", maxsplit=1)[0]
+        if built[1] is not None or top in packages or fullname == top:
+            wanted = [n for n in built[4] or () if n not in sent]
+        if hint and hint != fullname and hint.startswith(fullname + "."):
+            hinted = self._build(hint)
+            if hinted[3] is not None:
+                chain = hint.split(".")
+                parents = [".".join(chain[:i]) for i in range(2, len(chain))]
+                extra = [n for n in [*parents, *list(hinted[4] or ()), hint]
+                         if n not in sent and n != fullname]
+                wanted += [n for n in extra if n not in wanted]
+        for name in wanted:
+            body = self._build(name)
+            if body[3] is not None:
+                self._send(dst_id, stream, body)
+        self._send(dst_id, stream, built)
+        if built[3] is not None and built[1] is not None and "." not in fullname:
+            packages.add(fullname)
+
+    def _send(self, dst_id: int, stream: Any, body: tuple) -> None:
+        self._sent.setdefault(stream, set()).add(body[0])
+        if body[3] is None:
+            self.bad_load_module_count += 1
+        else:
+            self.good_load_module_count += 1
+            self.good_load_module_size += len(body[3])
+        self._router.route(Message.pickled(body, dst_id=dst_id, handle=LOAD_MODULE))
+
+    def forget_stream(self, stream: Any) -> None:
+        self._sent.pop(stream, None)
+        self._packages.pop(stream, None)
+
+    def forward_modules(self, context: mitogen.core.Context, fullnames: list[str]) -> None:
+        """Send `fullnames` (and what they need) to `context` before it asks."""
+        stream = self._router.stream_by_id(context.context_id)
+        with self._lock:
+            for fullname in fullnames:
+                if fullname not in self._sent.get(stream, ()):
+                    self._answer(context.context_id, stream, fullname, "")
+
+
+class Router(mitogen.parent.Router):
+    """The master's router; also a context manager that shuts the broker down on exit."""
+
+    broker_class = Broker
+
+    def __init__(self, broker: Broker | None = None, max_message_size: int | None = None):
+        if broker is None:
+            broker = self.broker_class()
+        if max_message_size is not None:
+            self.max_message_size = max_message_size
+        super().__init__(broker)
+        self.id_allocator = IdAllocator(self)
+        self.responder = ModuleResponder(self)
+        self.log_forwarder = LogForwarder(self)
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.broker.shutdown()
+        self.broker.join()
+
+    def enable_debug(self) -> None:
+        """Log this package's own activity at DEBUG level in every context started later."""
+        self.debug = True
+        logging.getLogger("mitogen").setLevel(logging.DEBUG)
+
+    def get_stats(self) -> dict:
+        responder = self.responder
+        return {
+            "get_module_count": responder.get_module_count,
+            "get_module_secs": responder.get_module_secs,
+            "good_load_module_count": responder.good_load_module_count,
+            "good_load_module_size": responder.good_load_module_size,
+            "bad_load_module_count": responder.bad_load_module_count,
+            "dropped_message_count": self.dropped_count,
+        }

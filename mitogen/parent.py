@@ -1,0 +1,940 @@
+"""What a context needs to start children of its own: spawning, bootstrap and routing.
+
+Sent only to contexts that become parents (by ``via=``); the master always has it. The
+bootstrap of a child goes like this (see "The UNIX First Stage"):
+
+1. The boot command runs ``python -c STUB FIRST_STAGE NAME LENGTH`` on the target: STUB
+   decodes and runs FIRST_STAGE, a few lines of compressed, base64-encoded Python.
+2. The first stage forks. The original process re-executes Python with ``argv[0]`` naming the
+   context and a pipe as stdin, from which the new interpreter reads its program. The forked
+   half writes ``MITO000``, reads exactly LENGTH compressed bytes from the real stdin, writes
+   the inflated program into that pipe and a copy of it onto fd 101 (so the context can later
+   boot children of its own without fetching the core again), writes ``MITO001`` and exits.
+3. The program is the minified :mod:`mitogen.core` plus one line calling
+   :meth:`ExternalContext.main` with this context's configuration.
+
+Nothing is ever written to the target's disk.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import zlib
+from typing import Any
+
+import mitogen
+import mitogen.core
+from mitogen.core import (
+    ADD_ROUTE,
+    ALLOCATE_ID,
+    DEL_ROUTE,
+    SHUTDOWN,
+    Context,
+    Error,
+    Latch,
+    Message,
+    MessageStream,
+    Stream,
+    StreamError,
+    TimeoutError,
+    listen,
+    unlisten,
+)
+
+__all__ = [
+    "CancelledError",
+    "Connection",
+    "Context",
+    "EofError",
+    "Options",
+    "Process",
+    "Router",
+    "get_core_source",
+]
+
+LOG = logging.getLogger("mitogen")
+
+BOOT_START = b"MITO000\n"
+BOOT_DONE = b"MITO001\n"
+
+#: How many lines a failed child printed are quoted in its EofError.
+ERROR_LINES = 100
+
+
+class EofError(StreamError):
+    """The child closed its output before finishing the bootstrap."""
+
+
+class CancelledError(StreamError):
+    """The broker began shutting down while a connection was being made."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The boot command
+# ---------------------------------------------------------------------------------------------
+
+#: Runs on the target with nothing but Python: drops empty sys.path entries (an unreadable
+#: working directory after changing user makes Python fail otherwise) and runs the first stage.
+STUB = (
+    "import sys;sys.path=[p for p in sys.path if p];import binascii,zlib;"
+    "exec(zlib.decompress(binascii.a2b_base64(sys.argv[1])))"
+)
+
+#: The first stage, in the target's Python; see the module docstring. Kept small: it travels
+#: on the command line of every new context.
+FIRST_STAGE = """\
+import os,sys,select
+R,W=os.pipe()
+r,w=os.pipe()
+if os.fork():
+ os.dup2(0,100);os.dup2(R,0);os.dup2(r,101)
+ for f in R,W,r,w:os.close(f)
+ os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')')
+os.close(R);os.close(r)
+os.write(1,b'MITO000\\n')
+n=int(sys.argv[3]);C=b''
+while len(C)<n:
+ try:b=os.read(0,n-len(C))
+ except BlockingIOError:select.select([0],[],[]);continue
+ if not b:os._exit(1)
+ C+=b
+C=zlib.decompress(C)
+for f in W,w:
+ with os.fdopen(f,'wb') as o:o.write(C)
+os.write(1,b'MITO001\\n')
+os._exit(0)
+"""
+
+
+def _encoded_first_stage() -> str:
+    return binascii.b2a_base64(zlib.compress(FIRST_STAGE.encode(), 9)).decode().strip()
+
+
+_core_lock = threading.Lock()
+_core_source: bytes | None = None
+_core_compressor: Any = None
+
+
+def _find_importer() -> Any:
+    for finder in sys.meta_path:
+        if isinstance(finder, mitogen.core.Importer):
+            return finder
+    return None
+
+
+def get_core_source() -> bytes:
+    """The minified source of mitogen.core, computed once per process.
+
+    A child that boots children of its own reuses the copy its first stage gave it.
+    """
+    global _core_source
+    with _core_lock:
+        if _core_source is None:
+            importer = _find_importer()
+            cached = importer.get_cached("mitogen.core") if importer else None
+            if cached is not None and not mitogen.is_master:
+                source = cached[2]
+                cut = source.rfind(b"\nExternalContext(")
+                _core_source = source[: cut + 1] if cut >= 0 else source
+            else:
+                import importlib
+                import inspect
+
+                minify = importlib.import_module("mitogen.minify")
+                source = inspect.getsource(mitogen.core)
+                _core_source = minify.minimize_source(source).encode("utf-8")
+        return _core_source
+
+
+def _core_compressor_state() -> Any:
+    """A compressor that has already consumed the core source: each child only pays for
+    compressing its own one-line configuration."""
+    global _core_compressor
+    source = get_core_source()
+    with _core_lock:
+        if _core_compressor is None:
+            compressor = zlib.compressobj(9)
+            _core_compressor = (compressor.compress(source), compressor)
+        prefix, compressor = _core_compressor
+        return prefix, compressor.copy()
+
+
+def build_payload(config: dict) -> bytes:
+    """The compressed program a new context runs: core source plus its main() call."""
+    prefix, compressor = _core_compressor_state()
+    line = "\nExternalContext(%r).main()\n" % (config,)
+    return prefix + compressor.compress(line.encode("utf-8")) + compressor.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and processes
+# ---------------------------------------------------------------------------------------------
+
+
+class Options:
+    """Options every connection method accepts; methods subclass it to add their own."""
+
+    def __init__(
+        self,
+        max_message_size: int,
+        name: str | None = None,
+        remote_name: str | None = None,
+        python_path: str | list | None = None,
+        debug: bool = False,
+        connect_timeout: float | None = None,
+        profiling: bool = False,
+        unidirectional: bool = False,
+    ) -> None:
+        self.name = name
+        if remote_name is not None and "/" in remote_name:
+            raise ValueError("remote_name %r must not contain '/'" % (remote_name,))
+        self.remote_name = remote_name
+        if python_path is None:
+            python_path = [sys.executable]
+        elif isinstance(python_path, str):
+            python_path = [python_path]
+        self.python_path = list(python_path)
+        self.debug = debug
+        self.connect_timeout = 30.0 if connect_timeout is None else connect_timeout
+        self.profiling = profiling
+        self.unidirectional = unidirectional
+        self.max_message_size = max_message_size
+
+
+class Process:
+    """A started child process: its pid, and the descriptors the parent talks to it on."""
+
+    def __init__(self, pid: int, stdin: int, stdout: int, stderr: int | None = None) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode: int | None = None
+        self.detached = False
+
+    def __repr__(self) -> str:
+        return "Process(pid=%d)" % (self.pid,)
+
+    def poll(self) -> int | None:
+        """Reap the process if it has exited; its status, or None while it runs."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def signal(self, signum: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill_and_reap(self) -> None:
+        """Last resort: the process must not outlive its parent's broker."""
+        if self.poll() is None and not self.detached:
+            self.signal(signal.SIGKILL)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.returncode = -signal.SIGKILL
+
+
+class Reaper(Stream):
+    """Waits for a child process to exit, on the broker, through a pidfd where available.
+
+    Escalates from SIGTERM to SIGKILL when the process outlives its stream, so that a child
+    that ignores its parent going away is still ended.
+    """
+
+    keep_alive = True
+    TERM_AFTER = 1.0
+    KILL_AFTER = 3.0
+
+    def __init__(self, broker: mitogen.core.Broker, proc: Process, name: str) -> None:
+        Stream.__init__(self, "reaper:" + name)
+        self.broker = broker
+        self.proc = proc
+        self.rfd = os.pidfd_open(proc.pid) if hasattr(os, "pidfd_open") else None
+        self._timers: list = []
+        self._interval = 0.005
+
+    def start(self) -> None:
+        if self.rfd is not None:
+            mitogen.core.set_cloexec(self.rfd)
+            self.broker.start_receive(self)
+        else:
+            self._poll_later()
+
+    def _poll_later(self) -> None:
+        self._timers.append(self.broker.timer(self._interval, self._check))
+        self._interval = min(0.5, self._interval * 2)
+
+    def _check(self) -> None:
+        if self.proc.poll() is not None:
+            self._reaped()
+        elif self.rfd is None:
+            self._poll_later()
+
+    def on_readable(self, broker: mitogen.core.Broker) -> None:
+        self._check()
+
+    def stream_gone(self) -> None:
+        """The child's stream disconnected: give the process a moment to exit by itself."""
+        if self.proc.detached or self.proc.poll() is not None:
+            self._reaped()
+            return
+        self._timers.append(self.broker.timer(self.TERM_AFTER,
+                                              lambda: self.proc.signal(signal.SIGTERM)))
+        self._timers.append(self.broker.timer(self.KILL_AFTER,
+                                              lambda: self.proc.signal(signal.SIGKILL)))
+
+    def _reaped(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        LOG.debug("%r: exited with status %r", self, self.proc.returncode)
+        self.on_disconnect(self.broker)
+
+    def on_disconnect(self, broker: mitogen.core.Broker) -> None:
+        if not self.closed:
+            self.proc.kill_and_reap()
+        Stream.on_disconnect(self, broker)
+
+
+class StderrStream(Stream):
+    """Logs what a child prints on stderr before it takes over its own stdio, and keeps the
+    last lines for the error message if the bootstrap fails."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        Stream.__init__(self, "stderr:" + name)
+        self.rfd = fd
+        mitogen.core.set_nonblock(fd)
+        mitogen.core.set_cloexec(fd)
+        self.lines: list[str] = []
+        self._partial = b""
+        self._log = logging.getLogger("mitogen.stderr." + name)
+
+    def on_readable(self, broker: mitogen.core.Broker) -> None:
+        try:
+            data = os.read(self.rfd, mitogen.core.CHUNK_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if self._partial:
+                self._add([self._partial])
+            self.on_disconnect(broker)
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        self._add(lines)
+
+    def _add(self, lines: list[bytes]) -> None:
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            self.lines.append(line)
+            self._log.debug("%s", line)
+        del self.lines[:-ERROR_LINES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap
+# ---------------------------------------------------------------------------------------------
+
+
+class BootStream(Stream):
+    """Talks to a new child until it says MITO001: sends the payload after MITO000, lets
+    subclasses answer prompts (passwords, host keys), then hands the descriptors over to a
+    MessageStream. Runs on the broker thread."""
+
+    keep_alive = True
+
+    def __init__(self, conn: Connection) -> None:
+        Stream.__init__(self, "boot:" + conn.stream_name)
+        self.conn = conn
+        self.rfd = conn.proc.stdout
+        self.wfd = conn.proc.stdin
+        self._buf = b""
+        self._payload_sent = False
+        self._pending = b""
+        self.output: list[str] = []
+
+    def on_readable(self, broker: mitogen.core.Broker) -> None:
+        try:
+            data = os.read(self.rfd, mitogen.core.CHUNK_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.conn._boot_failed(EofError, "EOF on stream during bootstrap")
+            return
+        self._buf += data
+        while True:
+            if not self._payload_sent:
+                index = self._buf.find(BOOT_START)
+                if index < 0:
+                    self._scan_output()
+                    return
+                self._note_output(self._buf[:index])
+                self._buf = self._buf[index + len(BOOT_START):]
+                self.send_payload()
+                continue
+            index = self._buf.find(BOOT_DONE)
+            if index < 0:
+                return
+            self._note_output(self._buf[:index])
+            leftover = self._buf[index + len(BOOT_DONE):]
+            self._buf = b""
+            self.conn._boot_succeeded(leftover)
+            return
+
+    def _scan_output(self) -> None:
+        """Offer complete lines (and a trailing prompt) to the connection, keep the rest."""
+        lines = self._buf.split(b"\n")
+        self._buf = lines.pop()
+        for line in lines:
+            self._note_output(line)
+        if self._buf:
+            consumed = self.conn.on_partial_output(self._buf, self)
+            if consumed:
+                self._note_output(self._buf)
+                self._buf = b""
+
+    def _note_output(self, data: bytes) -> None:
+        for line in data.split(b"\n"):
+            if line.strip():
+                text = line.decode("utf-8", "replace").rstrip("\r")
+                self.output.append(text)
+                del self.output[:-ERROR_LINES]
+                self.conn.on_output_line(text, self)
+
+    def write(self, data: bytes) -> None:
+        """Queue `data` for the child's stdin (a password, the payload)."""
+        self._pending += data
+        self.on_writable(self.conn.broker)
+
+    def send_payload(self) -> None:
+        if not self._payload_sent:
+            self._payload_sent = True
+            if not self.conn.payload_sent_early:
+                self.write(self.conn.payload)
+
+    def on_writable(self, broker: mitogen.core.Broker) -> None:
+        while self._pending:
+            try:
+                written = os.write(self.wfd, self._pending)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.conn._boot_failed(EofError, "write to child failed: %s" % (e,))
+                return
+            self._pending = self._pending[written:]
+        if self._pending:
+            broker._start_transmit(self)
+        else:
+            broker._stop_transmit(self)
+
+    def release(self, broker: mitogen.core.Broker) -> None:
+        """Stop watching the descriptors without closing them: a MessageStream takes over."""
+        broker.stop_receive(self)
+        broker._stop_transmit(self)
+        self.closed = True
+
+
+class Connection:
+    """Starts one child context and bootstraps it; subclasses implement a method each.
+
+    `get_boot_command()` is the whole method-specific part for most methods: the Python
+    command line wrapped in ssh, sudo, docker exec, ...
+    """
+
+    options_class = Options
+    name_prefix = "local"
+    #: Methods that never prompt can have the payload written before MITO000 arrives,
+    #: saving a round trip: it waits in the pipe until the first stage reads it.
+    eager_payload = True
+    #: Whether the method talks to the child over a socketpair (else pipes).
+    use_socketpair = True
+
+    def __init__(self, options: Options, router: Router) -> None:
+        self.options = options
+        self.router = router
+        self.broker = router.broker
+        self.proc: Process | None = None
+        self.stream: MessageStream | None = None
+        self.context: Context | None = None
+        self.payload = b""
+        self.payload_sent_early = False
+        self._latch = Latch()
+        self._boot: BootStream | None = None
+        self._stderr: StderrStream | None = None
+        self._reaper: Reaper | None = None
+        self._timer: Any = None
+        self._done = False
+        self.stream_name = ""
+
+    # --- the method-specific part
+
+    def get_python_argv(self) -> list:
+        return list(self.options.python_path)
+
+    def get_boot_command(self) -> list:
+        name = self.remote_name()
+        return [*self.get_python_argv(), "-S", "-c", STUB, _encoded_first_stage(), name,
+                str(len(self.payload))]
+
+    def remote_name(self) -> str:
+        name = self.options.remote_name or self.options.name or self.stream_name
+        return name.replace("/", "_").replace("'", "_")
+
+    def make_stream_name(self, pid: int) -> str:
+        return "%s.%d" % (self.name_prefix, pid)
+
+    def on_output_line(self, line: str, boot: BootStream) -> None:
+        """A line the child printed before MITO000: methods with prompts look here."""
+        LOG.debug("%s: %s", self.stream_name or self.name_prefix, line)
+
+    def on_partial_output(self, data: bytes, boot: BootStream) -> bool:
+        """Output without a newline yet (a prompt); return True when it was handled."""
+        return False
+
+    def start_child(self, args: list) -> Process:
+        """Spawn the boot command with its stdio on a socketpair (or pipes) we keep one
+        end of, and stderr on a pipe for diagnosis."""
+        if self.use_socketpair:
+            ours, theirs = socket.socketpair()
+            child_in = child_out = theirs.fileno()
+        else:
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            child_in, child_out = in_r, out_w
+        err_r, err_w = os.pipe()
+        try:
+            popen = subprocess.Popen(args, stdin=child_in, stdout=child_out, stderr=err_w,
+                                     close_fds=True, start_new_session=True)
+        except OSError as e:
+            for fd in (err_r, *((ours.fileno(),) if self.use_socketpair else (in_w, out_r))):
+                os.close(fd)
+            if self.use_socketpair:
+                ours.detach()
+            raise StreamError("cannot start %s: %s (check python_path and the method's "
+                              "*_path option)" % (args[0], e.strerror)) from None
+        finally:
+            os.close(err_w)
+            if self.use_socketpair:
+                theirs.close()
+            else:
+                os.close(in_r)
+                os.close(out_w)
+        # subprocess would reap the child itself; the Reaper owns that job from now on.
+        popen.returncode = 0
+        if self.use_socketpair:
+            fd = os.dup(ours.fileno())
+            ours.close()
+            return Process(popen.pid, fd, os.dup(fd), err_r)
+        return Process(popen.pid, in_w, out_r, err_r)
+
+    # --- the common part
+
+    def connect(self, context: Context) -> None:
+        """Start the child for `context` and wait until it is ready for messages."""
+        self.context = context
+        self.payload = build_payload(self.router._child_config(context, self.options))
+        args = self.get_boot_command()
+        self.proc = self.start_child(args)
+        self.stream_name = self.make_stream_name(self.proc.pid)
+        if self.eager_payload:
+            self._write_early()
+        self.broker.defer(self._start_boot)
+        try:
+            ok, value = self._latch.get(timeout=self.options.connect_timeout)
+        except TimeoutError:
+            self.broker.defer(self._boot_failed, TimeoutError,
+                              "no answer within connect_timeout=%.1fs"
+                              % (self.options.connect_timeout,))
+            ok, value = self._latch.get()
+        if not ok:
+            raise value
+
+    def _write_early(self) -> None:
+        try:
+            written = os.write(self.proc.stdin, self.payload)
+        except (BlockingIOError, OSError):
+            return
+        if written == len(self.payload):
+            self.payload_sent_early = True
+        else:
+            self.payload = self.payload[written:]
+
+    def _start_boot(self) -> None:
+        proc = self.proc
+        self._reaper = Reaper(self.broker, proc, self.stream_name)
+        self._reaper.start()
+        if proc.stderr is not None:
+            self._stderr = StderrStream(proc.stderr, self.stream_name)
+            self.broker.start_receive(self._stderr)
+        self._boot = BootStream(self)
+        mitogen.core.set_nonblock(proc.stdout)
+        mitogen.core.set_nonblock(proc.stdin)
+        self.broker.start_receive(self._boot)
+        listen(self.broker, "shutdown", self._on_broker_shutdown)
+
+    def _on_broker_shutdown(self) -> None:
+        if not self._done:
+            self._boot_failed(CancelledError, "the broker shut down while connecting")
+
+    def _boot_failed(self, exc_class: type, reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        lines = list(self._boot.output if self._boot else [])
+        if self._stderr is not None:
+            self._stderr.on_readable(self.broker)
+            lines += self._stderr.lines
+        text = "%s: %s" % (self.stream_name, reason)
+        if lines:
+            text += "; last %d lines of output:\n  %s" % (len(lines[-ERROR_LINES:]),
+                                                         "\n  ".join(lines[-ERROR_LINES:]))
+        if self._boot is not None:
+            self._boot.on_disconnect(self.broker)
+        if self._stderr is not None:
+            self._stderr.on_disconnect(self.broker)
+        if self._reaper is not None:
+            self._reaper.on_disconnect(self.broker)
+        self._latch.put((False, exc_class(text)))
+
+    def _boot_succeeded(self, leftover: bytes) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._boot.release(self.broker)
+        unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
+                             self.stream_name, remote_id=self.context.context_id)
+        stream.conn = self
+        self.stream = stream
+        if leftover:
+            stream.decoder.feed(leftover)
+        listen(stream, "disconnect", self._on_stream_disconnect)
+        self.router.register(self.context, stream)
+        self.broker.start_receive(stream)
+        if leftover:
+            stream.process_buffered(self.broker)
+        self._latch.put((True, self.context))
+
+    def _on_stream_disconnect(self) -> None:
+        if self._reaper is not None:
+            self._reaper.stream_gone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing between contexts: ID allocation, ADD_ROUTE/DEL_ROUTE
+# ---------------------------------------------------------------------------------------------
+
+
+class ChildIdAllocator:
+    """Hands out context IDs in a child that starts children: from a block of 1000 that the
+    master allocates over ALLOCATE_ID, asking for a new block when one runs out."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._lock = threading.Lock()
+        self._next = 0
+        self._end = 0
+
+    def allocate(self) -> int:
+        with self._lock:
+            if self._next >= self._end:
+                master = self.router.context_by_id(0)
+                start, end = master.send_await(Message(handle=ALLOCATE_ID))
+                self._next, self._end = start, end
+            context_id = self._next
+            self._next += 1
+            return context_id
+
+
+class ChildStream(MessageStream):
+    """The parent's end of the stream to a child: asks it to shut down with the broker."""
+
+    def on_shutdown(self, broker: mitogen.core.Broker) -> None:
+        if not self.closed:
+            self.send(Message(dst_id=self.remote_id, handle=SHUTDOWN))
+
+
+class Router(mitogen.core.Router):
+    """A router that can start children and forward routes for them."""
+
+    context_class = Context
+    debug = False
+    profiling = False
+
+    def __init__(self, broker: mitogen.core.Broker) -> None:
+        super().__init__(broker)
+        self.id_allocator: Any = ChildIdAllocator(self)
+        self._connections: list[Connection] = []
+        self.add_handler(self._on_add_route, ADD_ROUTE, overwrite=True)
+        self.add_handler(self._on_del_route_msg, DEL_ROUTE, overwrite=True)
+
+    # --- routes
+
+    def _on_add_route(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        target_id, name = msg.unpickle()
+        stream = self.stream_by_id(msg.src_id)
+        self.context_by_id(target_id, via_id=msg.src_id, name=name)
+        self.add_route(target_id, stream)
+        self._propagate_up(ADD_ROUTE, (target_id, name))
+
+    def _on_del_route_msg(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        target_id = msg.unpickle()
+        if isinstance(target_id, tuple):
+            target_id = target_id[0]
+        self.del_route(target_id)
+
+    def _propagate_up(self, handle: int, body: Any) -> None:
+        if self.parent_stream is not None:
+            parent = self.context_by_id(mitogen.parent_id)
+            parent.send(Message.pickled(body, handle=handle))
+
+    def del_route(self, target_id: int) -> None:
+        """Forget `target_id` and tell our parent and every stream that talked to it."""
+        stream = self._stream_by_id.get(target_id)
+        super().del_route(target_id)
+        if stream is None:
+            return
+        body = Message.pickled(target_id, handle=DEL_ROUTE)
+        for other in list(self._all_message_streams()):
+            if other is not stream and target_id in other.egress_ids:
+                other.egress_ids.discard(target_id)
+                other.send(Message(dst_id=other.remote_id, handle=DEL_ROUTE, data=body.data))
+        if self.parent_stream is not None and self.parent_stream is not stream:
+            self._propagate_up(DEL_ROUTE, target_id)
+
+    def _all_message_streams(self) -> list:
+        streams = {id(s): s for s in self._stream_by_id.values()}
+        return list(streams.values())
+
+    def get_streams(self) -> dict:
+        """{context_id: stream} for every route, as Mitogen's Router.get_streams()."""
+        return dict(self._stream_by_id)
+
+    # --- starting children
+
+    def _child_config(self, context: Context, options: Options) -> dict:
+        responder = getattr(self, "responder", None)
+        return {
+            "context_id": context.context_id,
+            "parent_ids": [mitogen.context_id, *mitogen.parent_ids],
+            "log_level": logging.getLogger().getEffectiveLevel(),
+            "debug": options.debug,
+            "max_message_size": options.max_message_size,
+            "unidirectional": options.unidirectional,
+            "version": list(mitogen.__version__),
+            "whitelist": list(getattr(responder, "whitelist", ())),
+            "blacklist": list(getattr(responder, "blacklist", ())),
+            "core_fd": 101,
+            "in_fd": 100,
+            "name": context.name,
+        }
+
+    def allocate_id(self) -> int:
+        return self.id_allocator.allocate()
+
+    def _connection_class(self, method_name: str) -> type:
+        if method_name == "local":
+            return Connection
+        import importlib
+
+        try:
+            module = importlib.import_module("mitogen." + method_name)
+        except ImportError as e:
+            raise Error("unknown connection method %r: %s", method_name, e) from None
+        return module.Connection
+
+    def connect(self, method_name: str, name: str | None = None, **kwargs: Any) -> Context:
+        """Start a child with `method_name` (``local``, ``ssh``, ...) and return its Context.
+
+        With ``via=context`` the child is started by that context instead of this one.
+        """
+        via = kwargs.pop("via", None)
+        if via is not None:
+            return self.proxy_connect(via, method_name, name=name, **kwargs)
+        kwargs.setdefault("max_message_size", self.max_message_size)
+        conn_class = self._connection_class(method_name)
+        try:
+            options = conn_class.options_class(name=name, **kwargs)
+        except TypeError as e:
+            raise TypeError("%s(): %s" % (method_name, e)) from None
+        conn = conn_class(options, self)
+        context = self.context_class(self, self.allocate_id(), name=name)
+        conn.connect(context)
+        if name is None:
+            context.name = conn.stream_name
+        self._connections.append(conn)
+        if self.parent_stream is not None:
+            self._propagate_up(ADD_ROUTE, (context.context_id, context.name))
+        return context
+
+    def proxy_connect(self, via_context: Context, method_name: str, name: str | None = None,
+                      **kwargs: Any) -> Context:
+        context_id, stream_name = via_context.call(_proxy_connect, name, method_name, kwargs)
+        context = self.context_by_id(context_id, via_id=via_context.context_id,
+                                     name=name or stream_name)
+        context.via = via_context
+        return context
+
+    def disconnect(self, context: Context) -> None:
+        stream = self._stream_by_id.get(context.context_id)
+        if stream is not None and stream.remote_id == context.context_id:
+            self.broker.defer(stream.on_disconnect, self.broker)
+
+    def disconnect_stream(self, stream: MessageStream) -> None:
+        self.broker.defer(stream.on_disconnect, self.broker)
+
+    def disconnect_all(self) -> None:
+        for stream in self._all_message_streams():
+            self.disconnect_stream(stream)
+
+    # --- the connection methods, as Mitogen names them
+
+    def local(self, **kwargs: Any) -> Context:
+        return self.connect("local", **kwargs)
+
+    def fork(self, **kwargs: Any) -> Context:
+        return self.connect("fork", **kwargs)
+
+    def ssh(self, **kwargs: Any) -> Context:
+        return self.connect("ssh", **kwargs)
+
+    def sudo(self, **kwargs: Any) -> Context:
+        return self.connect("sudo", **kwargs)
+
+    def su(self, **kwargs: Any) -> Context:
+        return self.connect("su", **kwargs)
+
+    def doas(self, **kwargs: Any) -> Context:
+        return self.connect("doas", **kwargs)
+
+    def docker(self, **kwargs: Any) -> Context:
+        return self.connect("docker", **kwargs)
+
+    def podman(self, **kwargs: Any) -> Context:
+        return self.connect("podman", **kwargs)
+
+    def buildah(self, **kwargs: Any) -> Context:
+        return self.connect("buildah", **kwargs)
+
+    def kubectl(self, **kwargs: Any) -> Context:
+        return self.connect("kubectl", **kwargs)
+
+    def lxc(self, **kwargs: Any) -> Context:
+        return self.connect("lxc", **kwargs)
+
+    def lxd(self, **kwargs: Any) -> Context:
+        return self.connect("lxd", **kwargs)
+
+    def setns(self, **kwargs: Any) -> Context:
+        return self.connect("setns", **kwargs)
+
+
+class ModuleForwarder:
+    """Serves GET_MODULE from children of an intermediate context: from this context's
+    importer cache, or by asking its own parent once and caching the answer, so the master
+    never sends a module twice down the same stream."""
+
+    def __init__(self, router: Router, importer: mitogen.core.Importer) -> None:
+        self.router = router
+        self.importer = importer
+        self._sent: dict[Any, set[str]] = {}
+        router.add_handler(self._on_get_module, mitogen.core.GET_MODULE, overwrite=True)
+        router.add_handler(self._on_forward_module, mitogen.core.FORWARD_MODULE,
+                           policy=mitogen.core.has_parent_authority, overwrite=True)
+
+    def _on_get_module(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        fullname, _, hint = msg.data.decode("utf-8").partition("\n")
+        stream = self.router.stream_by_id(msg.src_id)
+        if stream is self.router.parent_stream:
+            LOG.error("%r: ignoring GET_MODULE from above (%d)", self, msg.src_id)
+            return
+        self.importer.request(fullname, lambda: self._send(msg.src_id, stream, fullname, True),
+                              hint or None)
+
+    def _on_forward_module(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        context, fullname = msg.unpickle()
+        stream = self.router.stream_by_id(context.context_id)
+        if stream is self.router.parent_stream:
+            return
+        self.importer.request(
+            fullname, lambda: self._forward(context, stream, fullname))
+
+    def _forward(self, context: Context, stream: Any, fullname: str) -> None:
+        self._send(stream.remote_id, stream, fullname, False)
+        if stream.remote_id != context.context_id:
+            stream.send(Message.pickled((context, fullname), dst_id=stream.remote_id,
+                                        handle=mitogen.core.FORWARD_MODULE))
+
+    def _send(self, dst_id: int, stream: Any, fullname: str, asked: bool) -> None:
+        """Send `fullname` (after the related modules we hold) unless already sent."""
+        sent = self._sent.setdefault(stream, set())
+        entry = self.importer.get_cached(fullname)
+        if isinstance(entry, tuple):
+            for name in entry[3]:
+                related = self.importer.get_cached(name)
+                if name not in sent and isinstance(related, tuple):
+                    self._send_entry(dst_id, stream, name, related, sent)
+        if asked or fullname not in sent:
+            self._send_entry(dst_id, stream, fullname, entry, sent)
+
+    def _send_entry(self, dst_id: int, stream: Any, fullname: str, entry: Any,
+                    sent: set) -> None:
+        sent.add(fullname)
+        if isinstance(entry, tuple):
+            body = (fullname, entry[0], entry[1], entry[4], entry[3])
+        else:
+            body = (fullname, None, entry, None, None)
+        stream.send(Message.pickled(body, dst_id=dst_id, handle=mitogen.core.LOAD_MODULE))
+
+
+def upgrade_router(econtext: Any) -> Router:
+    """Turn a plain child's router into a parent router, the first time it starts a child."""
+    router = econtext.router
+    if not isinstance(router, Router):
+        handlers = dict(router._handle_map)
+        router.__class__ = Router
+        router.id_allocator = ChildIdAllocator(router)
+        router._connections = []
+        router._handle_map = handlers
+        router.add_handler(router._on_add_route, ADD_ROUTE, overwrite=True)
+        router.add_handler(router._on_del_route_msg, DEL_ROUTE, overwrite=True)
+        router.forwarder = ModuleForwarder(router, econtext.importer)
+    return router
+
+
+@mitogen.core.takes_econtext
+def _proxy_connect(name: str | None, method_name: str, kwargs: dict, econtext: Any) -> tuple:
+    """Runs in the `via` context: start the child there and report its ID and stream name."""
+    router = upgrade_router(econtext)
+    context = router.connect(method_name, name=name, **kwargs)
+    return context.context_id, context.name
