@@ -1,0 +1,164 @@
+"""The physical limits of this machine, measured the same way the implementations are.
+
+Nothing an implementation does can beat these: starting a bare interpreter, and moving bytes
+between two Python processes over a pipe pair or a socketpair with plain ``os.read`` /
+``os.write``. They put the other tables in proportion (how much of a cold start is the
+interpreter itself, how far a round trip is from the kernel's).
+
+Runs with any Python 3.9+ and the standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Any, Dict, List, Tuple
+
+import common
+from common import Recorder, timed
+
+#: The peer process: echo fixed-size messages, or sink N bytes and answer with a count.
+PEER = r"""
+import os, sys
+rfd, wfd, mode, size = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def read_exact(n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(rfd, n - len(buf))
+        if not chunk:
+            sys.exit(0)
+        buf += chunk
+    return bytes(buf)
+if mode == "echo":
+    while True:
+        os.write(wfd, read_exact(size))
+else:
+    while True:
+        left = size
+        while left:
+            chunk = os.read(rfd, min(left, 1 << 20))
+            if not chunk:
+                sys.exit(0)
+            left -= len(chunk)
+        os.write(wfd, size.to_bytes(8, "big"))
+"""
+
+MSG_BYTES = 64  # about the size of a small call message
+
+
+class Peer:
+    """A child Python process at the far end of a pipe pair or a socketpair."""
+
+    def __init__(self, transport: str, mode: str, size: int) -> None:
+        if transport == "pipe":
+            child_r, self.wfd = os.pipe()
+            self.rfd, child_w = os.pipe()
+        elif transport == "socketpair":
+            mine, theirs = socket.socketpair()
+            self._sockets = (mine, theirs)
+            self.rfd = self.wfd = mine.fileno()
+            child_r = child_w = theirs.fileno()
+        else:
+            raise ValueError(f"transport must be 'pipe' or 'socketpair', not {transport!r}")
+        self.transport = transport
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", PEER, str(child_r), str(child_w), mode,
+             str(size)],
+            pass_fds=(child_r, child_w),
+        )
+        if transport == "pipe":
+            os.close(child_r)
+            os.close(child_w)
+        else:
+            self._sockets[1].close()
+
+    def read_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = os.read(self.rfd, n - len(buf))
+            if not chunk:
+                raise EOFError(f"{self.transport} peer closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    def write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.wfd, view):]
+
+    def close(self) -> None:
+        if self.transport == "pipe":
+            os.close(self.wfd)
+            os.close(self.rfd)
+        else:
+            self._sockets[0].close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def interpreter_start(params: Dict[str, Any], rec: Recorder) -> None:
+    """``python -I -S -c pass``: the floor of any cold start on this machine."""
+    runs = int(params.get("starts", 15))
+    argv = [sys.executable, "-I", "-S", "-c", "pass"]
+    rec.samples("limits.interpreter_start", "s",
+                [timed(lambda: subprocess.run(argv, check=True)) for _ in range(runs)])
+
+
+def _roundtrips(transport: str, warmup: int, count: int) -> List[float]:
+    msg = b"x" * MSG_BYTES
+    with Peer(transport, "echo", MSG_BYTES) as peer:
+
+        def one() -> None:
+            peer.write_all(msg)
+            peer.read_exact(MSG_BYTES)
+
+        for _ in range(warmup):
+            one()
+        return [timed(one) for _ in range(count)]
+
+
+def _transfers(transport: str, total: int, repeat: int) -> Tuple[List[float], int]:
+    chunk = os.urandom(1 << 20)
+    data = chunk * max(1, total // len(chunk))
+    with Peer(transport, "sink", len(data)) as peer:
+
+        def one() -> None:
+            peer.write_all(data)
+            if int.from_bytes(peer.read_exact(8), "big") != len(data):
+                raise RuntimeError(f"{transport} peer counted a different size")
+
+        one()  # warm-up: page in the buffers on both sides
+        return [timed(one) for _ in range(repeat)], len(data)
+
+
+def ipc(params: Dict[str, Any], rec: Recorder) -> None:
+    """Round trip of a 64-byte message, and 64 MiB one way, per transport."""
+    warmup, count = int(params.get("warmup", 500)), int(params.get("calls", 5000))
+    total, repeat = int(params.get("transfer_bytes", 64 << 20)), int(params.get("repeat", 3))
+    for transport in ("pipe", "socketpair"):
+        rec.samples(f"limits.{transport}_rt", "s", _roundtrips(transport, warmup, count))
+        samples, size = _transfers(transport, total, repeat)
+        rec.samples(f"limits.{transport}_tp", "s", samples, bytes=size)
+
+
+def limits(params: Dict[str, Any], rec: Recorder) -> None:
+    """Everything above in one run."""
+    interpreter_start(params, rec)
+    ipc(params, rec)
+
+
+WORKLOADS = {"limits": limits, "interpreter_start": interpreter_start, "ipc": ipc}
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(WORKLOADS))
