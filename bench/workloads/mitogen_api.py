@@ -15,6 +15,7 @@ Usage: ``python mitogen_api.py WORKLOAD [PARAMS_JSON]``; see ``bench/run.py`` fo
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 import tempfile
@@ -33,8 +34,6 @@ mitogen: Any = None
 
 def _load() -> str:
     global mitogen
-    import mitogen.utils
-
     import mitogen.master
     import mitogen.parent
 
@@ -42,8 +41,25 @@ def _load() -> str:
 
 
 def _with_router(body: Any) -> None:
-    """Run ``body(router)`` with a fresh router that is always shut down afterwards."""
-    mitogen.utils.run_with_router(body)
+    """Run ``body(router)`` with a fresh router that is always shut down afterwards.
+
+    Through ``mitogen.utils.run_with_router`` where it exists; otherwise (a partial
+    implementation) with the same Broker/Router steps spelled out, so the core can be measured
+    before its utilities exist.
+    """
+    try:
+        utils = importlib.import_module("mitogen.utils")
+    except ImportError:
+        utils = None
+    if utils is not None:
+        utils.run_with_router(body)
+        return
+    broker = mitogen.master.Broker()
+    try:
+        body(mitogen.master.Router(broker))
+    finally:
+        broker.shutdown()
+        broker.join()
 
 
 def _get_module_count(router: Any) -> int:
@@ -195,8 +211,6 @@ def remote_import(params: Dict[str, Any], rec: Recorder) -> None:
 
 
 def _remote_import_in(root: Path, rec: Recorder) -> None:
-    import importlib
-
     entries = {}
     for variant, dynamic in (("static", False), ("importlib", True)):
         common.make_package(root, f"benchpkg_{variant}", dynamic=dynamic)
@@ -230,10 +244,15 @@ def bootstrap(params: Dict[str, Any], rec: Recorder) -> None:
                                          name="bench-bootstrap")
         conn = mitogen.parent.Connection(options, router)
         conn.context = router.context_class(router, 4242)
-        preamble = conn.get_preamble()
+        try:  # first: the command line holds the payload's length
+            preamble, missing = conn.get_preamble(), None
+        except AttributeError as exc:
+            preamble, missing = b"", exc
         argv = conn.get_boot_command()
-        rec.value("bootstrap.payload", "B", len(preamble))
         rec.value("bootstrap.boot_command", "B", len(" ".join(argv[1:]).encode()))
+        if missing is not None:
+            raise missing
+        rec.value("bootstrap.payload", "B", len(preamble))
 
     _with_router(body)
 
