@@ -1876,6 +1876,8 @@ class Importer:
             return entry is not None and entry[0] is not None and fullname in entry[0]
         if fullname == '__main__':
             return True
+        if fullname in getattr(sys, 'stdlib_module_names', ()):
+            return False  # a platform module missing here (msvcrt): the master has no copy
         if getattr(self._local, 'busy', False):
             return False
         self._local.busy = True

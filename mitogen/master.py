@@ -133,9 +133,9 @@ class ModuleFinder:
         self._found: dict[str, Any] = {}
         self._deps: dict[str, list[str]] = {}
 
-    def find(self, fullname: str) -> tuple[str, str, list[str] | None] | str:
-        """(path, source, submodule names or None) or, for a module that cannot be sent,
-        a string saying why."""
+    def find(self, fullname: str) -> tuple[str, str, list[str] | None] | str | None:
+        """(path, source, submodule names or None); None when the master has no such module;
+        for a module that exists but cannot be sent, a string saying why."""
         if fullname not in self._found:
             try:
                 self._found[fullname] = self._find(fullname)
@@ -146,7 +146,7 @@ class ModuleFinder:
                     fullname, type(e).__name__, e)
         return self._found[fullname]
 
-    def _find(self, fullname: str) -> tuple[str, str, list[str] | None] | str:
+    def _find(self, fullname: str) -> tuple[str, str, list[str] | None] | str | None:
         if fullname == "__main__":
             return self._find_main()
         module = sys.modules.get(fullname)
@@ -154,7 +154,7 @@ class ModuleFinder:
         if spec is None:
             spec = importlib.util.find_spec(fullname)
         if spec is None:
-            return "No module named %r in the master" % (fullname,)
+            return None
         locations = spec.submodule_search_locations
         is_pkg = locations is not None
         if spec.loader is None or spec.origin in (None, "namespace"):
@@ -164,6 +164,10 @@ class ModuleFinder:
             return "%s has no loader in the master" % (fullname,)
         get_source = getattr(spec.loader, "get_source", None)
         source = get_source(fullname) if get_source else None
+        if source is None and spec.origin and spec.origin.endswith(".py"):
+            # Loaders that rewrite code (pytest's assertion rewriter) may not offer source.
+            with open(spec.origin, "rb") as f:
+                source = importlib.util.decode_source(f.read())
         if source is None:
             return ("%s cannot be sent to a child: it has no Python source in the master "
                     "(%s); install it on the child's host instead" % (fullname, spec.origin))
@@ -198,7 +202,7 @@ class ModuleFinder:
         if fullname not in self._deps:
             found = self.find(fullname)
             names: set[str] = set()
-            if not isinstance(found, str) and found[1]:
+            if isinstance(found, tuple) and found[1]:
                 path, source, pkg_present = found
                 try:
                     code = compile(source, path, "exec", dont_inherit=True)
@@ -304,7 +308,7 @@ class ModuleResponder:
         if built is None:
             refusal = self._policy_refusal(fullname)
             found = refusal or self._finder.find(fullname)
-            if isinstance(found, str):
+            if found is None or isinstance(found, str):
                 built = (fullname, None, found, None, None)
             else:
                 path, source, pkg_present = found

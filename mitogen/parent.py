@@ -149,7 +149,7 @@ def get_core_source() -> bytes:
 
                 minify = importlib.import_module("mitogen.minify")
                 source = inspect.getsource(mitogen.core)
-                _core_source = minify.minimize_source(source).encode("utf-8")
+                _core_source = minify.minimize_source(source).rstrip("\n").encode() + b"\n"
         return _core_source
 
 
@@ -169,7 +169,7 @@ def _core_compressor_state() -> Any:
 def build_payload(config: dict) -> bytes:
     """The compressed program a new context runs: core source plus its main() call."""
     prefix, compressor = _core_compressor_state()
-    line = "\nExternalContext(%r).main()\n" % (config,)
+    line = "ExternalContext(%r).main()\n" % (config,)
     return prefix + compressor.compress(line.encode("utf-8")) + compressor.flush()
 
 
@@ -552,6 +552,8 @@ class Connection:
 
     def connect(self, context: Context) -> None:
         """Start the child for `context` and wait until it is ready for messages."""
+        if not self.broker.running:
+            raise Error("the broker has shut down: cannot start a child")
         self.context = context
         self.payload = build_payload(self.router._child_config(context, self.options))
         args = self.get_boot_command()
@@ -559,7 +561,13 @@ class Connection:
         self.stream_name = self.make_stream_name(self.proc.pid)
         if self.eager_payload:
             self._write_early()
-        self.broker.defer(self._start_boot)
+        try:
+            self.broker.defer(self._start_boot)
+        except Error:
+            for fd in {self.proc.stdin, self.proc.stdout, self.proc.stderr} - {None}:
+                os.close(fd)
+            self.proc.kill_and_reap()
+            raise
         try:
             ok, value = self._latch.get(timeout=self.options.connect_timeout)
         except TimeoutError:

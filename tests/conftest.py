@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 
@@ -62,6 +63,7 @@ def no_leaks():
     for t in extra_threads:
         t.join(timeout=2.0)
     leaked_threads = [t.name for t in extra_threads if t.is_alive()]
+    gc.collect()  # cyclic garbage (exception -> traceback -> frame) is not a leak
     leaked_fds = {fd: path for fd, path in _open_fds().items()
                   if fd not in fds_before or fds_before[fd] != path}
     leaked_children = _child_pids() - children_before

@@ -1,0 +1,154 @@
+"""Starting children: the boot command, the payload, and every way a start can fail."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import subprocess
+import sys
+import threading
+import zlib
+
+import pytest
+
+import mitogen.core
+import mitogen.master
+import mitogen.parent
+from tests.support import funcs
+
+CORE_PATH = mitogen.core.__file__
+
+
+def test_core_is_self_contained_and_stdlib_only():
+    """Exec the bootstrap source in a bare interpreter: it imports nothing but the stdlib
+    and has no import-time side effects (no thread, no output)."""
+    script = (
+        "import sys, threading\n"
+        "before = set(sys.modules)\n"
+        "src = open(sys.argv[1]).read()\n"
+        "exec(compile(src, 'core', 'exec'), {'__name__': 'bootstrap_check'})\n"
+        "new = sorted(set(sys.modules) - before)\n"
+        "import sysconfig\n"
+        "stdlib = sysconfig.get_paths()['stdlib']\n"
+        "bad = [m for m in new if getattr(sys.modules[m], '__file__', None) and\n"
+        "       not sys.modules[m].__file__.startswith(stdlib)]\n"
+        "assert not bad, bad\n"
+        "assert threading.active_count() == 1\n"
+        "print('ok', len(new))\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", script, CORE_PATH],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok ")
+    assert out.stderr == ""
+
+
+def test_payload_is_at_most_16_kib():
+    config = {"context_id": 1, "parent_ids": [0], "name": "x" * 40}
+    payload = mitogen.parent.build_payload(config)
+    assert len(payload) <= 16 * 1024, len(payload)
+    source = zlib.decompress(payload)
+    assert source.rstrip().endswith(b"ExternalContext(%r).main()" % (config,))
+
+
+def test_minified_core_keeps_line_numbers():
+    source = mitogen.parent.get_core_source().decode()
+    with open(CORE_PATH) as f:
+        original = f.read().splitlines()
+    minified = source.splitlines()
+    assert len(minified) == len(original)
+    line = next(i for i, text in enumerate(original) if "def _verify_source" in text)
+    assert "def _verify_source" in minified[line]
+
+
+def test_boot_command_carries_the_compressed_first_stage():
+    options = mitogen.parent.Options(max_message_size=1 << 20, name="boot-test")
+    conn = mitogen.parent.Connection(options, router=_NoRouter())  # type: ignore[arg-type]
+    conn.payload = b"p" * 1234
+    argv = conn.get_boot_command()
+    assert argv[0] == sys.executable
+    assert argv[argv.index("-c") + 1] == mitogen.parent.STUB
+    first_stage = zlib.decompress(base64.b64decode(argv[-3])).decode()
+    assert first_stage == mitogen.parent.FIRST_STAGE
+    assert argv[-2:] == ["boot-test", "1234"]
+    assert sum(len(a) for a in argv) < 1200
+
+
+class _NoRouter:
+    broker = None
+
+
+def test_bad_python_path_is_a_clear_error(router):
+    with pytest.raises(mitogen.core.StreamError, match="/nonexistent/python"):
+        router.local(python_path="/nonexistent/python")
+
+
+def test_child_that_dies_during_boot_gives_eof_error_with_its_output(router):
+    with pytest.raises(mitogen.parent.EofError) as info:
+        router.local(python_path=["/bin/sh", "-c", "echo interpreter-exploded >&2; exit 3"])
+    assert "interpreter-exploded" in str(info.value)
+
+
+def test_connect_timeout_gives_timeout_error_and_kills_the_child(router):
+    with pytest.raises(mitogen.core.TimeoutError, match="connect_timeout"):
+        router.local(python_path=["/bin/sh", "-c", "exec sleep 60"], connect_timeout=0.3)
+
+
+class _Seen(logging.Handler):
+    def __init__(self, needle: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.needle = needle
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.event.set()
+
+
+def test_broker_shutdown_during_connect_gives_cancelled_error():
+    seen = _Seen("child-is-waiting")
+    logger = logging.getLogger("mitogen.stderr")
+    logger.addHandler(seen)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    errors = []
+    try:
+        with mitogen.master.Router() as router:
+            def connect():
+                try:
+                    router.local(python_path=[
+                        "/bin/sh", "-c", "echo child-is-waiting >&2; exec sleep 60"])
+                except Exception as e:
+                    errors.append(e)
+
+            thread = threading.Thread(target=connect)
+            thread.start()
+            assert seen.event.wait(30)
+            router.broker.shutdown()
+            thread.join(30)
+    finally:
+        logger.removeHandler(seen)
+        logger.setLevel(old_level)
+    assert len(errors) == 1 and isinstance(errors[0], mitogen.parent.CancelledError)
+
+
+def test_context_ids_follow_mitogen(router):
+    first = router.local()
+    second = router.local()
+    assert (first.context_id, second.context_id) == (1, 2)
+
+
+def test_child_keeps_the_core_source_for_its_own_children(router):
+    child = router.local()
+    assert child.call(_child_core_source_length) == len(mitogen.parent.get_core_source())
+
+
+def _child_core_source_length():
+    return len(mitogen.parent.get_core_source())
+
+
+def test_stdin_of_the_child_is_dev_null(router):
+    child = router.local()
+    assert child.call(os.readlink, "/proc/self/fd/0") == "/dev/null"
+    assert child.call(funcs.identity, 5) == 5
