@@ -23,7 +23,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import io
@@ -449,8 +448,7 @@ def _build_locked(client: docker.DockerClient, r: SuiteRecipe, mirror: str, rebu
                   stage: _Stage) -> None:
     tarball = cache_dir() / "rootfs" / f"{r.suite}-{r.content_hash()[:16]}.tar"
     if rebuild:
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            client.images.remove(r.tag)
+        # The image is left alone (containers may use it); the import moves the tags.
         tarball.unlink(missing_ok=True)
     elif _image_exists(client, r.tag):
         stage(f"{r.tag} was built by another process meanwhile")
@@ -468,14 +466,15 @@ def _build_locked(client: docker.DockerClient, r: SuiteRecipe, mirror: str, rebu
 
 def ensure_image(suite: str, progress: Progress = print, *,
                  client: Optional[docker.DockerClient] = None, mirror: Optional[str] = None,
-                 rebuild: bool = False, lock_timeout: float = _LOCK_TIMEOUT) -> str:
+                 rebuild: bool = False, lock_timeout: float = _LOCK_TIMEOUT,
+                 recipe_dir: Path = RECIPE_DIR) -> str:
     """Return the tag of ``suite``'s current image, building it first if it is missing.
 
     Cheap when the image exists (one inspect). Otherwise takes the suite's build lock, so that
     concurrent callers build once; ``lock_timeout`` bounds the wait for another builder. With
     no ``client``, makes sure a Docker engine runs (see simulator.dockerd) and uses it.
     """
-    r = recipe(suite)
+    r = recipe(suite, recipe_dir)
     own_client = client is None
     if client is None:
         try:

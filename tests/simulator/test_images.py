@@ -9,17 +9,22 @@ per-test id, and the ``sim`` fixture removes them and checks that none is left.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import docker.errors
 import pytest
 
 from simulator import images
@@ -115,6 +120,31 @@ def test_mirror_override_and_fallback(tmp_path, monkeypatch):
     assert images.debian_mirror(apt) == images.DEFAULT_MIRROR
     monkeypatch.setenv("MITOGEN_SIM_MIRROR", "http://local.example/debian/")
     assert images.debian_mirror(apt) == "http://local.example/debian"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_mirror_check_tells_missing_suite_from_unreachable_mirror(tmp_path: Path):
+    (tmp_path / "debian" / "dists" / "bookworm").mkdir(parents=True)
+    (tmp_path / "debian" / "dists" / "bookworm" / "Release").write_text("Codename: bookworm\n")
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="mirror")
+    thread.start()
+    mirror = f"http://127.0.0.1:{server.server_address[1]}/debian"
+    try:
+        images._check_mirror_serves(mirror, "bookworm")
+        with pytest.raises(images.ImageBuildError, match=r"does not serve suite 'hamm' \(HTTP 404"):
+            images._check_mirror_serves(mirror, "hamm")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    with pytest.raises(images.ImageBuildError, match=r"unreachable.*MITOGEN_SIM_MIRROR"):
+        images._check_mirror_serves(mirror, "bookworm")
 
 
 # --- node.json -------------------------------------------------------------------------------
@@ -414,3 +444,63 @@ def test_bad_node_json_stops_the_container_with_the_reason(sim: Sim):
         images.wait_node_ready(host, timeout=30)
     assert "node.accounts[0].sudo" in str(info.value)
     assert "exited" in str(info.value)
+
+
+@pytest.mark.docker
+def test_concurrent_callers_build_once(recipe_copy: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch):
+    """Two builders of one missing image: one builds, the other waits on the lock, then finds
+    the tag. The debootstrap step is replaced by a tiny tree; locking, import and tagging are
+    real."""
+    suite = f"selftest{uuid.uuid4().hex[:8]}"
+    spec = json.loads((recipe_copy / "suites.json").read_text())
+    spec["suites"] = {suite: {"python": None, "extra_packages": []}}
+    (recipe_copy / "suites.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("MITOGEN_SIM_CACHE", str(tmp_path / "cache"))
+    other_is_waiting = threading.Event()
+    builds: List[str] = []
+
+    def fake_make_tarball(r: Any, _mirror: str, tarball: Path, _stage: Any) -> Dict[str, str]:
+        builds.append(r.suite)
+        assert other_is_waiting.wait(timeout=30), "the second caller never waited for the lock"
+        tarball.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball, "w") as tar:
+            info = tarfile.TarInfo("marker")
+            tar.addfile(info, io.BytesIO(b""))
+        facts = {"python3": "0.0.0", "pythons": ""}
+        tarball.with_suffix(".json").write_text(json.dumps(facts))
+        return facts
+
+    monkeypatch.setattr(images, "_make_tarball", fake_make_tarball)
+    client = _engine_or_skip()
+    lines: List[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if "another process is building" in line:
+            other_is_waiting.set()
+
+    def build(_n: int) -> str:
+        own = ensure_dockerd(timeout=60)
+        try:
+            return images.ensure_image(suite, progress, client=own, recipe_dir=recipe_copy,
+                                       mirror="http://127.0.0.1:9/unused", lock_timeout=60)
+        finally:
+            own.close()
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            tags = list(pool.map(build, range(2)))
+        assert builds == [suite]
+        assert tags[0] == tags[1] == images.recipe(suite, recipe_copy).tag
+        assert client.images.get(tags[0]).labels["mitogen-sim.suite"] == suite
+        assert any("built by another process meanwhile" in line for line in lines)
+        # Once built, a call is a lookup: no lock, no build.
+        assert build(3) == tags[0] and builds == [suite]
+    finally:
+        for tag in (images.recipe(suite, recipe_copy).tag, f"mitogen-sim/{suite}:latest"):
+            try:
+                client.images.remove(tag)
+            except docker.errors.ImageNotFound:  # not created when the test failed early
+                pass
+        client.close()
