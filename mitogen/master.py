@@ -327,6 +327,8 @@ class ModuleResponder:
 
         def visit(name: str) -> None:
             for dep in self._finder.dependencies(name):
+                if dep == "mitogen.core":
+                    continue  # every context already has it
                 if dep not in seen and (dep == top or dep.startswith(top + ".")):
                     seen.add(dep)
                     visit(dep)

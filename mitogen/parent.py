@@ -919,7 +919,8 @@ class ModuleForwarder:
                     sent: set) -> None:
         sent.add(fullname)
         if isinstance(entry, tuple):
-            body = (fullname, entry[0], entry[1], entry[4], entry[3])
+            compressed = entry[4] if len(entry) > 4 else zlib.compress(entry[2], 9)
+            body = (fullname, entry[0], entry[1], compressed, entry[3])
         else:
             body = (fullname, None, entry, None, None)
         stream.send(Message.pickled(body, dst_id=dst_id, handle=mitogen.core.LOAD_MODULE))
