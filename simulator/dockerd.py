@@ -177,6 +177,28 @@ def apt_install(packages: Sequence[str], progress: Progress = _stderr) -> None:
             raise DockerdError(f"{' '.join(argv)} failed ({proc.returncode}):\n{tail}")
 
 
+def _remove_stale_pidfiles(engine: Engine, progress: Progress) -> None:
+    """Drop pid files of a daemon that was killed (e.g. when the previous session ended).
+
+    dockerd refuses to start while its pid file names a live process, and trusts a live
+    process named in containerd's pid file; after a kill those pids may belong to anything.
+    """
+    exec_root = engine.state_dir / "exec" if engine.state_dir else Path("/var/run/docker")
+    for pidfile, name in ((engine.pidfile, "dockerd"),
+                          (exec_root / "containerd" / "containerd.pid", "containerd")):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            alive = Path(f"/proc/{pid}/comm").read_text().strip() == name
+        except OSError:
+            alive = False
+        if not alive:
+            progress(f"dockerd: removing stale {pidfile} (pid {pid} is not a {name})")
+            pidfile.unlink(missing_ok=True)
+
+
 def _log_tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -219,8 +241,30 @@ def _deadline_polls(timeout: float) -> Iterator[float]:
         time.sleep(min(_POLL_INTERVAL, left))
 
 
+_FATAL_MARKS = ("failed to start daemon", "level=fatal")
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _fatal_since(path: Path, offset: int) -> bool:
+    """Whether dockerd logged a fatal start-up error after ``offset``."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return any(mark in text for mark in _FATAL_MARKS)
+
+
 def _wait_answering(engine: Engine, timeout: float, client_timeout: float,
-                    launched_at: float) -> docker.DockerClient:
+                    launched_at: float, log_offset: Optional[int] = None) -> docker.DockerClient:
+    """Poll until the engine answers; fail early if the daemon we launched gave up."""
     seen_pid = False
     for _left in _deadline_polls(timeout):
         client = _answering_client(engine, client_timeout)
@@ -228,7 +272,8 @@ def _wait_answering(engine: Engine, timeout: float, client_timeout: float,
             return client
         pid = engine.running_pid()
         seen_pid = seen_pid or pid is not None
-        if seen_pid and pid is None:
+        died = seen_pid and pid is None
+        if died or (log_offset is not None and _fatal_since(engine.log_path, log_offset)):
             raise DockerdError(f"dockerd exited while starting; log {engine.log_path}:\n"
                                f"{_log_tail(engine.log_path)}")
     raise DockerdError(f"dockerd did not answer at {engine.host} within {timeout:.0f}s "
@@ -282,10 +327,12 @@ def _start_locked(engine: Engine, timeout: float, client_timeout: float,
         if client is not None:
             return client
         dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+    _remove_stale_pidfiles(engine, progress)
     progress(f"dockerd: starting {dockerd} {' '.join(engine.daemon_args())} "
              f"(log {engine.log_path})")
+    log_offset = _log_size(engine.log_path)
     _launch(engine, dockerd)
-    client = _wait_answering(engine, timeout, client_timeout, started)
+    client = _wait_answering(engine, timeout, client_timeout, started, log_offset)
     progress(f"dockerd: answering after {time.monotonic() - started:.1f}s")
     return client
 

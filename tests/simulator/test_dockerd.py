@@ -104,10 +104,14 @@ def test_stopped_engine_is_started_once(private_engine: Engine,
         real_launch(engine, binary)
 
     monkeypatch.setattr(dockerd, "_launch", counting_launch)
+    # A pid file left by a killed daemon, naming a pid now used by another process (ours):
+    # dockerd itself would refuse to start over it.
+    private_engine.pidfile.write_text(f"{os.getpid()}\n")
     progress: List[str] = []
     first = ensure_dockerd(timeout=60, engine=private_engine, progress=progress.append)
     try:
         assert launches == [private_engine]
+        assert any("removing stale" in line for line in progress)
         pid = private_engine.running_pid()
         assert pid is not None
         assert _ppid(pid) != os.getpid()  # detached: not a child this process must reap
