@@ -289,7 +289,9 @@ def _cell(stats: Stats) -> str:
         extra.append(f"p99 {_fmt(stats.p99, stats)}")
     spread = stats.spread()
     if spread is not None:
-        extra.append(f"{_fmt(spread[0], stats)} to {_fmt(spread[1], stats)}")
+        low, high = _fmt(spread[0], stats), _fmt(spread[1], stats)
+        if low != high:  # identical repetitions: nothing to show
+            extra.append(f"{low} to {high}")
     return text + (f" ({'; '.join(extra)})" if extra else "")
 
 
@@ -491,14 +493,17 @@ def write_plots(run: Dict[str, Any], directory: Path) -> List[Path]:
 
 
 def _plain_log_labels(axis: Any) -> None:
-    """Label a log axis with plain numbers at 1, 2 and 5 times each power of ten."""
+    """Label a log axis with plain numbers: at 1, 2 and 5 times each power of ten over a short
+    range, at the powers of ten only over a long one (where more labels would collide)."""
     from matplotlib.ticker import FuncFormatter
 
     def label(value: float, _pos: int) -> str:
-        if value <= 0:
+        low, high = sorted(axis.get_view_interval())
+        if value <= 0 or low <= 0:
             return ""
+        wanted = (1, 2, 5) if math.log10(high / low) <= 2.5 else (1,)
         mantissa = round(value / 10 ** math.floor(math.log10(value)))
-        return f"{value:g}" if mantissa in (1, 2, 5) else ""
+        return f"{value:g}" if mantissa in wanted else ""
 
     axis.set_major_formatter(FuncFormatter(label))
     axis.set_minor_formatter(FuncFormatter(label))

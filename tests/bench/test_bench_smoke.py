@@ -159,6 +159,8 @@ def _synthetic_run():
         _record("mitogen", "multihop", {f"multihop.{n}": _samples([n * 300 * us] * 150)
                                         for n in (1, 2, 3)}),
         _record("mitogen", "fanout", {"fanout.16": _samples([1.5])}, params={"children": 16}),
+        *(_record(impl, "memory", {"memory.child_rss": _samples([rss << 20], unit="B")})
+          for impl, rss in (("ours", 18), ("ours", 18), ("mitogen", 20), ("mitogen", 22))),
         _record("ours", "fanout", {"fanout.16": _samples([0.5])}, params={"children": 16}),
         _record("ours", "fanout", {}, ok=False, skipped=True, params={"children": 256},
                 error="skipped: time budget of 900 s used up"),
@@ -203,6 +205,9 @@ def test_report_computes_medians_p99_ratios_and_targets(tmp_path):
     assert throughput[1:4] == ["671 MB/s", "67.1 MB/s", "10.0x"] and throughput[-1] == "met"
     payload = _row(text, "Bootstrap bytes:")
     assert payload[1] == "14.6 KiB (15,000 B)" and payload[-1] == "met"
+    # Identical repetitions show no range; different ones do.
+    assert _row(text, "RSS of a fresh idle child")[1:3] == ["18.0 MiB",
+                                                           "21.0 MiB (20.0 MiB to 22.0 MiB)"]
     hop = _row(text, "Multi-hop: trivial call through 2 hops")
     assert hop[1:3] == ["failed", "600 µs (p99 600 µs)"] and hop[-1] == "no data"
     assert _row(text, "trivial call through 1 hop")[3] == "n/a"  # execnet: not attempted
