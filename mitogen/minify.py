@@ -1,0 +1,362 @@
+"""Shrink Python source before it travels to another context, keeping every line where it was.
+
+A child receives :mod:`mitogen.core` (and every module it imports from us) as source text, so
+docstrings and comments cost bytes on every connection and time on the first one. They are
+about half of a well-documented module. Removing them lets the source stay fully documented
+while the wire payload stays small.
+
+Line numbers are preserved exactly: a traceback raised in a child then points at the line a
+developer sees in the master's copy of the file. Indentation is left alone for the same reason
+(and because it is mostly spaces that zlib compresses to almost nothing).
+
+How it works, and why it is fast enough to sit in front of the first child's start:
+
+* :func:`ast.parse` (C code) finds the docstrings; only statement lists are walked, never
+  expressions, so the Python-level work is proportional to the number of statements.
+* One compiled regular expression finds comments and complete string literals; the Python loop
+  runs once per string or comment, not once per token. Only f-strings (and 3.14 t-strings) are
+  scanned by hand, because since Python 3.12 they may nest quotes of their own kind.
+* Comments and trailing blanks are removed only from text outside string literals.
+
+``tokenize`` was measured as the alternative: it is pure Python before 3.12 and several times
+slower on every version (see the project's report for the numbers).
+
+All comments go, including a shebang, ``# type:`` comments and an encoding declaration. The
+result is text; whoever ships it encodes it as UTF-8, the default source encoding, so keeping a
+``# -*- coding: latin-1 -*-`` line would make the receiver decode those bytes wrongly.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import itertools
+import re
+from typing import List, NamedTuple, Optional
+
+__all__ = ["minimize_source"]
+
+# Complete string literals without their prefix: the end of a plain string does not depend on
+# the prefix (a backslash protects the next character even in a raw string).
+_STRING_BODIES = (
+    r"'''[^'\\]*(?:(?:\\.|'(?!''))[^'\\]*)*'''",
+    r'"""[^"\\]*(?:(?:\\.|"(?!""))[^"\\]*)*"""',
+    r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'",
+    r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"',
+)
+_PLAIN_STRING = re.compile("|".join(_STRING_BODIES), re.DOTALL)
+# A comment, a string, or (last resort) a lone quote: a 3.12+ f-string may hold a newline or its
+# own quote inside a replacement field, so the plain patterns can fail to match it there.
+_TOKEN = re.compile(
+    r"(?P<comment>#[^\n]*)|" + "|".join(_STRING_BODIES) + r"|['\"]", re.DOTALL
+)
+# Outside string literals every '#' starts a comment, so it can go without looking at context.
+_COMMENT = re.compile(r"#[^\n]*")
+_BLANKS = " \t\f"
+# What may follow a docstring on its line: blanks, continuations, and a ';' before more code.
+_SEMICOLON_AFTER = re.compile(r"(?:[ \t\f]|\\\n)*;[ \t\f]*")
+_PREFIX_CHARS = "rRbBuUfFtT"
+_QUOTES = ("'''", '"""', "'", '"')
+_FSTRING_LITERAL = {q: re.compile(r"[\\{}]|" + q) for q in _QUOTES}
+_FSTRING_FIELD = re.compile(r"[\\{}()\[\]:#'\"]")
+_FSTRING_SPEC = re.compile(r"[\\{}]")
+_OPENERS = "([{"
+_CLOSERS = ")]}"
+_BODY_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+_DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+class _Cut(NamedTuple):
+    """A slice of the source to replace: a docstring and the ';' that may follow it."""
+
+    start: int
+    end: int
+    replacement: str
+    blank: bool  # nothing is left on the cut's last line, so blanks before it can go
+
+
+def minimize_source(source: str) -> str:
+    """Return `source` without docstrings, comments and trailing blanks, lines unchanged.
+
+    Every remaining statement and expression starts on the same line as before, and the
+    result has exactly as many lines. A body that held only a docstring gets ``pass`` on the
+    docstring's first line. ``\\r\\n`` and ``\\r`` line ends become ``\\n``, as Python itself
+    reads them. Raises :class:`SyntaxError` if `source` does not parse: docstrings cannot be
+    told apart from other strings without a parse, and shipping broken code helps nobody.
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"minimize_source() needs the source as str, not {type(source).__name__}")
+    return _minimize_cached(source)
+
+
+@functools.lru_cache(maxsize=32)
+def _minimize_cached(source: str) -> str:
+    """Minify once per distinct source: the master ships the same modules to every child."""
+    if "\r" in source:
+        source = source.replace("\r\n", "\n").replace("\r", "\n")
+    tree = ast.parse(source)
+    pieces: List[str] = []
+    pos = 0
+    for cut in _docstring_cuts(tree, source):
+        _append_code(pieces, source, pos, cut.start, final=False)
+        if cut.blank:
+            pieces[-1] = pieces[-1].rstrip(_BLANKS)
+        pieces.append(cut.replacement)
+        pos = cut.end
+    _append_code(pieces, source, pos, len(source), final=True)
+    return "".join(pieces)
+
+
+# -- docstrings ---------------------------------------------------------------------------------
+
+
+def _docstring_cuts(tree: ast.Module, source: str) -> List[_Cut]:
+    """Say where each docstring is and what replaces it, in source order."""
+    # Line k (0-based) starts after the k lines before it and their k newlines.
+    lengths_before = itertools.accumulate(map(len, source.split("\n")), initial=0)
+    line_starts = [length + k for k, length in enumerate(lengths_before)]
+    cuts = [_cut_for(run, source, line_starts) for run in _docstring_runs(tree)]
+    cuts.sort()
+    return cuts
+
+
+class _Run(NamedTuple):
+    """The docstring of a body, with any bare strings straight after it."""
+
+    first: ast.stmt
+    last: ast.stmt
+    whole_body: bool  # nothing else is left in a body that needs a statement
+
+
+def _docstring_runs(tree: ast.Module) -> List[_Run]:
+    """Find every docstring, together with the bare strings that directly follow it.
+
+    Those later strings are dead code too, and one left behind would become the new
+    docstring. Only statement lists are followed: a class or function cannot be defined
+    inside an expression, so skipping expressions loses nothing and saves most of the walk.
+    """
+    found = []
+    stack: List[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DOCSTRING_OWNERS) and node.body and _is_docstring(node.body[0]):
+            body = node.body
+            count = 1
+            while count < len(body) and _is_docstring(body[count]):
+                count += 1
+            whole_body = count == len(body) and not isinstance(node, ast.Module)
+            found.append(_Run(body[0], body[count - 1], whole_body))
+        for field in _BODY_FIELDS:
+            children = getattr(node, field, None)
+            if isinstance(children, list):
+                stack.extend(children)
+    return found
+
+
+def _is_docstring(stmt: ast.stmt) -> bool:
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+            and isinstance(stmt.value.value, str))
+
+
+def _cut_for(run: _Run, source: str, line_starts: List[int]) -> _Cut:
+    """Plan the replacement of one docstring run so that the code around keeps its lines.
+
+    A statement's span includes any parentheses around the string. A following ';' is
+    removed with it. Code that followed on the docstring's last line stays on that line and
+    is indented to stay in its block.
+    """
+    start = _char_offset(source, line_starts, run.first.lineno, run.first.col_offset)
+    end = _char_offset(source, line_starts, run.last.end_lineno or run.last.lineno,
+                       run.last.end_col_offset or 0)
+    semicolon = _SEMICOLON_AFTER.match(source, end)
+    if semicolon:
+        end = semicolon.end()
+    newlines = source.count("\n", start, end)
+    if run.whole_body:
+        return _Cut(start, end, "pass" + "\n" * newlines, blank=False)
+    code_follows = semicolon is not None and source[end:end + 1] not in ("", "\n", "#")
+    if code_follows and newlines:
+        line_start = line_starts[run.first.lineno - 1]
+        indent = _indent_for_moved_code(source[line_start:start])
+        return _Cut(start, end, "\n" * newlines + indent, blank=True)
+    return _Cut(start, end, "\n" * newlines, blank=not code_follows)
+
+
+def _indent_for_moved_code(before_docstring: str) -> str:
+    """Indent code that followed a multi-line docstring and now starts its own line.
+
+    A docstring on its own line gives its block's indentation. One on a 'def ...:' line means
+    that line held the whole body, so anything deeper than the 'def' is a valid block. (Joining
+    lines with backslashes instead fails on 3.9: a line holding only blanks and a backslash.)
+    """
+    if not before_docstring.strip(_BLANKS):
+        return before_docstring
+    header_indent = before_docstring[:len(before_docstring) - len(before_docstring.lstrip(_BLANKS))]
+    return header_indent + " "
+
+
+def _char_offset(source: str, line_starts: List[int], lineno: int, col_utf8: int) -> int:
+    """Turn ast's (line, UTF-8 byte column) into an index into `source`."""
+    line_start = line_starts[lineno - 1]
+    if source[line_start:line_start + col_utf8].isascii():
+        return line_start + col_utf8
+    line = source[line_start:line_starts[lineno]]
+    head = line.encode("utf-8", "surrogatepass")[:col_utf8]
+    return line_start + len(head.decode("utf-8", "surrogatepass"))
+
+
+# -- comments and blanks ------------------------------------------------------------------------
+
+
+def _append_code(pieces: List[str], source: str, start: int, stop: int, final: bool) -> None:
+    """Append source[start:stop] to `pieces`, minus comments and trailing blanks.
+
+    String literals are copied untouched: they may hold '#' and meaningful trailing blanks.
+    The last piece appended is always code (possibly empty), never a string literal.
+    """
+    segment = pos = start
+    while True:
+        match = _TOKEN.search(source, pos, stop)
+        if match is None:
+            break
+        pos = match.end()
+        if match.lastgroup == "comment":
+            continue
+        quote_at = match.start()
+        raw = _fstring_rawness(source, quote_at)
+        if raw is not None:
+            pos = _skip_fstring(source, quote_at, raw)
+        elif pos - quote_at == 1:
+            raise _unterminated(source, quote_at)
+        pieces.append(_strip_code(source[segment:quote_at], final=False))
+        pieces.append(source[quote_at:pos])
+        segment = pos
+    pieces.append(_strip_code(source[segment:stop], final))
+
+
+def _strip_code(code: str, final: bool) -> str:
+    """Drop comments and line-ending blanks from text that holds no string literal.
+
+    Unless `code` ends the file, its last line continues with a string literal: blanks there
+    are kept, as 'x or b"..."' must not become 'x orb"..."'. A comment cannot sit on that line,
+    since it would have swallowed the string. Stripping line by line with str.rstrip is many
+    times faster than a regular expression, which backtracks over every run of indentation.
+    """
+    if "#" in code:
+        code = _COMMENT.sub("", code)
+    lines = code.split("\n")
+    last = lines.pop()
+    stripped = [line.rstrip(_BLANKS) for line in lines]
+    stripped.append(last.rstrip(_BLANKS) if final else last)
+    return "\n".join(stripped)
+
+
+def _unterminated(source: str, quote_at: int) -> SyntaxError:
+    lineno = source.count("\n", 0, quote_at) + 1
+    return SyntaxError(f"minimize_source: cannot find the end of the string on line {lineno}")
+
+
+# -- f-strings ----------------------------------------------------------------------------------
+
+
+def _fstring_rawness(source: str, quote_at: int) -> Optional[bool]:
+    """Return None if the string at `quote_at` is not an f- or t-string, else whether it is raw.
+
+    The prefix is the one or two letters just before the quote, unless they end a longer
+    name: in 'elif"x"' the 'f' belongs to the keyword.
+    """
+    start = quote_at
+    while start > quote_at - 2 and start > 0 and source[start - 1] in _PREFIX_CHARS:
+        start -= 1
+    if start > 0 and ("a" + source[start - 1]).isidentifier():
+        return None
+    prefix = source[start:quote_at].lower()
+    if "f" not in prefix and "t" not in prefix:
+        return None
+    return "r" in prefix
+
+
+def _quote_at(source: str, pos: int) -> str:
+    quote = source[pos]
+    triple = quote * 3
+    return triple if source.startswith(triple, pos) else quote
+
+
+def _skip_fstring(source: str, quote_at: int, raw: bool) -> int:
+    """Return the index just past the f-string whose opening quote is at `quote_at`."""
+    quote = _quote_at(source, quote_at)
+    pos = quote_at + len(quote)
+    finder = _FSTRING_LITERAL[quote]
+    while True:
+        match = finder.search(source, pos)
+        if match is None:
+            raise _unterminated(source, quote_at)
+        found, pos = match.group(), match.end()
+        if found == "\\":
+            if not raw and source.startswith("N{", pos):
+                pos = source.index("}", pos) + 1  # \N{NAME}: those braces are no field
+            elif source[pos:pos + 1] not in ("{", "}"):
+                pos += 1  # the escaped character, which may be the quote
+        elif found == "{":
+            if source.startswith("{", pos):
+                pos += 1  # '{{' is a literal brace
+            else:
+                pos = _skip_field(source, pos)
+        elif found == "}":
+            if source.startswith("}", pos):
+                pos += 1
+        else:
+            return pos
+
+
+def _skip_field(source: str, pos: int) -> int:
+    """Return the index just past the '}' closing the replacement field starting at `pos`.
+
+    Inside the expression, strings (f-strings included) are skipped whole and brackets are
+    counted; a ':' outside brackets starts the format spec, where '#' is a literal.
+    """
+    depth = 0
+    while True:
+        match = _FSTRING_FIELD.search(source, pos)
+        if match is None:
+            raise _unterminated(source, pos)
+        found, pos = match.group(), match.end()
+        if found in "'\"":
+            pos = _skip_nested_string(source, match.start())
+        elif found == "#":
+            pos = source.index("\n", pos)
+        elif found == "\\":
+            pos += 1
+        elif found in _OPENERS:
+            depth += 1
+        elif found in _CLOSERS:
+            if depth == 0:
+                return pos
+            depth -= 1
+        elif found == ":" and depth == 0:
+            return _skip_format_spec(source, pos)
+
+
+def _skip_format_spec(source: str, pos: int) -> int:
+    """Return the index just past the '}' that ends a format spec, which may nest fields."""
+    while True:
+        match = _FSTRING_SPEC.search(source, pos)
+        if match is None:
+            raise _unterminated(source, pos)
+        found, pos = match.group(), match.end()
+        if found == "\\":
+            pos += 1
+        elif found == "{":
+            pos = _skip_field(source, pos)
+        else:
+            return pos
+
+
+def _skip_nested_string(source: str, quote_at: int) -> int:
+    raw = _fstring_rawness(source, quote_at)
+    if raw is not None:
+        return _skip_fstring(source, quote_at, raw)
+    match = _PLAIN_STRING.match(source, quote_at)
+    if match is None:
+        raise _unterminated(source, quote_at)
+    return match.end()
