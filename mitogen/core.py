@@ -1030,6 +1030,8 @@ class Router:
         self._handles_by_respondent = {}
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
+        #: When a list, every forwarded message appends (src_id, dst_id, from_id, to_id).
+        self.route_trace = None
         listen(broker, 'exit', self._on_broker_exit)
         self.add_handler(self._on_del_route, DEL_ROUTE)
 
@@ -1219,6 +1221,9 @@ class Router:
                                            'children')
                 self._refuse(msg, 'unidirectional mode forbids routing between children')
                 return
+            if self.route_trace is not None:
+                self.route_trace.append((msg.src_id, msg.dst_id, in_stream.remote_id,
+                                         out_stream.remote_id))
         out_stream.send(msg)
 
     def _verify_source(self, msg, stream):
@@ -2031,6 +2036,7 @@ class ExternalContext:
         self.dispatcher = None
         self.importer = None
         self._exiting = False
+        self.detached = False
         self._main_done = threading.Event()
 
     def _setup_package(self):
@@ -2110,6 +2116,28 @@ class ExternalContext:
                                       errors='backslashreplace')
         sys.stderr = io.TextIOWrapper(io.FileIO(2, 'w', closefd=False), line_buffering=True,
                                       errors='backslashreplace')
+
+    def detach(self):
+        """Outlive the parent: tell it not to end this process, then drop the link.
+
+        Calls still running carry on; this context and its subtree no longer belong to the
+        program that started them.
+        """
+        self.detached = True
+        stream = self.router.parent_stream
+        try:
+            os.setsid()
+        except OSError:
+            pass  # already a session leader
+        self.parent.send(Message(handle=DETACHING))
+        unlisten(stream, 'disconnect', self._on_parent_disconnect)
+        latch = Latch()
+        self.broker.defer(lambda: latch.put(None))
+        latch.get()
+        deadline = now() + 2.0
+        while stream._out and now() < deadline:
+            self.broker.defer_sync(lambda: None)
+        self.broker.defer_sync(lambda: stream.on_disconnect(self.broker))
 
     def _on_shutdown_msg(self, msg):
         if not msg.is_dead:

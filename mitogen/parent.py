@@ -489,6 +489,10 @@ class Connection:
 
     # --- the method-specific part
 
+    def get_preamble(self) -> bytes:
+        """The compressed program for this connection's context (sent after MITO000)."""
+        return build_payload(self.router._child_config(self.context, self.options))
+
     def get_python_argv(self) -> list:
         return list(self.options.python_path)
 
@@ -555,7 +559,7 @@ class Connection:
         if not self.broker.running:
             raise Error("the broker has shut down: cannot start a child")
         self.context = context
-        self.payload = build_payload(self.router._child_config(context, self.options))
+        self.payload = self.get_preamble()
         args = self.get_boot_command()
         self.proc = self.start_child(args)
         self.stream_name = self.make_stream_name(self.proc.pid)
@@ -697,14 +701,30 @@ class Router(mitogen.core.Router):
         self._connections: list[Connection] = []
         self.add_handler(self._on_add_route, ADD_ROUTE, overwrite=True)
         self.add_handler(self._on_del_route_msg, DEL_ROUTE, overwrite=True)
+        self.add_handler(self._on_detaching, mitogen.core.DETACHING, overwrite=True)
 
     # --- routes
+
+    def _on_detaching(self, msg: Message) -> None:
+        """A direct child is detaching: its process must survive its stream."""
+        stream = self._stream_by_id.get(msg.src_id)
+        conn = getattr(stream, "conn", None)
+        if msg.is_dead or conn is None or stream.remote_id != msg.src_id:
+            return
+        LOG.debug("%r: %r is detaching", self, stream)
+        conn.proc.detached = True
 
     def _on_add_route(self, msg: Message) -> None:
         if msg.is_dead:
             return
         target_id, name = msg.unpickle()
         stream = self.stream_by_id(msg.src_id)
+        current = self._stream_by_id.get(target_id)
+        if stream is self.parent_stream or target_id in (mitogen.context_id, 0) or \
+                target_id in mitogen.parent_ids or current not in (None, stream):
+            self._drop(msg, stream, "ADD_ROUTE for %r would hijack an existing route"
+                       % (target_id,))
+            return
         self.context_by_id(target_id, via_id=msg.src_id, name=name)
         self.add_route(target_id, stream)
         self._propagate_up(ADD_ROUTE, (target_id, name))
@@ -713,8 +733,19 @@ class Router(mitogen.core.Router):
         if msg.is_dead:
             return
         target_id = msg.unpickle()
-        if isinstance(target_id, tuple):
-            target_id = target_id[0]
+        stream = self.stream_by_id(msg.src_id)
+        if stream is self.parent_stream:
+            # News from above: tell local waiters and the children that talked to it.
+            context = self._context_by_id.get(target_id)
+            if target_id not in self._stream_by_id:
+                if context is not None:
+                    context.on_disconnect()
+                self._notify_streams(target_id, exclude=stream)
+            return
+        if self._stream_by_id.get(target_id) is not stream:
+            self._drop(msg, stream, "DEL_ROUTE for %r, which is not routed through it"
+                       % (target_id,))
+            return
         self.del_route(target_id)
 
     def _propagate_up(self, handle: int, body: Any) -> None:
@@ -728,13 +759,19 @@ class Router(mitogen.core.Router):
         super().del_route(target_id)
         if stream is None:
             return
-        body = Message.pickled(target_id, handle=DEL_ROUTE)
-        for other in list(self._all_message_streams()):
-            if other is not stream and target_id in other.egress_ids:
-                other.egress_ids.discard(target_id)
-                other.send(Message(dst_id=other.remote_id, handle=DEL_ROUTE, data=body.data))
+        self._notify_streams(target_id, exclude=stream)
         if self.parent_stream is not None and self.parent_stream is not stream:
             self._propagate_up(DEL_ROUTE, target_id)
+
+    def _notify_streams(self, target_id: int, exclude: Any) -> None:
+        """Send DEL_ROUTE down every child stream that ever carried a message for
+        `target_id`, so that whoever waits on it there learns at once."""
+        body = Message.pickled(target_id, handle=DEL_ROUTE).data
+        for other in self._all_message_streams():
+            if other is not exclude and other is not self.parent_stream and \
+                    target_id in other.egress_ids:
+                other.egress_ids.discard(target_id)
+                other.send(Message(dst_id=other.remote_id, handle=DEL_ROUTE, data=body))
 
     def _all_message_streams(self) -> list:
         streams = {id(s): s for s in self._stream_by_id.values()}
@@ -937,6 +974,7 @@ def upgrade_router(econtext: Any) -> Router:
         router._handle_map = handlers
         router.add_handler(router._on_add_route, ADD_ROUTE, overwrite=True)
         router.add_handler(router._on_del_route_msg, DEL_ROUTE, overwrite=True)
+        router.add_handler(router._on_detaching, mitogen.core.DETACHING, overwrite=True)
         router.forwarder = ModuleForwarder(router, econtext.importer)
     return router
 

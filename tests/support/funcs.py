@@ -81,3 +81,67 @@ class Holder:
 
     def method(self):
         return "never"
+
+
+# --- routing helpers -------------------------------------------------------------------------
+
+_receivers: dict = {}
+
+
+@mitogen.core.takes_router
+def start_route_trace(router=None):
+    router.route_trace = []
+
+
+@mitogen.core.takes_router
+def route_trace(router=None):
+    return list(router.route_trace or ())
+
+
+@mitogen.core.takes_router
+def dropped_count(router=None):
+    return router.dropped_count
+
+
+@mitogen.core.takes_router
+def open_receiver(router=None):
+    """Create a receiver here and return a Sender for it that any context may use."""
+    recv = mitogen.core.Receiver(router)
+    _receivers[recv.handle] = recv
+    return recv.to_sender()
+
+
+def receive(handle, timeout=10.0):
+    return _receivers[handle].get(timeout=timeout).unpickle()
+
+
+def send_to(sender, value):
+    sender.send(value)
+    return True
+
+
+def call_in(context, name, *args):
+    """Call the function `name` of this module in another context, from this one."""
+    return context.call(globals()[name], *args)
+
+
+@mitogen.core.takes_router
+def forge_call(target_id, auth_id, src_id, path, router=None):
+    """Send CALL_FUNCTION to `target_id` claiming another context's authority."""
+    msg = mitogen.core.Message.pickled(
+        (None, "tests.support.funcs", None, "append_to_file", (path, "forged"),
+         mitogen.core.Kwargs()),
+        dst_id=target_id, src_id=src_id, auth_id=auth_id, handle=mitogen.core.CALL_FUNCTION)
+    router.route(msg)
+    return True
+
+
+@mitogen.core.takes_econtext
+def detach_and_sleep(econtext=None):
+    econtext.detach()
+    time.sleep(3600)
+
+
+@mitogen.core.takes_router
+def unidirectional(router=None):
+    return router.unidirectional

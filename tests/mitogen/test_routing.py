@@ -1,0 +1,136 @@
+"""Trees of contexts: the seed's example route, disconnect propagation, source verification."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import mitogen.core
+import mitogen.master
+from tests.support import funcs
+
+SEED_TREE = [
+    ("bastion", None),
+    ("dc1", "bastion"),
+    ("dc2", "bastion"),
+    ("rack12", "dc1"),
+    ("rack22", "dc2"),
+    ("node12b", "rack12"),
+    ("node22a", "rack22"),
+    ("sudo:node12b:webapp", "node12b"),
+    ("sudo:node22a:webapp", "node22a"),
+]
+
+
+def build(router, spec):
+    contexts = {}
+    for name, via in spec:
+        contexts[name] = router.local(name=name, via=contexts.get(via))
+    return contexts
+
+
+def test_seed_route_hop_by_hop(router):
+    tree = build(router, SEED_TREE)
+    src, dst = tree["sudo:node22a:webapp"], tree["sudo:node12b:webapp"]
+    for context in tree.values():
+        context.call(funcs.start_route_trace)
+    sender = dst.call(funcs.open_receiver)
+    assert src.call(funcs.send_to, sender, "hello sibling") is True
+    assert dst.call(funcs.receive, sender.dst_handle) == "hello sibling"
+    hops = {}
+    for name, context in tree.items():
+        for s, d, came_from, went_to in context.call(funcs.route_trace):
+            if (s, d) == (src.context_id, dst.context_id):
+                hops[name] = (came_from, went_to)
+    ids = {context.context_id: name for name, context in tree.items()}
+    ids[0] = "master"
+    path = ["sudo:node22a:webapp"]
+    here = "node22a"
+    while here != "sudo:node12b:webapp":
+        path.append(here)
+        here = ids[hops[here][1]]
+    path.append(here)
+    assert path == ["sudo:node22a:webapp", "node22a", "rack22", "dc2", "bastion", "dc1",
+                    "rack12", "node12b", "sudo:node12b:webapp"]
+    assert set(hops) == set(path[1:-1])  # nobody else, not even the master, saw it
+
+
+def test_every_context_is_reachable_and_ids_are_allocated_in_blocks(router):
+    tree = build(router, SEED_TREE[:4])
+    assert tree["bastion"].context_id == 1
+    assert tree["dc1"].context_id == 2          # bastion's block starts right after it
+    assert tree["rack12"].context_id == 1002    # dc1's block comes after bastion's
+    for context in tree.values():
+        assert context.call(funcs.parent_ids)[1] == context.context_id
+    assert tree["rack12"].call(funcs.parent_ids)[0] == [2, 1, 0]
+    routes = router.get_routes()
+    assert set(routes) == {c.context_id for c in tree.values()}
+
+
+def test_killing_an_intermediate_fails_pending_calls_in_its_subtree_fast(router):
+    spec = [("a", None), ("b", "a"), ("c", "b"), ("d", "c"), ("other", "a")]
+    tree = build(router, spec)
+    lost = ["c", "d"]
+    disconnected = {name: threading.Event() for name in lost}
+    for name in lost:
+        mitogen.core.listen(tree[name], "disconnect", disconnected[name].set)
+    pid_c = tree["c"].call(os.getpid)
+    pending = {name: tree[name].call_async(funcs.sleep_forever) for name in lost}
+    killed_at = time.monotonic()
+    os.kill(pid_c, signal.SIGKILL)
+    for recv in pending.values():
+        with pytest.raises(mitogen.core.ChannelError):
+            recv.get(timeout=10)
+    elapsed = time.monotonic() - killed_at
+    assert all(event.wait(5) for event in disconnected.values())
+    assert elapsed < 1.0, elapsed
+    assert tree["other"].call(funcs.add, 1, 2) == 3
+    assert tree["b"].call(funcs.add, 2, 2) == 4
+    assert set(router.get_routes()) == {tree[n].context_id for n in ("a", "b", "other")}
+
+
+def test_forged_authority_is_dropped_counted_and_nothing_runs(router, tmp_path):
+    a = router.local(name="a")
+    b = router.local(name="b")
+    path = str(tmp_path / "forged")
+    before = router.get_stats()["dropped_message_count"]
+    # a claims to be the master, then claims to be b, then honestly asks b to run code
+    a.call(funcs.forge_call, b.context_id, 0, a.context_id, path)
+    a.call(funcs.forge_call, b.context_id, b.context_id, b.context_id, path)
+    a.call(funcs.forge_call, b.context_id, a.context_id, a.context_id, path)
+    # b's refusal of the honest-but-unauthorised call is counted in b
+    assert b.call(funcs.dropped_count) == 1
+    assert router.get_stats()["dropped_message_count"] == before + 2
+    assert not os.path.exists(path)
+
+
+def test_unidirectional_master_forbids_children_talking_to_each_other():
+    with mitogen.master.Router() as router:
+        router.unidirectional = True
+        a = router.local(name="a")
+        b = router.local(name="b")
+        sender = b.call(funcs.open_receiver)
+        with pytest.raises(mitogen.core.CallError, match="unidirectional"):
+            a.call(funcs.call_in, b, "add", 1, 2)
+        assert a.call(funcs.send_to, sender, 1) is True
+        with pytest.raises(mitogen.core.CallError, match="TimeoutError"):
+            b.call(funcs.receive, sender.dst_handle, 0.2)  # nothing ever arrived
+
+
+def test_a_detached_context_survives_its_master():
+    with mitogen.master.Router() as router:
+        child = router.local(name="detacher")
+        pid = child.call(os.getpid)
+        gone = threading.Event()
+        mitogen.core.listen(child, "disconnect", gone.set)
+        child.call_no_reply(funcs.detach_and_sleep)
+        assert gone.wait(10)
+    try:
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # still running, not a zombie
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
