@@ -192,6 +192,24 @@ class ModuleFinder:
         return sorted("%s.%s" % (fullname, info.name)
                       for info in pkgutil.iter_modules(list(locations)))
 
+    @staticmethod
+    def _code(fullname: str, path: str, source: str) -> types.CodeType | None:
+        """The module's code object: from the loader's bytecode cache when it has one (much
+        cheaper than compiling), else compiled from the source we send."""
+        module = sys.modules.get(fullname)
+        loader = getattr(module, "__loader__", None)
+        if fullname != "__main__" and hasattr(loader, "get_code"):
+            try:
+                code = loader.get_code(fullname)
+                if code is not None:
+                    return code
+            except (ImportError, OSError, SyntaxError):
+                pass
+        try:
+            return compile(source, path, "exec", dont_inherit=True)
+        except SyntaxError:
+            return None
+
     def dependencies(self, fullname: str) -> list[str]:
         """Modules that `fullname`'s code imports and that are loaded in this process.
 
@@ -204,10 +222,7 @@ class ModuleFinder:
             names: set[str] = set()
             if isinstance(found, tuple) and found[1]:
                 path, source, pkg_present = found
-                try:
-                    code = compile(source, path, "exec", dont_inherit=True)
-                except SyntaxError:
-                    code = None
+                code = self._code(fullname, path, source)
                 if code is not None:
                     package = fullname if pkg_present is not None else fullname.rpartition(".")[0]
                     names = _scan_imports(code, package)
@@ -216,29 +231,50 @@ class ModuleFinder:
         return self._deps[fullname]
 
 
+_IMPORT_NAME = dis.opmap["IMPORT_NAME"]
+_IMPORT_FROM = dis.opmap["IMPORT_FROM"]
+_LOAD_CONST = dis.opmap["LOAD_CONST"]
+_LOAD_SMALL_INT = dis.opmap.get("LOAD_SMALL_INT", -1)  # 3.14 loads import levels this way
+_EXTENDED_ARG = dis.EXTENDED_ARG
+
+
 def _scan_imports(code: types.CodeType, package: str) -> set[str]:
+    """Every module name the code (and code nested in it) imports, resolved to absolute.
+
+    Walks the raw bytecode rather than dis.get_instructions(), which is ten times slower: an
+    IMPORT_NAME is preceded by the loads of its level and fromlist.
+    """
     names: set[str] = set()
     stack = [code]
     while stack:
         co = stack.pop()
-        level = 0
-        fromlist: Any = None
+        raw, consts, co_names = co.co_code, co.co_consts, co.co_names
+        recent: list[Any] = [None, None]
         last_import = None
-        for ins in dis.get_instructions(co):
-            if ins.opname == "LOAD_CONST":
-                level, fromlist = fromlist, ins.argval
-            elif ins.opname == "IMPORT_NAME":
-                base = _resolve(ins.argval, level if isinstance(level, int) else 0, package)
+        extended = 0
+        for i in range(0, len(raw), 2):
+            op = raw[i]
+            arg = raw[i + 1] | extended
+            if op == _EXTENDED_ARG:
+                extended = arg << 8
+                continue
+            extended = 0
+            if op == _LOAD_CONST:
+                recent = [recent[1], consts[arg]]
+            elif op == _LOAD_SMALL_INT:
+                recent = [recent[1], arg]
+            elif op == _IMPORT_NAME:
+                level, fromlist = recent
+                base = _resolve(co_names[arg], level if isinstance(level, int) else 0, package)
                 last_import = base
                 if base:
                     parts = base.split(".")
                     names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-                    for attr in fromlist or ():
-                        if attr != "*":
-                            names.add(base + "." + attr)
-            elif ins.opname == "IMPORT_FROM" and last_import:
-                names.add(last_import + "." + ins.argval)
-        stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+                    if isinstance(fromlist, tuple):
+                        names.update(base + "." + attr for attr in fromlist if attr != "*")
+            elif op == _IMPORT_FROM and last_import:
+                names.add(last_import + "." + co_names[arg])
+        stack.extend(c for c in consts if isinstance(c, types.CodeType))
     return names
 
 
