@@ -1850,9 +1850,26 @@ class Importer:
     def _fetch(self, fullname):
         if fullname not in self._cache:
             latch = Latch()
-            self.request(fullname, latch.put, getattr(_thread_state, 'import_hint', None))
+            self.request(fullname, latch.put, self._import_target(fullname))
             latch.get()
         return self._cache[fullname]
+
+    @staticmethod
+    def _import_target(fullname):
+        """The submodule that importing `fullname` is a step towards, if any: ``import
+        a.b.c`` imports ``a`` first, and asking for ``a.b.c`` along with it saves two round
+        trips. Found in the import system's own frames, else the dispatcher's hint."""
+        target = getattr(_thread_state, 'import_hint', None)
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code.co_name == '_find_and_load_unlocked':
+                name = frame.f_locals.get('name')
+                if isinstance(name, str) and name.startswith(fullname + '.'):
+                    target = name
+            frame = frame.f_back
+        if target and target.startswith(fullname + '.'):
+            return target
+        return None
 
     # --- finder
 
@@ -1860,16 +1877,20 @@ class Importer:
         def matches(prefixes):
             return any(fullname == p or fullname.startswith(p + '.') for p in prefixes)
         if self.whitelist and not matches(self.whitelist):
-            return 'it is not in the import whitelist'
+            return 'the import policy (whitelist %r) refuses to send it' % (self.whitelist,)
         if matches(self.blacklist):
-            return 'it is in the import blacklist'
+            return 'the import policy (blacklist) refuses to send it'
         return None
 
     def _is_ours(self, fullname):
         """Decide whether this importer should serve `fullname`; may ask local Python."""
         if fullname in self._cache:
             return self._cache[fullname] is not None
-        if self._refused_by_policy(fullname):
+        refusal = self._refused_by_policy(fullname)
+        if refusal:
+            if not self._found_locally(fullname):
+                raise ImportError('%s is not installed here, and %s of this tree'
+                                  % (fullname, refusal), name=fullname)
             return False
         parent, _, _ = fullname.rpartition('.')
         if parent:
@@ -1883,17 +1904,21 @@ class Importer:
             return True
         if fullname in getattr(sys, 'stdlib_module_names', ()):
             return False  # a platform module missing here (msvcrt): the master has no copy
+        return not self._found_locally(fullname)
+
+    def _found_locally(self, fullname):
+        """Whether this interpreter can import top-level `fullname` without us."""
         if getattr(self._local, 'busy', False):
-            return False
+            return True
         self._local.busy = True
         try:
             for finder in sys.meta_path:
                 find_spec = getattr(finder, 'find_spec', None)
                 if finder is not self and find_spec and find_spec(fullname, None) is not None:
-                    return False
-            return True
+                    return True
+            return False
         except (ImportError, ValueError):
-            return True
+            return False
         finally:
             self._local.busy = False
 

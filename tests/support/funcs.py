@@ -145,3 +145,72 @@ def detach_and_sleep(econtext=None):
 @mitogen.core.takes_router
 def unidirectional(router=None):
     return router.unidirectional
+
+
+def profile_import(name):
+    """Import `name` under cProfile; return the top entries (for performance work)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    __import__(name)
+    profiler.disable()
+    elapsed = time.perf_counter() - started
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+    return elapsed, out.getvalue()
+
+
+# --- importer helpers ------------------------------------------------------------------------
+
+
+def _importer():
+    return next(f for f in sys.meta_path if type(f).__name__ == "Importer")
+
+
+def importer_requests():
+    """How many GET_MODULE requests this context's importer has sent."""
+    return _importer().get_module_count
+
+
+def module_origin(name):
+    import importlib
+
+    module = importlib.import_module(name)
+    return (type(module.__loader__).__name__, module.__file__, module.__spec__.name,
+            getattr(module, "__path__", None), module.__package__)
+
+
+def sys_path():
+    return list(sys.path)
+
+
+def import_in_threads(name, count):
+    import importlib
+
+    barrier = threading.Barrier(count)
+    results = []
+
+    def run():
+        barrier.wait()
+        results.append(importlib.import_module(name).VALUE)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def try_import(name):
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        return type(e).__name__, str(e)
+    return "ok", None

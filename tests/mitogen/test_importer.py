@@ -1,0 +1,200 @@
+"""The remote importer: modules only the master has, fetched in as few round trips as can be."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+
+import mitogen.core
+import mitogen.master
+from tests.support import funcs, packages
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """A fresh 30-module package on the master's sys.path only, imported in the master."""
+    name = packages.unique_name("statpkg")
+    names = packages.make_package(tmp_path, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = importlib.import_module(name + ".entry")
+    yield entry, names, tmp_path
+    for module in names:
+        sys.modules.pop(module, None)
+
+
+def _requests(router):
+    return router.get_stats()["get_module_count"]
+
+
+def test_static_package_needs_one_request_and_comes_over_the_wire(router, package):
+    entry, names, root = package
+    child = router.local()
+    child.call(funcs.add, 1, 1)  # load the helper module first
+    before = _requests(router)
+    assert child.call(entry.run) == packages.expected_sum()
+    assert _requests(router) - before == 1
+    loader, path, spec_name, pkg_path, pkg = child.call(funcs.module_origin, names[5])
+    assert loader == "Importer"
+    assert path == str(root / names[5].replace(".", "/")) + ".py"
+    assert (spec_name, pkg_path, pkg) == (names[5], None, names[0])
+    loader, _, _, pkg_path, pkg = child.call(funcs.module_origin, names[0])
+    assert pkg_path == [str(root / names[0])] and pkg == names[0]
+    assert str(root) not in child.call(funcs.sys_path)
+    assert child.call(funcs.importer_requests) >= 1
+
+
+def test_grandchild_gets_each_module_from_the_master_once(router, package):
+    entry, _names, _ = package
+    middle = router.local(name="middle")
+    first = router.local(name="first", via=middle)
+    second = router.local(name="second", via=middle)
+    for child in (first, second):
+        child.call(funcs.add, 1, 1)
+    stats = router.get_stats()
+    assert first.call(entry.run) == packages.expected_sum()
+    after_first = router.get_stats()
+    assert after_first["get_module_count"] - stats["get_module_count"] == 1
+    assert after_first["good_load_module_count"] - stats["good_load_module_count"] == 30
+    assert second.call(entry.run) == packages.expected_sum()
+    after_second = router.get_stats()
+    assert after_second["get_module_count"] == after_first["get_module_count"]
+    assert after_second["good_load_module_count"] == after_first["good_load_module_count"]
+
+
+def test_eight_threads_importing_one_module_cause_one_request(router, package):
+    _, names, _ = package
+    child = router.local()
+    child.call(funcs.add, 1, 1)
+    before = child.call(funcs.importer_requests)
+    assert child.call(funcs.import_in_threads, names[7], 8) == [6] * 8
+    assert child.call(funcs.importer_requests) - before == 1
+
+
+def test_missing_submodule_fails_locally_without_a_message(router, package):
+    entry, names, _ = package
+    child = router.local()
+    child.call(entry.run)
+    before_child = child.call(funcs.importer_requests)
+    before_master = _requests(router)
+    kind, _text = child.call(funcs.try_import, names[0] + ".no_such_module")
+    assert kind == "ModuleNotFoundError"
+    assert child.call(funcs.importer_requests) == before_child
+    assert _requests(router) == before_master
+
+
+def test_stdlib_and_modules_the_child_has_never_cross_the_wire(router):
+    child = router.local()
+    child.call(funcs.add, 1, 1)
+    before = router.get_stats()
+    assert child.call(funcs.try_import, "json.decoder") == ("ok", None)
+    assert child.call(funcs.try_import, "msvcrt")[0] == "ModuleNotFoundError"
+    assert router.get_stats()["get_module_count"] == before["get_module_count"]
+
+
+def test_namespace_package_and_zip_module(router, tmp_path, monkeypatch):
+    ns = packages.unique_name("nspkg")
+    (tmp_path / ns).mkdir()
+    (tmp_path / ns / "part.py").write_text("def hello():\n    return 'from a namespace'\n")
+    zipped = packages.unique_name("zipped")
+    archive = tmp_path / "mods.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(zipped + ".py", "def hello():\n    return 'from a zip'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(archive))
+    part = importlib.import_module(ns + ".part")
+    zmod = importlib.import_module(zipped)
+    try:
+        child = router.local()
+        assert child.call(part.hello) == "from a namespace"
+        assert child.call(zmod.hello) == "from a zip"
+    finally:
+        sys.modules.pop(ns, None)
+        sys.modules.pop(ns + ".part", None)
+        sys.modules.pop(zipped, None)
+
+
+def test_blacklisted_module_fails_naming_the_policy(router, package):
+    entry, names, _ = package
+    router.responder.blacklist_prefix(names[0])
+    early = router.local()
+    with pytest.raises(mitogen.core.CallError, match="import policy"):
+        early.call(entry.run)
+    late = router.local()  # started after: it knows the policy itself
+    kind, text = late.call(funcs.try_import, names[0])
+    assert kind == "ImportError" and "import policy" in text
+
+
+def test_native_extension_fails_at_once_and_is_remembered(router, tmp_path, monkeypatch):
+    spec = importlib.util.find_spec("_testcapi")
+    if spec is None or not spec.origin.endswith(".so"):
+        pytest.skip("this interpreter has no _testcapi extension file to copy")
+    name = packages.unique_name("extpkg")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("")
+    shutil.copy(spec.origin, tmp_path / name / os.path.basename(spec.origin))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(name + "._testcapi")  # the master can load it
+    try:
+        child = router.local()
+        child.call(funcs.add, 1, 1)
+        kind, text = child.call(funcs.try_import, name + "._testcapi")
+        assert kind == "ImportError" and "no Python source" in text
+        requests = router.get_stats()["get_module_count"]
+        assert child.call(funcs.try_import, name + "._testcapi")[0] == "ImportError"
+        assert router.get_stats()["get_module_count"] == requests
+        assert router.get_stats()["bad_load_module_count"] >= 1
+    finally:
+        sys.modules.pop(name, None)
+        sys.modules.pop(name + "._testcapi", None)
+
+
+GUARDED = """
+import os
+import mitogen.master
+
+def child_pid():
+    return os.getpid()
+
+if __name__ == '__main__':
+    with mitogen.master.Router() as router:
+        child = router.local()
+        print('child pid', child.call(child_pid) != os.getpid())
+"""
+
+UNGUARDED = """
+import os
+import mitogen.core
+import mitogen.master
+
+def child_pid():
+    return os.getpid()
+
+with mitogen.master.Router() as router:
+    child = router.local()
+    try:
+        child.call(child_pid)
+    except mitogen.core.CallError as e:
+        print('refused:', e)
+"""
+
+
+@pytest.mark.parametrize("script,expected", [
+    (GUARDED, "child pid True"),
+    (UNGUARDED, "refused: builtins.ImportError: refusing to send __main__"),
+])
+def test_functions_of_the_main_script(tmp_path, script, expected):
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert expected in out.stdout, (out.stdout, out.stderr)
+    if "refused" in expected:
+        assert "if __name__ == '__main__':" in out.stdout
