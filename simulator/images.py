@@ -577,20 +577,25 @@ def wait_node_ready(container: Any, timeout: float = 30.0,
 
 
 def list_images(client: docker.DockerClient) -> List[Dict[str, Any]]:
-    """Every mitogen-sim image on the engine, with its suite, python, size and freshness."""
-    current = {s: r.content_hash() for s, r in load_recipes().items()}
+    """Every mitogen-sim image on the engine, with its suite, python, size and freshness.
+
+    ``current`` means the image carries the tag the suite's present recipe builds; images that
+    a rebuild or a recipe change superseded (untagged, or under an old hash) are not.
+    """
+    current = {s: r.tag for s, r in load_recipes().items()}
     rows = []
     for image in client.images.list(filters={"label": f"{LABEL_PREFIX}suite"}):
         labels = image.labels
         suite = labels.get(f"{LABEL_PREFIX}suite", "?")
         rows.append({
+            "id": image.id,
             "tags": sorted(image.tags),
             "suite": suite,
             "python3": labels.get(f"{LABEL_PREFIX}python3", "?"),
             "pythons": labels.get(f"{LABEL_PREFIX}pythons", ""),
             "size_mb": round(image.attrs.get("Size", 0) / 1e6),
             "built": labels.get(f"{LABEL_PREFIX}built", "?"),
-            "current": current.get(suite) == labels.get(f"{LABEL_PREFIX}hash"),
+            "current": current.get(suite) in image.tags,
         })
     return sorted(rows, key=lambda row: (row["suite"], not row["current"]))
 
@@ -599,13 +604,14 @@ def _prune(client: docker.DockerClient) -> List[str]:
     """Remove images and cached tarballs that no current recipe builds."""
     removed = []
     for row in list_images(client):
-        if not row["current"]:
-            for tag in row["tags"]:
-                try:
-                    client.images.remove(tag)
-                    removed.append(tag)
-                except docker.errors.APIError as exc:  # a container still uses it
-                    print(f"kept {tag}: {exc.explanation}", file=sys.stderr)
+        if row["current"]:
+            continue
+        for ref in row["tags"] or [row["id"]]:
+            try:
+                client.images.remove(ref)
+                removed.append(ref)
+            except docker.errors.APIError as exc:  # a container still uses it
+                print(f"kept {ref}: {exc.explanation}", file=sys.stderr)
     wanted = {f"{s}-{r.content_hash()[:16]}" for s, r in load_recipes().items()}
     for path in sorted((cache_dir() / "rootfs").glob("*.tar")):
         if path.stem not in wanted:
