@@ -386,13 +386,14 @@ class ModuleResponder:
             finally:
                 self.get_module_secs += now() - started
 
-    def _answer(self, dst_id: int, stream: Any, fullname: str, hint: str) -> None:
+    def _answer(self, dst_id: int, stream: Any, fullname: str, hint: str,
+                preload: bool = False) -> None:
         sent = self._sent.setdefault(stream, set())
         packages = self._packages.setdefault(stream, set())
         built = self._build(fullname)
         wanted: list[str] = []
         top = fullname.split(".", maxsplit=1)[0]
-        if built[1] is not None or top in packages or fullname == top:
+        if preload or built[1] is not None or top in packages or fullname == top:
             wanted = [n for n in built[4] or () if n not in sent]
         if hint and hint != fullname and hint.startswith(fullname + "."):
             hinted = self._build(hint)
@@ -424,12 +425,21 @@ class ModuleResponder:
         self._packages.pop(stream, None)
 
     def forward_modules(self, context: mitogen.core.Context, fullnames: list[str]) -> None:
-        """Send `fullnames` (and what they need) to `context` before it asks."""
+        """Preload `fullnames` (and what they need) into `context` before it asks.
+
+        The modules go to the first hop towards `context` like any answer, then FORWARD_MODULE
+        asks that hop to pass them on, so that each intermediate caches them once.
+        """
         stream = self._router.stream_by_id(context.context_id)
+        first_hop = stream.remote_id
         with self._lock:
             for fullname in fullnames:
                 if fullname not in self._sent.get(stream, ()):
-                    self._answer(context.context_id, stream, fullname, "")
+                    self._answer(first_hop, stream, fullname, "", preload=True)
+                if first_hop != context.context_id:
+                    self._router.route(Message.pickled(
+                        (context, fullname), dst_id=first_hop,
+                        handle=mitogen.core.FORWARD_MODULE))
 
 
 class Router(mitogen.parent.Router):

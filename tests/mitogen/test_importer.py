@@ -198,3 +198,17 @@ def test_functions_of_the_main_script(tmp_path, script, expected):
     assert expected in out.stdout, (out.stdout, out.stderr)
     if "refused" in expected:
         assert "if __name__ == '__main__':" in out.stdout
+
+
+def test_forward_modules_preloads_a_grandchild_through_each_hop(router, package):
+    entry, names, _ = package
+    middle = router.local(name="middle")
+    leaf = router.local(name="leaf", via=middle)
+    leaf.call(funcs.add, 1, 1)
+    middle_before = middle.call(funcs.importer_requests)
+    leaf_before = leaf.call(funcs.importer_requests)
+    router.responder.forward_modules(leaf, [names[1]])
+    # FORWARD_MODULE and the call travel the same ordered streams: no request is needed.
+    assert leaf.call(entry.run) == packages.expected_sum()
+    assert leaf.call(funcs.importer_requests) == leaf_before
+    assert middle.call(funcs.importer_requests) == middle_before
