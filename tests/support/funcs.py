@@ -214,3 +214,7 @@ def try_import(name):
     except ImportError as e:
         return type(e).__name__, str(e)
     return "ok", None
+
+
+def python_version():
+    return tuple(sys.version_info[:3])

@@ -1,0 +1,46 @@
+"""Children on every supported Python version, driven by this master."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import pytest
+
+from tests.support import funcs, packages
+
+VERSIONS = ["3.9", "3.10", "3.11", "3.12", "3.13", "3.14"]
+
+
+def find_python(version: str) -> str | None:
+    """An interpreter of `version` on this machine: on PATH (not a pyenv shim, which may
+    refuse to run), or under pyenv."""
+    found = shutil.which("python" + version)
+    if found and "/shims/" not in found:
+        return found
+    candidates = sorted(glob.glob(os.path.expanduser(
+        "~/.pyenv/versions/%s.*/bin/python%s" % (version, version))))
+    return candidates[-1] if candidates else None
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_child_on_python(version, router, tmp_path, monkeypatch):
+    python = find_python(version)
+    if python is None:
+        pytest.skip("no Python %s interpreter on this machine" % version)
+    child = router.local(python_path=python, name="py" + version)
+    assert child.call(funcs.python_version)[:2] == tuple(int(p) for p in version.split("."))
+    name = packages.unique_name("verpkg")
+    packages.make_package(tmp_path, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+
+    entry = importlib.import_module(name + ".entry")
+    try:
+        assert child.call(entry.run) == packages.expected_sum()
+    finally:
+        for module in list(sys.modules):
+            if module == name or module.startswith(name + "."):
+                del sys.modules[module]
