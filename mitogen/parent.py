@@ -6,10 +6,13 @@ bootstrap of a child goes like this (see "The UNIX First Stage"):
 1. The boot command runs ``python -c STUB FIRST_STAGE NAME LENGTH`` on the target: STUB
    decodes and runs FIRST_STAGE, a few lines of compressed, base64-encoded Python.
 2. The first stage forks. The original process re-executes Python with ``argv[0]`` naming the
-   context and a pipe as stdin, from which the new interpreter reads its program. The forked
-   half writes ``MITO000``, reads exactly LENGTH compressed bytes from the real stdin, writes
-   the inflated program into that pipe and a copy of it onto fd 101 (so the context can later
-   boot children of its own without fetching the core again), writes ``MITO001`` and exits.
+   context and a pipe as stdin, from which the new interpreter reads its program: one line
+   that loads a code object from fd 102. The forked half writes ``MITO000``, reads exactly
+   LENGTH compressed bytes from the real stdin, inflates and compiles them while the new
+   interpreter is still starting up (so compiling costs no time on the critical path; both
+   run the same interpreter binary, so the bytecode always matches), writes the code object
+   onto fd 102 and the source onto fd 101 (so the context can later boot children of its own
+   without fetching the core again), writes ``MITO001`` and exits.
 3. The program is the minified :mod:`mitogen.core` plus one line calling
    :meth:`ExternalContext.main` with this context's configuration.
 
@@ -93,11 +96,15 @@ FIRST_STAGE = """\
 import os,sys,select
 R,W=os.pipe()
 r,w=os.pipe()
+Q,V=os.pipe()
+try:import fcntl;fcntl.fcntl(V,1031,1<<20)
+except Exception:pass
 if os.fork():
- os.dup2(0,100);os.dup2(R,0);os.dup2(r,101)
- for f in R,W,r,w:os.close(f)
+ os.dup2(0,100);os.dup2(R,0);os.dup2(r,101);os.dup2(Q,102)
+ for f in R,W,r,w,Q,V:os.close(f)
  os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')')
-os.close(R);os.close(r)
+os.close(R);os.close(r);os.close(Q)
+os.write(W,b"import marshal;exec(marshal.load(open(102,'rb')))");os.close(W)
 os.write(1,b'MITO000\\n')
 n=int(sys.argv[3]);C=b''
 while len(C)<n:
@@ -106,8 +113,9 @@ while len(C)<n:
  if not b:os._exit(1)
  C+=b
 C=zlib.decompress(C)
-for f in W,w:
- with os.fdopen(f,'wb') as o:o.write(C)
+import marshal
+for f,D in(V,marshal.dumps(compile(C,'mitogen/core.py','exec'))),(w,C):
+ with os.fdopen(f,'wb') as o:o.write(D)
 os.write(1,b'MITO001\\n')
 os._exit(0)
 """
