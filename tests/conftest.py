@@ -50,6 +50,20 @@ def _warm_up_thread_state() -> None:
         warm()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Where .ci/run has set up Docker and the system components, a test marked as needing
+    them may not skip: the skip would hide a broken set-up."""
+    outcome = yield
+    report = outcome.get_result()
+    required = os.environ.get("MITOGEN_REQUIRE_EXTERNAL") == "1"
+    if required and report.skipped and any(item.get_closest_marker(name)
+                                           for name in ("docker", "system")):
+        report.outcome = "failed"
+        report.longrepr = "skipped where it must run (MITOGEN_REQUIRE_EXTERNAL=1): %s" % (
+            report.longrepr,)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a thread, a file descriptor or a child process behind."""
