@@ -188,6 +188,32 @@ class Kwargs(dict):
 _BUILTINS_ALLOWED = frozenset(['bytearray', 'complex', 'frozenset', 'set', 'slice', 'range'])
 
 
+class _Reader:
+    """A read-only file over a message body. Unlike io.BytesIO it never copies the body
+    first, and a large bytes object inside the pickle is filled by one readinto()."""
+
+    def __init__(self, data):
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n=-1):
+        start = self._pos
+        end = len(self._view) if n < 0 else min(len(self._view), start + n)
+        self._pos = end
+        return self._view[start:end].tobytes()
+
+    def readinto(self, buf):
+        n = min(len(buf), len(self._view) - self._pos)
+        buf[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def readline(self):
+        view = self._view
+        end = bytes(view[self._pos:]).find(b'\n')
+        return self.read(-1 if end < 0 else end + 1)
+
+
 class _Unpickler(pickle.Unpickler):
     """Rebuilds only plain built-in types and this module's own message types.
 
@@ -196,7 +222,7 @@ class _Unpickler(pickle.Unpickler):
     """
 
     def __init__(self, data, router):
-        pickle.Unpickler.__init__(self, io.BytesIO(data))
+        pickle.Unpickler.__init__(self, _Reader(data))
         self._router = router
 
     def find_class(self, module, name):
@@ -432,7 +458,7 @@ class Decoder:
         if self._body is not None:
             if self._filled < length:
                 return None
-            data = bytes(self._body)
+            data = self._body  # a bytearray: copying 64 MiB again would buy nothing
             self._body = None
         else:
             if len(self._buf) < length:
