@@ -41,8 +41,13 @@ class EnvSpec:
 
     def stamp(self) -> str:
         extra = ""
-        if any(req.startswith("-e") for req in self.requirements):
-            extra = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()
+        if str(REPO_ROOT) in self.requirements:
+            # A regular install, as users have it (an editable one adds a finder that slows
+            # every interpreter start), rebuilt whenever the package's sources change.
+            digest = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes())
+            for path in sorted((REPO_ROOT / "mitogen").glob("*.py")):
+                digest.update(path.name.encode() + path.read_bytes())
+            extra = digest.hexdigest()
         return json.dumps({"python": platform.python_version(), "requirements":
                            list(self.requirements), "pyproject": extra}, sort_keys=True)
 
@@ -50,7 +55,7 @@ class EnvSpec:
 def env_specs() -> Dict[str, EnvSpec]:
     """The venvs the harness knows, by name."""
     return {
-        "ours": EnvSpec("ours", ("-e", str(REPO_ROOT)), "mitogen-tree"),
+        "ours": EnvSpec("ours", (str(REPO_ROOT),), "mitogen-tree"),
         "mitogen": EnvSpec("mitogen", ("mitogen==0.3.54",), "mitogen"),
         "execnet": EnvSpec("execnet", ("execnet==2.1.*",), "execnet"),
         "tools": EnvSpec("tools", ("matplotlib>=3.7",), "matplotlib"),

@@ -499,7 +499,9 @@ class Connection:
 
     def get_preamble(self) -> bytes:
         """The compressed program for this connection's context (sent after MITO000)."""
-        return build_payload(self.router._child_config(self.context, self.options))
+        if not self.payload:
+            self.payload = build_payload(self.router._child_config(self.context, self.options))
+        return self.payload
 
     def get_python_argv(self) -> list:
         return list(self.options.python_path)
@@ -567,7 +569,7 @@ class Connection:
         if not self.broker.running:
             raise Error("the broker has shut down: cannot start a child")
         self.context = context
-        self.payload = self.get_preamble()
+        self.get_preamble()
         args = self.get_boot_command()
         self.proc = self.start_child(args)
         self.stream_name = self.make_stream_name(self.proc.pid)
