@@ -48,6 +48,13 @@ class Broker(mitogen.core.Broker):
     def __init__(self, install_watcher: bool = True, poller_class: Any = None) -> None:
         super().__init__(poller_class=poller_class)
 
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+        self.join()
+
 
 class IdAllocator:
     """Allocates context IDs: one at a time for the master's own children, and blocks of
@@ -111,12 +118,15 @@ class LogForwarder:
 # Module source, and what to send with it
 # ---------------------------------------------------------------------------------------------
 
-_MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]\s*:""", re.MULTILINE)
+#: Where a script's program starts: its ``if __name__ == '__main__':`` guard, or the
+#: ``@mitogen.main()`` decorator, which runs the function it decorates at once.
+_MAIN_GUARD = re.compile(
+    r"""^(if\s+__name__\s*==\s*['"]__main__['"]\s*:|@mitogen\.main\b)""", re.MULTILINE)
 
 
 def neutralize_main(path: str, source: str) -> str:
-    """Cut a script at its ``if __name__ == '__main__':`` guard so importing it in a child
-    defines its functions without running the program; refuse a script without a guard."""
+    """Cut a script where its program starts, so importing it in a child defines its
+    functions without running the program; refuse a script without such a point."""
     match = _MAIN_GUARD.search(source)
     if match is None:
         raise ImportError(

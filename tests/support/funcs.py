@@ -218,3 +218,14 @@ def try_import(name):
 
 def python_version():
     return tuple(sys.version_info[:3])
+
+
+def run_shell(command):
+    return os.system(command)
+
+
+@mitogen.core.takes_router
+def corrupt_parent_stream(router=None):
+    """Write bytes that are not a frame onto the link to the parent."""
+    os.write(router.parent_stream.wfd, b"\x00" * 64)
+    return True
