@@ -199,8 +199,14 @@ class Options:
         connect_timeout: float | None = None,
         profiling: bool = False,
         unidirectional: bool = False,
+        keepalive_interval: float | None = None,
+        keepalive_count: int = 3,
     ) -> None:
         self.name = name
+        if keepalive_interval is not None and keepalive_interval <= 0:
+            raise ValueError("keepalive_interval must be a positive number of seconds")
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_count = keepalive_count
         if remote_name is not None and "/" in remote_name:
             raise ValueError("remote_name %r must not contain '/'" % (remote_name,))
         self.remote_name = remote_name
@@ -361,6 +367,55 @@ class StderrStream(Stream):
 # ---------------------------------------------------------------------------------------------
 # Bootstrap
 # ---------------------------------------------------------------------------------------------
+
+
+class Keepalive:
+    """Notices a link that went silent (a partition that drops packets rather than closing
+    the connection) and disconnects it, so routes are deleted and waiters fail.
+
+    Every `interval` seconds without data from the child, a message is sent to a handle the
+    child does not have, which makes its router answer with a dead message: any answer, or any
+    other traffic, proves the link alive. After `count` silent intervals the stream is
+    dropped, so detection takes at most ``interval * (count + 1)`` seconds.
+    """
+
+    def __init__(self, router: Router, stream: MessageStream, interval: float,
+                 count: int) -> None:
+        self.router = router
+        self.stream = stream
+        self.interval = interval
+        self.count = count
+        self._last_rx = -1
+        self._silent = 0
+        handle = getattr(router, "_keepalive_handle", None)
+        if handle is None:
+            handle = router._keepalive_handle = router.add_handler(lambda msg: None)
+        self.reply_handle = handle
+
+    def start(self) -> None:
+        self.router.broker.timer(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        stream = self.stream
+        if stream.closed:
+            return
+        if stream.rx_bytes != self._last_rx:
+            self._last_rx = stream.rx_bytes
+            self._silent = 0
+        else:
+            self._silent += 1
+            if self._silent >= self.count:
+                LOG.error("%r: nothing received for %.1fs (keepalive): disconnecting",
+                          stream, self.interval * self._silent)
+                stream.on_disconnect(self.router.broker)
+                return
+        stream.send(Message(dst_id=stream.remote_id, handle=KEEPALIVE_HANDLE,
+                            reply_to=self.reply_handle))
+        self.router.broker.timer(self.interval, self._tick)
+
+
+#: A handle no context listens on: a message to it is answered with a dead message.
+KEEPALIVE_HANDLE = 99
 
 
 class BootStream(Stream):
@@ -657,6 +712,9 @@ class Connection:
         self.broker.start_receive(stream)
         if leftover:
             stream.process_buffered(self.broker)
+        if self.options.keepalive_interval:
+            Keepalive(self.router, stream, self.options.keepalive_interval,
+                      self.options.keepalive_count).start()
         self._latch.put((True, self.context))
 
     def _on_stream_disconnect(self) -> None:

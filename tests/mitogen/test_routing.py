@@ -134,3 +134,18 @@ def test_a_detached_context_survives_its_master():
     finally:
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
+
+
+def test_keepalive_notices_a_silent_child_and_fails_its_calls(router):
+    child = router.local(name="silent", keepalive_interval=0.1, keepalive_count=3)
+    pid = child.call(os.getpid)
+    assert child.call(funcs.add, 1, 1) == 2
+    gone = threading.Event()
+    mitogen.core.listen(child, "disconnect", gone.set)
+    os.kill(pid, signal.SIGSTOP)  # alive, connected, and answering nothing
+    try:
+        stopped_at = time.monotonic()
+        assert gone.wait(10)
+        assert time.monotonic() - stopped_at < 0.1 * (3 + 1) + 0.5
+    finally:
+        os.kill(pid, signal.SIGCONT)
