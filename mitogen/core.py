@@ -222,7 +222,10 @@ class _Unpickler(pickle.Unpickler):
     """
 
     def __init__(self, data, router):
-        pickle.Unpickler.__init__(self, _Reader(data))
+        # BytesIO shares a bytes object's buffer; a big body arrives as a bytearray, which
+        # it would copy.
+        reader = io.BytesIO(data) if isinstance(data, bytes) else _Reader(data)
+        pickle.Unpickler.__init__(self, reader)
         self._router = router
 
     def find_class(self, module, name):
@@ -709,10 +712,7 @@ class Receiver:
         if self.handle is not None:
             self.router.del_handler(self.handle)
             self.handle = None
-        try:
-            self._latch.put(Message.dead(ChannelError.local_msg, src_id=mitogen.context_id))
-        except LatchError:
-            pass
+        self._latch.close()
 
     def size(self):
         return self._latch.size()
