@@ -287,10 +287,23 @@ class PtyConnection(mitogen.parent.Connection):
         if not partial:
             self.check_line(text)
             return False
-        if is_password_prompt(text):
+        if self.is_prompt(text):
             self.answer_password()
             return True
         return False
+
+    def is_prompt(self, text: str) -> bool:
+        """The method's own `password_prompt` (a case-insensitive substring), else any
+        password prompt mitogen.spawn knows."""
+        custom = getattr(self.options, "password_prompt", None)
+        if custom:
+            return custom.lower() in text.lower()
+        return is_password_prompt(text)
+
+    def is_refusal(self, text: str) -> bool:
+        extra = getattr(self.options, "incorrect_prompts", None) or ()
+        lowered = text.lower()
+        return is_refusal(text) or any(p.lower() in lowered for p in extra)
 
     def check_line(self, line: str) -> None:
         """A complete line the child printed while booting; methods look for failures."""
@@ -317,6 +330,6 @@ class PtyConnection(mitogen.parent.Connection):
 
     def diagnose(self, exc_class: type, reason: str, lines: list) -> tuple:
         if exc_class is not mitogen.core.TimeoutError and self.password_sent and \
-                any(is_refusal(line) for line in lines):
+                any(self.is_refusal(line) for line in lines):
             return PasswordError, self.refused_message()
         return exc_class, reason
