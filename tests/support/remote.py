@@ -10,7 +10,7 @@ import os
 import pwd
 import threading
 
-__all__ = ["environ", "set_env", "thread_count", "whoami"]
+__all__ = ["environ", "first_process", "hostname", "set_env", "thread_count", "whoami"]
 
 
 def whoami() -> str:
@@ -29,3 +29,13 @@ def environ(name: str) -> str | None:
 
 def thread_count() -> int:
     return threading.active_count()
+
+
+def hostname() -> str:
+    return os.uname().nodename
+
+
+def first_process() -> str:
+    """The command line of PID 1 as this context's PID namespace sees it."""
+    with open("/proc/1/cmdline", "rb") as f:
+        return f.read().rstrip(b"\0").replace(b"\0", b" ").decode()
