@@ -10,7 +10,8 @@ import os
 import pwd
 import threading
 
-__all__ = ["environ", "first_process", "hostname", "set_env", "thread_count", "whoami"]
+__all__ = ["environ", "first_process", "hooks_run", "hostname", "note_fork", "note_start",
+           "set_env", "thread_count", "whoami"]
 
 
 def whoami() -> str:
@@ -39,3 +40,20 @@ def first_process() -> str:
     """The command line of PID 1 as this context's PID namespace sees it."""
     with open("/proc/1/cmdline", "rb") as f:
         return f.read().rstrip(b"\0").replace(b"\0", b" ").decode()
+
+
+_hooks: list = []
+
+
+def note_fork() -> None:
+    """An on_fork hook: runs in the forked child."""
+    _hooks.append(("fork", os.getpid()))
+
+
+def note_start(econtext) -> None:
+    """An on_start hook: gets the child's ExternalContext."""
+    _hooks.append(("start", type(econtext).__name__))
+
+
+def hooks_run() -> list:
+    return list(_hooks)
