@@ -1,0 +1,41 @@
+"""``router.buildah()``: a child inside a Buildah working container (``buildah run``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mitogen.parent
+
+__all__ = ["Connection", "Options"]
+
+
+class Options(mitogen.parent.Options):
+    def __init__(
+        self,
+        container: str | None = None,
+        buildah_path: str | None = None,
+        username: str | None = None,
+        python_path: str | list | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(python_path=python_path or "python", **kwargs)
+        if not container:
+            raise ValueError("buildah: container= is required")
+        self.container = container
+        self.buildah_path = buildah_path or "buildah"
+        self.username = username
+
+
+class Connection(mitogen.parent.Connection):
+    options_class = Options
+    name_prefix = "buildah"
+
+    def make_stream_name(self, pid: int) -> str:
+        return "buildah.%s" % (self.options.container,)
+
+    def get_boot_command(self) -> list:
+        opts = self.options
+        argv = [opts.buildah_path, "run"]
+        if opts.username:
+            argv += ["--user", opts.username]
+        return [*argv, "--", opts.container, *super().get_boot_command()]

@@ -1,0 +1,35 @@
+"""``router.lxd()``: a child inside an LXD container (``lxc exec``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mitogen.parent
+
+__all__ = ["Connection", "Options"]
+
+
+class Options(mitogen.parent.Options):
+    def __init__(
+        self,
+        container: str,
+        lxc_path: str | None = None,
+        python_path: str | list | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(python_path=python_path or "python", **kwargs)
+        self.container = container
+        self.lxc_path = lxc_path or "lxc"
+
+
+class Connection(mitogen.parent.Connection):
+    options_class = Options
+    name_prefix = "lxd"
+
+    def make_stream_name(self, pid: int) -> str:
+        return "lxd.%s" % (self.options.container,)
+
+    def get_boot_command(self) -> list:
+        # noninteractive: no terminal in the container, which would mangle the stream.
+        return [self.options.lxc_path, "exec", "--mode=noninteractive",
+                self.options.container, "--", *super().get_boot_command()]

@@ -1,0 +1,65 @@
+"""Children inside real Debian containers: every Python the simulator's images carry, with
+nothing of ours installed there and nothing written to their disks."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.support import funcs, packages
+
+pytestmark = pytest.mark.docker
+
+SUITES = {"bullseye": (3, 9), "bookworm": (3, 11), "trixie": (3, 13), "sid": (3, 14)}
+
+
+def _docker(*args: str) -> str:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError("docker %s failed: %s" % (" ".join(args), done.stderr.strip()))
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def container(request):
+    """A started container of the suite's image with no network, removed afterwards."""
+    try:
+        import simulator.images
+
+        tag = simulator.images.ensure_image(request.param, progress=lambda line: None)
+    except Exception as e:
+        pytest.skip("no Docker engine or image for %s: %s" % (request.param, e))
+    name = "mitogen-test-%s" % uuid.uuid4().hex[:12]
+    _docker("run", "-d", "--rm", "--init", "--network", "none", "--name", name,
+            "--label", "mitogen-sim.test=1", "--entrypoint", "sleep", tag, "infinity")
+    try:
+        yield request.param, name
+    finally:
+        _docker("rm", "-f", name)
+
+
+@pytest.mark.parametrize("container", sorted(SUITES), indirect=True)
+def test_child_in_container_runs_calls_and_imports_without_writing(container, router,
+                                                                    tmp_path, monkeypatch):
+    suite, name = container
+    baseline = set(_docker("diff", name).splitlines())  # what Docker itself adds (--init)
+    child = router.local(python_path=["docker", "exec", "-i", name, "python3"],
+                         name="in-" + suite)
+    assert child.call(funcs.python_version)[:2] == SUITES[suite]
+    package = packages.unique_name("ctrpkg")
+    packages.make_package(tmp_path, package)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = importlib.import_module(package + ".entry")
+    try:
+        assert child.call(entry.run) == packages.expected_sum()
+    finally:
+        for module in [m for m in sys.modules if m.split(".")[0] == package]:
+            del sys.modules[module]
+    child.shutdown(wait=True)
+    changes = set(_docker("diff", name).splitlines()) - baseline
+    assert not changes, sorted(changes)

@@ -1,0 +1,84 @@
+"""router.fork(): children forked by a single-threaded zygote, from a threaded master."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+import warnings
+
+import pytest
+
+import mitogen.fork
+import mitogen.master
+from tests.support import remote
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    """Wait for `pid` to exit, on its pidfd (the real event), within `timeout`."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def test_fork_from_a_threaded_master(router):
+    stop = threading.Event()
+    busy = [threading.Thread(target=stop.wait, name="busy-%d" % i) for i in range(4)]
+    for t in busy:
+        t.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Python 3.12+ warns when a threaded process forks
+            started = time.monotonic()
+            context = router.fork()
+            pid = context.call(os.getpid)
+            print("fork + first call: %.1f ms" % (1e3 * (time.monotonic() - started)))
+            started = time.monotonic()
+            second = router.fork()
+            assert second.call(os.getpid) not in (pid, os.getpid())
+            print("second fork + first call: %.1f ms" % (1e3 * (time.monotonic() - started)))
+        assert context.name == "fork.%d" % pid
+        assert context.call(remote.thread_count) == 2  # its main thread and its broker
+        assert context.call(os.getppid) == router._fork_zygote.proc.pid
+        context.shutdown(wait=True)
+        second.shutdown(wait=True)
+        assert _wait_gone(pid)
+    finally:
+        stop.set()
+        for t in busy:
+            t.join()
+
+
+def test_on_fork_and_on_start_run_in_the_child(router):
+    context = router.fork(on_fork=remote.note_fork, on_start=remote.note_start)
+    pid = context.call(os.getpid)
+    assert context.call(remote.hooks_run) == [("fork", pid), ("start", "ExternalContext")]
+
+
+def test_hooks_must_be_importable(router):
+    with pytest.raises(TypeError, match="on_fork must be a module-level function"):
+        router.fork(on_fork=lambda: None)
+
+
+def test_forked_child_can_start_children(router):
+    context = router.fork()
+    grandchild = router.fork(via=context)
+    assert grandchild.call(os.getppid) != os.getpid()
+    assert grandchild.name == "%s.fork.%d" % (context.name, grandchild.call(os.getpid))
+
+
+def test_zygote_ends_with_its_router():
+    with mitogen.master.Router() as router:
+        router.fork().call(os.getpid)
+        zygote = router._fork_zygote.proc
+    assert zygote.returncode == 0
+
+
+def test_fork_error_class():
+    assert issubclass(mitogen.fork.Error, mitogen.core.StreamError)
