@@ -3,12 +3,13 @@
 Sent only to contexts that become parents (by ``via=``); the master always has it. The
 bootstrap of a child goes like this (see "The UNIX First Stage"):
 
-1. The boot command runs ``python -c STUB FIRST_STAGE NAME LENGTH`` on the target: STUB
+1. The boot command runs ``python -S -c STUB FIRST_STAGE NAME`` on the target: STUB
    decodes and runs FIRST_STAGE, a few lines of compressed, base64-encoded Python.
 2. The first stage forks. The original process re-executes Python with ``argv[0]`` naming the
    context and a pipe as stdin, from which the new interpreter reads its program: one line
-   that loads a code object from fd 102. The forked half writes ``MITO000``, reads exactly
-   LENGTH compressed bytes from the real stdin, inflates and compiles them while the new
+   that loads a code object from fd 102. The forked half writes ``MITO000``, reads an
+   8-digit length and then exactly that many compressed bytes from the real stdin (so the
+   payload can be built while the child starts), inflates and compiles them while the new
    interpreter is still starting up (so compiling costs no time on the critical path; both
    run the same interpreter binary, so the bytecode always matches), writes the code object
    onto fd 102 and the source onto fd 101 (so the context can later boot children of its own
@@ -106,13 +107,15 @@ if os.fork():
 os.close(R);os.close(r);os.close(Q)
 os.write(W,b"import marshal;exec(marshal.load(open(102,'rb')))");os.close(W)
 os.write(1,b'MITO000\\n')
-n=int(sys.argv[3]);C=b''
-while len(C)<n:
- try:b=os.read(0,n-len(C))
- except BlockingIOError:select.select([0],[],[]);continue
- if not b:os._exit(1)
- C+=b
-C=zlib.decompress(C)
+def G(n):
+ C=b''
+ while len(C)<n:
+  try:b=os.read(0,n-len(C))
+  except BlockingIOError:select.select([0],[],[]);continue
+  if not b:os._exit(1)
+  C+=b
+ return C
+C=zlib.decompress(G(int(G(8))))
 import marshal
 for f,D in(V,marshal.dumps(compile(C,'mitogen/core.py','exec'))),(w,C):
  with os.fdopen(f,'wb') as o:o.write(D)
@@ -564,18 +567,19 @@ class Connection:
     # --- the method-specific part
 
     def get_preamble(self) -> bytes:
-        """The compressed program for this connection's context (sent after MITO000)."""
+        """The compressed program for this connection's context. It is sent after MITO000,
+        preceded by its length as 8 ASCII digits."""
         if not self.payload:
-            self.payload = build_payload(self.router._child_config(self.context, self.options))
-        return self.payload
+            preamble = build_payload(self.router._child_config(self.context, self.options))
+            self.payload = b"%08d" % (len(preamble),) + preamble
+        return self.payload[8:]
 
     def get_python_argv(self) -> list:
         return list(self.options.python_path)
 
     def get_boot_command(self) -> list:
         name = self.remote_name()
-        return [*self.get_python_argv(), "-S", "-c", STUB, _encoded_first_stage(), name,
-                str(len(self.payload))]
+        return [*self.get_python_argv(), "-S", "-c", STUB, _encoded_first_stage(), name]
 
     def remote_name(self) -> str:
         """What the child's argv[0] says it is; never empty, as a login shell (sudo -i, su)
@@ -648,10 +652,12 @@ class Connection:
         if not self.broker.running:
             raise Error("the broker has shut down: cannot start a child")
         self.context = context
-        self.get_preamble()
         args = self.get_boot_command()
         self.proc = self.start_child(args)
         self.stream_name = self.make_stream_name(self.proc.pid)
+        # Built while the child's interpreter starts: the length is no longer on its
+        # command line, so the first child of a process does not wait for the minifier.
+        self.get_preamble()
         if self.eager_payload:
             self._write_early()
         try:
