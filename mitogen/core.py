@@ -31,6 +31,7 @@ import importlib.machinery
 import io
 import itertools
 import logging
+import marshal
 import os
 import pickle
 import select
@@ -79,6 +80,10 @@ CHUNK_SIZE = 131072
 MAX_CALL_ERROR = 65536
 
 PICKLE_PROTOCOL = 4
+
+#: Sent with GET_MODULE: a parent whose bytecode has the same magic number sends code
+#: objects along with the source, so this context need not compile what it imports.
+BYTECODE_MAGIC = importlib._bootstrap_external.MAGIC_NUMBER.hex()
 
 now = time.monotonic
 
@@ -1823,17 +1828,17 @@ class Importer:
     def _on_load_module(self, msg):
         if msg.is_dead:
             return
-        fullname, pkg_present, path, compressed, related = msg.unpickle()
-        self._store(fullname, pkg_present, path, compressed, related)
+        self._store(*msg.unpickle())
 
-    def _store(self, fullname, pkg_present, path, compressed, related):
+    def _store(self, fullname, pkg_present, path, compressed, related, code=None):
         """Cache a module; `compressed` None means it cannot be served, and `path` then
-        says why (or is None for a plain "no such module")."""
+        says why (or is None for a plain "no such module"). `code`, when the parent runs the
+        same Python version, is the compressed marshalled code: no compiling here."""
         if compressed is None:
             entry = path
         else:
             entry = (pkg_present, path, zlib.decompress(compressed), list(related or ()),
-                     compressed)
+                     compressed, code)
         with self._lock:
             self._cache[fullname] = entry
             callbacks = self._pending.pop(fullname, [])
@@ -1869,7 +1874,7 @@ class Importer:
             callback()
         elif first:
             self.get_module_count += 1
-            body = fullname if not hint or hint == fullname else fullname + '\n' + hint
+            body = '%s\n%s\n%s' % (fullname, hint or '', BYTECODE_MAGIC)
             self._context.send(Message(data=body.encode('utf-8'), handle=GET_MODULE,
                                        enc=ENC_BIN))
 
@@ -1971,10 +1976,15 @@ class Importer:
 
     def exec_module(self, module):
         fullname = module.__name__
-        origin, source = self._cache[fullname][1:3]
+        entry = self._cache[fullname]
+        origin, source = entry[1:3]
         module.__file__ = origin
         module.__loader__ = self
-        exec(compile(source, origin, 'exec', dont_inherit=True), module.__dict__)
+        if len(entry) > 5 and entry[5]:
+            code = marshal.loads(zlib.decompress(entry[5]))
+        else:
+            code = compile(source, origin, 'exec', dont_inherit=True)
+        exec(code, module.__dict__)
 
     def get_source(self, fullname):
         entry = self._cache.get(fullname)

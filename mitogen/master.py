@@ -10,6 +10,7 @@ from __future__ import annotations
 import dis
 import importlib.util
 import logging
+import marshal
 import os
 import pkgutil
 import re
@@ -142,6 +143,7 @@ class ModuleFinder:
     def __init__(self) -> None:
         self._found: dict[str, Any] = {}
         self._deps: dict[str, list[str]] = {}
+        self._codes: dict[str, types.CodeType | None] = {}
 
     def find(self, fullname: str) -> tuple[str, str, list[str] | None] | str | None:
         """(path, source, submodule names or None); None when the master has no such module;
@@ -202,6 +204,14 @@ class ModuleFinder:
         return sorted("%s.%s" % (fullname, info.name)
                       for info in pkgutil.iter_modules(list(locations)))
 
+    def code(self, fullname: str) -> types.CodeType | None:
+        """The module's code object (None when it has no source we can send)."""
+        if fullname not in self._codes:
+            found = self.find(fullname)
+            self._codes[fullname] = (self._code(fullname, found[0], found[1])
+                                     if isinstance(found, tuple) else None)
+        return self._codes[fullname]
+
     @staticmethod
     def _code(fullname: str, path: str, source: str) -> types.CodeType | None:
         """The module's code object: from the loader's bytecode cache when it has one (much
@@ -231,10 +241,10 @@ class ModuleFinder:
             found = self.find(fullname)
             names: set[str] = set()
             if isinstance(found, tuple) and found[1]:
-                path, source, pkg_present = found
-                code = self._code(fullname, path, source)
+                code = self.code(fullname)
                 if code is not None:
-                    package = fullname if pkg_present is not None else fullname.rpartition(".")[0]
+                    is_pkg = found[2] is not None
+                    package = fullname if is_pkg else fullname.rpartition(".")[0]
                     names = _scan_imports(code, package)
             self._deps[fullname] = sorted(
                 n for n in names if n != fullname and sys.modules.get(n) is not None)
@@ -288,6 +298,13 @@ def _scan_imports(code: types.CodeType, package: str) -> set[str]:
     return names
 
 
+def parse_get_module(data: Any) -> tuple[str, str, str]:
+    """(fullname, hint, bytecode magic) from a GET_MODULE body; the last two may be empty."""
+    fields = bytes(data).decode("utf-8").split("\n")
+    fields += [""] * (3 - len(fields))
+    return fields[0], fields[1], fields[2]
+
+
 def _resolve(name: str, level: int, package: str) -> str | None:
     if level == 0:
         return name
@@ -314,6 +331,7 @@ class ModuleResponder:
         self._finder = ModuleFinder()
         self._lock = threading.Lock()
         self._built: dict[str, tuple] = {}
+        self._codes: dict[str, bytes | None] = {}
         self._sent: dict[Any, set[str]] = {}
         self._packages: dict[Any, set[str]] = {}
         self.whitelist: list[str] = []
@@ -387,17 +405,17 @@ class ModuleResponder:
         if msg.is_dead:
             return
         started = now()
-        fullname, _, hint = msg.data.decode("utf-8").partition("\n")
+        fullname, hint, magic = parse_get_module(msg.data)
         stream = self._router.stream_by_id(msg.src_id)
         with self._lock:
             self.get_module_count += 1
             try:
-                self._answer(msg.src_id, stream, fullname, hint)
+                self._answer(msg.src_id, stream, fullname, hint, magic=magic)
             finally:
                 self.get_module_secs += now() - started
 
     def _answer(self, dst_id: int, stream: Any, fullname: str, hint: str,
-                preload: bool = False) -> None:
+                preload: bool = False, magic: str = "") -> None:
         sent = self._sent.setdefault(stream, set())
         packages = self._packages.setdefault(stream, set())
         built = self._build(fullname)
@@ -413,22 +431,45 @@ class ModuleResponder:
                 extra = [n for n in [*parents, *list(hinted[4] or ()), hint]
                          if n not in sent and n != fullname]
                 wanted += [n for n in extra if n not in wanted]
+        same_python = magic == mitogen.core.BYTECODE_MAGIC
         for name in wanted:
             body = self._build(name)
             if body[3] is not None:
-                self._send(dst_id, stream, body)
-        self._send(dst_id, stream, built)
+                self._send(dst_id, stream, body, same_python)
+        self._send(dst_id, stream, built, same_python)
         if built[3] is not None and built[1] is not None and "." not in fullname:
             packages.add(fullname)
 
-    def _send(self, dst_id: int, stream: Any, body: tuple) -> None:
+    def _send(self, dst_id: int, stream: Any, body: tuple, same_python: bool = False) -> None:
         self._sent.setdefault(stream, set()).add(body[0])
+        code = None
         if body[3] is None:
             self.bad_load_module_count += 1
         else:
             self.good_load_module_count += 1
             self.good_load_module_size += len(body[3])
-        self._router.route(Message.pickled(body, dst_id=dst_id, handle=LOAD_MODULE))
+            if same_python:
+                code = self._compressed_code(body[0])
+                if code is not None and len(code) + len(body[3]) > \
+                        self._router.max_message_size // 2:
+                    code = None  # the source alone must still fit
+        msg = Message.pickled((*body, code), dst_id=dst_id, handle=LOAD_MODULE)
+        if len(msg.data) > self._router.max_message_size:
+            # The child must hear about it, or its import would wait forever.
+            msg = Message.pickled((body[0], None, "%s is too large to send (%d bytes; "
+                                   "max_message_size is %d)" % (body[0], len(msg.data),
+                                                               self._router.max_message_size),
+                                   None, None, None), dst_id=dst_id, handle=LOAD_MODULE)
+        self._router.route(msg)
+
+    def _compressed_code(self, fullname: str) -> bytes | None:
+        """zlib'd marshal of the module's code, for children on this very Python version:
+        they then skip compiling (a third of a big import's time in the child)."""
+        if fullname not in self._codes:
+            code = self._finder.code(fullname) if fullname != "__main__" else None
+            self._codes[fullname] = (zlib.compress(marshal.dumps(code), 6)
+                                     if code is not None else None)
+        return self._codes[fullname]
 
     def forget_stream(self, stream: Any) -> None:
         self._sent.pop(stream, None)

@@ -1021,13 +1021,16 @@ class ModuleForwarder:
     def _on_get_module(self, msg: Message) -> None:
         if msg.is_dead:
             return
-        fullname, _, hint = msg.data.decode("utf-8").partition("\n")
+        fields = [*bytes(msg.data).decode("utf-8").split("\n"), "", ""]
+        fullname, hint, magic = fields[:3]
         stream = self.router.stream_by_id(msg.src_id)
         if stream is self.router.parent_stream:
             LOG.error("%r: ignoring GET_MODULE from above (%d)", self, msg.src_id)
             return
-        self.importer.request(fullname, lambda: self._send(msg.src_id, stream, fullname, True),
-                              hint or None)
+        same_python = magic == mitogen.core.BYTECODE_MAGIC
+        self.importer.request(
+            fullname, lambda: self._send(msg.src_id, stream, fullname, True, same_python),
+            hint or None)
 
     def _on_forward_module(self, msg: Message) -> None:
         if msg.is_dead:
@@ -1045,26 +1048,29 @@ class ModuleForwarder:
             stream.send(Message.pickled((context, fullname), dst_id=stream.remote_id,
                                         handle=mitogen.core.FORWARD_MODULE))
 
-    def _send(self, dst_id: int, stream: Any, fullname: str, asked: bool) -> None:
-        """Send `fullname` (after the related modules we hold) unless already sent."""
+    def _send(self, dst_id: int, stream: Any, fullname: str, asked: bool,
+              same_python: bool = False) -> None:
+        """Send `fullname` (after the related modules we hold) unless already sent; code
+        objects go along only to a child on this context's own Python version."""
         sent = self._sent.setdefault(stream, set())
         entry = self.importer.get_cached(fullname)
         if isinstance(entry, tuple):
             for name in entry[3]:
                 related = self.importer.get_cached(name)
                 if name not in sent and isinstance(related, tuple):
-                    self._send_entry(dst_id, stream, name, related, sent)
+                    self._send_entry(dst_id, stream, name, related, sent, same_python)
         if asked or fullname not in sent:
-            self._send_entry(dst_id, stream, fullname, entry, sent)
+            self._send_entry(dst_id, stream, fullname, entry, sent, same_python)
 
     def _send_entry(self, dst_id: int, stream: Any, fullname: str, entry: Any,
-                    sent: set) -> None:
+                    sent: set, same_python: bool) -> None:
         sent.add(fullname)
         if isinstance(entry, tuple):
             compressed = entry[4] if len(entry) > 4 else zlib.compress(entry[2], 9)
-            body = (fullname, entry[0], entry[1], compressed, entry[3])
+            code = entry[5] if same_python and len(entry) > 5 else None
+            body = (fullname, entry[0], entry[1], compressed, entry[3], code)
         else:
-            body = (fullname, None, entry, None, None)
+            body = (fullname, None, entry, None, None, None)
         stream.send(Message.pickled(body, dst_id=dst_id, handle=mitogen.core.LOAD_MODULE))
 
 

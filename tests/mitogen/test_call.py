@@ -52,18 +52,18 @@ def test_64_mib_argument_round_trips_intact(local):
 
 
 def test_oversize_message_gets_a_clear_error_and_the_context_keeps_working():
-    with mitogen.master.Router(max_message_size=4096) as router:
+    with mitogen.master.Router(max_message_size=65536) as router:
         child = router.local()
         with pytest.raises(mitogen.core.ChannelError, match="message too large"):
-            child.call(funcs.length, b"x" * 8192)
+            child.call(funcs.length, b"x" * 131072)
         assert child.call(funcs.length, b"x" * 100) == 100
 
 
 def test_child_refuses_oversize_reply_and_stays_up():
-    with mitogen.master.Router(max_message_size=4096) as router:
+    with mitogen.master.Router(max_message_size=65536) as router:
         child = router.local()
         with pytest.raises(mitogen.core.ChannelError, match="too large"):
-            child.call(os.urandom, 8192)
+            child.call(os.urandom, 131072)
         assert child.call(funcs.add, 1, 2) == 3
 
 

@@ -212,3 +212,19 @@ def test_forward_modules_preloads_a_grandchild_through_each_hop(router, package)
     assert leaf.call(entry.run) == packages.expected_sum()
     assert leaf.call(funcs.importer_requests) == leaf_before
     assert middle.call(funcs.importer_requests) == middle_before
+
+
+def test_a_module_larger_than_max_message_size_fails_its_import_cleanly(tmp_path, monkeypatch):
+    name = packages.unique_name("bigmod")
+    (tmp_path / (name + ".py")).write_text(
+        "DATA = %r\n\ndef size():\n    return len(DATA)\n" % (os.urandom(40000).hex(),))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    try:
+        with mitogen.master.Router(max_message_size=32768) as router:
+            child = router.local()
+            with pytest.raises(mitogen.core.CallError, match="too large to send"):
+                child.call(module.size)
+            assert child.call(os.getpid) > 0
+    finally:
+        sys.modules.pop(name, None)
