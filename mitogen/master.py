@@ -377,7 +377,7 @@ class ModuleResponder:
             else:
                 path, source, pkg_present = found
                 related = [n for n in self._related(fullname) if not self._policy_refusal(n)]
-                built = (fullname, pkg_present, path, zlib.compress(source.encode("utf-8"), 9),
+                built = (fullname, pkg_present, path, zlib.compress(source.encode("utf-8"), 6),
                          related)
             self._built[fullname] = built
         return built
