@@ -15,6 +15,8 @@ import mitogen.sudo
 from tests.support import remote
 from tests.support.logins import SYSTEM_PYTHON, accounts, sshd  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.system  # needs root, sshd, sudo: .ci/run provides them
+
 
 def _ssh(router, sshd, role, accounts, **kwargs):  # noqa: F811
     kwargs.setdefault("ssh_args", sshd.ssh_args())

@@ -20,6 +20,8 @@ from tests.support.logins import (  # noqa: F401 (fixtures)
     doas_rules,
 )
 
+pytestmark = pytest.mark.system  # needs root, sshd, sudo: .ci/run provides them
+
 
 @pytest.fixture
 def caller(router, accounts):  # noqa: F811

@@ -17,6 +17,8 @@ import mitogen.sudo
 from tests.support import remote
 from tests.support.logins import SYSTEM_PYTHON, accounts  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.system  # needs root, sshd, sudo: .ci/run provides them
+
 
 @pytest.fixture
 def caller(router, accounts):  # noqa: F811
