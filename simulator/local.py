@@ -589,13 +589,22 @@ class _KeepaliveMonitor(threading.Thread):
         self.interval = interval
         self.count = count
         self._stop_event = threading.Event()
+        self._ready = threading.Event()
         self._last_ok: Dict[Tuple[str, int], float] = {}
+
+    def start(self) -> None:
+        """Start, and return once the thread holds every resource it will ever hold: the
+        leak check of the first test must not see its latch wake-up pipe appear."""
+        super().start()
+        self._ready.wait(5.0)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=self.interval + 5.0)
 
     def run(self) -> None:
+        mitogen.core._warm_thread_resources()
+        self._ready.set()
         while not self._stop_event.is_set():
             began = time.monotonic()
             try:
