@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import mitogen.core
 import mitogen.master
@@ -73,3 +74,47 @@ def test_using_a_router_after_shutdown_raises():
         assert "shut down" in str(e)
     else:
         raise AssertionError("local() after shutdown did not raise")
+
+
+def test_children_exit_by_themselves_when_the_master_is_killed(tmp_path):
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "master.py"
+    script.write_text(
+        "import os, sys, mitogen.master\n"
+        "router = mitogen.master.Router()\n"
+        "pids = [router.local().call(os.getpid) for _ in range(3)]\n"
+        "print(' '.join(map(str, pids)), flush=True)\n"
+        "sys.stdin.read()\n")
+    master = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in master.stdout.readline().split()]
+        pidfds = [os.pidfd_open(pid) for pid in pids]
+    finally:
+        master.kill()
+        master.wait()
+        master.stdin.close()
+        master.stdout.close()
+    try:
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        exited = set()
+        deadline = time.monotonic() + 10
+        while len(exited) < len(pidfds) and time.monotonic() < deadline:
+            for fd, _ in poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                exited.add(fd)
+                poller.unregister(fd)
+        assert len(exited) == 3, "children outlived their master: %r" % (pids,)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+        for pid in pids:  # never expected to be needed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
