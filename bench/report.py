@@ -170,6 +170,11 @@ FAMILIES: Tuple[Family, ...] = (
            Target("ratio_le", 1.0)),
     Family("Memory", ("memory.master_per_child",),
            lambda k: "master RSS growth per connected child"),
+    Family("SSH", ("ssh.connect",),
+           lambda k: "connect over ssh to sshd on 127.0.0.1, first call returns",
+           Target("ratio_le", 0.5)),
+    Family("SSH", ("ssh.call",),
+           lambda k: "trivial call (os.getpid) over the ssh connection", Target("ratio_le", 0.5)),
 )
 
 LIMIT_LABELS = {
@@ -178,6 +183,8 @@ LIMIT_LABELS = {
     "limits.socketpair_rt": "socketpair round trip, 64 bytes",
     "limits.pipe_tp": "pipe throughput, one way",
     "limits.socketpair_tp": "socketpair throughput, one way",
+    "ssh.login": "ssh login to the bench's sshd on 127.0.0.1: first output of echo",
+    "ssh.login_python": "ssh login: first output of /usr/bin/python3 -c print",
 }
 
 #: Static text of the methods section (changes only when the harness does).
@@ -204,6 +211,13 @@ METHODS = """\
   its gateway is made (uncompressed source).
 - Memory: VmRSS from /proc of a child right after its first call; master growth over 16 more
   children after a first one (so one-time costs are not charged to them).
+- SSH: one sshd for the whole run on 127.0.0.1, own config, host key and client key (login
+  root, key only), started by the harness. `router.ssh(check_host_keys='ignore',
+  python_path='/usr/bin/python3')`, `-F /dev/null` and no known_hosts files; execnet:
+  `ssh=... -p PORT -i KEY -l root 127.0.0.1//python=/usr/bin/python3` with the same options.
+  Connect: fresh connections one after another, each closed before the next; round trip:
+  calls over the last one after a warm-up. The bare ssh logins under the physical limits use
+  the same sshd and options. Skipped (with the reason) when not root or no sshd.
 - A failed, timed-out or skipped run is listed under Failures; it never fails a test suite."""
 
 

@@ -17,11 +17,17 @@ The raw results go to ``OUT/<timestamp>/run.json``. A complete run (no ``--quick
 ``--only`` or ``--impls``) then rewrites ``bench/RESULTS.md`` and the plots in ``bench/``;
 a partial run writes them next to its ``run.json`` instead, so it never replaces the
 reference table.
+
+The ``ssh`` workload logs in to one private sshd on 127.0.0.1 that the harness starts for the
+whole run (``bench/sshd.py``) and stops at its end; where that cannot run (not root, no
+sshd), the workload is recorded as skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -39,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import envs
+from bench import envs, sshd
 from bench.workloads.common import RESULT_MARKER
 
 __all__ = ["IMPL_ORDER", "WORKLOAD_NAMES", "Job", "Step", "build_plan", "main", "run_job"]
@@ -58,7 +64,7 @@ IMPLS: Dict[str, tuple] = {
 IMPL_ORDER = ("ours", "mitogen", "execnet")
 MITOGEN_LIKE = ("ours", "mitogen")  # workloads execnet has no counterpart for
 WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "fanout", "multihop",
-                  "remote_import", "bootstrap", "memory")
+                  "remote_import", "bootstrap", "memory", "ssh")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Step:
     reps: int
     params: Dict[str, Any]
     timeout: float
+    skip: Optional[str] = None  # why every job of this step is recorded as skipped
 
 
 @dataclass
@@ -100,7 +107,9 @@ class Runner:
         }
         key = (job.step.workload, json.dumps(job.step.params, sort_keys=True), job.impl)
         skip = None
-        if job.impl in self.unavailable:
+        if job.step.skip is not None:
+            skip = f"skipped: {job.step.skip}"
+        elif job.impl in self.unavailable:
             skip = f"venv unavailable: {self.unavailable[job.impl]}"
         elif key in self.timed_out:
             skip = "skipped: an earlier repetition of this step timed out"
@@ -238,8 +247,35 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         Step("remote_import", "remote_import", mitogen_like, pick(5, 1), {}, 90),
         Step("bootstrap", "bootstrap", everyone, 1, {}, 60),
         Step("memory", "memory", everyone, pick(3, 1), {"children": pick(16, 4)}, 120),
+        # The sshd's address and key are added by with_ssh_target() once it runs; "machine"
+        # measures the bare ssh login, the floor under every library's connect.
+        Step("ssh", "ssh", ["machine", *everyone], pick(3, 1),
+             pick({"connects": 10, "warmup": 200, "calls": 2000},
+                  {"connects": 3, "warmup": 20, "calls": 200}), 240),
     ]
     return [step for step in steps if step.workload in only and step.impls]
+
+
+def with_ssh_target(steps: Sequence[Step], stack: contextlib.ExitStack) -> List[Step]:
+    """Start the run's sshd if a step needs it (stopped when ``stack`` closes) and give those
+    steps its address; or mark them skipped, saying why the server cannot run."""
+    if not any(step.workload == "ssh" for step in steps):
+        return list(steps)
+    try:
+        target: Optional[sshd.SshTarget] = stack.enter_context(sshd.serve())
+        skip = None
+    except sshd.SshdUnavailable as exc:
+        target, skip = None, str(exc)
+        _say(f"ssh workload skipped: {skip}")
+
+    def given(step: Step) -> Step:
+        if step.workload != "ssh":
+            return step
+        if target is None:
+            return dataclasses.replace(step, skip=skip)
+        return dataclasses.replace(step, params={**step.params, **target.params()})
+
+    return [given(step) for step in steps]
 
 
 def jobs_of(steps: Sequence[Step]) -> List[Job]:
@@ -378,8 +414,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "workloads": list(args.only), "impls": list(args.impls),
             "machine": machine_info(), "versions": versions,
             "loadavg_start": os.getloadavg()}
-    jobs = jobs_of(steps)
-    with tempfile.TemporaryDirectory(prefix="bench-cwd-") as cwd:
+    with contextlib.ExitStack() as stack:
+        cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-cwd-"))
+        steps = with_ssh_target(steps, stack)
+        jobs = jobs_of(steps)
         runner = Runner(pythons, unavailable, args.budget, Path(cwd))
         for number, job in enumerate(jobs, start=1):
             rec = runner.run(job)

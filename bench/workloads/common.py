@@ -29,6 +29,7 @@ __all__ = [
     "measure",
     "read_rss_bytes",
     "run_main",
+    "ssh_client_args",
     "timed",
 ]
 
@@ -144,6 +145,18 @@ def make_package(root: Path, name: str, dynamic: bool) -> List[str]:
 def expected_package_sum() -> int:
     """What ``entry.run()`` of a generated package returns."""
     return sum(range(1, PACKAGE_MODULES - 1))
+
+
+def ssh_client_args(params: Dict[str, Any]) -> List[str]:
+    """ssh's arguments (after ``ssh``, before the remote command) to log in to the harness's
+    sshd the way Mitogen does for ``check_host_keys='ignore'`` and an identity file: batch
+    mode, only that key, no host key check, no known_hosts read or written; and ``-F
+    /dev/null`` so that the invoking user's ~/.ssh/config plays no part."""
+    return ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-i", str(params["identity_file"]), "-p", str(int(params["port"])),
+            "-l", str(params["username"]), str(params["hostname"])]
 
 
 def _parse_argv(argv: List[str], workloads: Dict[str, Workload]) -> tuple:

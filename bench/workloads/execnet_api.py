@@ -37,8 +37,8 @@ for op, args in channel:
 class Child:
     """One gateway plus its dispatch channel, with a ``call`` like Mitogen's context."""
 
-    def __init__(self, group: Any) -> None:
-        self.gateway = group.makegateway(f"popen//python={sys.executable}")
+    def __init__(self, group: Any, spec: str = "") -> None:
+        self.gateway = group.makegateway(spec or f"popen//python={sys.executable}")
         self.channel = self.gateway.remote_exec(SERVE)
 
     def call(self, op: str, *args: Any) -> Any:
@@ -66,8 +66,8 @@ def _with_group(body: Callable[[Any], None]) -> None:
         group.terminate(timeout=10.0)
 
 
-def _start_and_call(group: Any) -> Child:
-    child = Child(group)
+def _start_and_call(group: Any, spec: str = "") -> Child:
+    child = Child(group, spec)
     pid = child.call("getpid")
     if not isinstance(pid, int) or pid == os.getpid():
         raise RuntimeError(f"trivial call returned {pid!r}, not the child's pid")
@@ -204,12 +204,57 @@ def memory(params: Dict[str, Any], rec: Recorder) -> None:
     _with_group(body)
 
 
+def ssh_spec(params: Dict[str, Any]) -> str:
+    """An ``ssh=`` gateway spec with the options Mitogen passes (``common.ssh_client_args``).
+
+    execnet splits the ``ssh=`` value on whitespace into ssh's arguments (adding ``-C``, as
+    Mitogen's default ``compression=True`` does); no value here may hold a space or ``//``.
+    """
+    args = common.ssh_client_args(params)
+    bad = [arg for arg in [*args, params["python_path"]] if " " in arg or "//" in arg]
+    if bad:
+        raise ValueError(f"ssh spec arguments must not hold spaces or '//': {bad}")
+    return f"ssh={' '.join(args)}//python={params['python_path']}"
+
+
+def ssh(params: Dict[str, Any], rec: Recorder) -> None:
+    """Make an ssh gateway and the first call, on fresh gateways one after another; then the
+    call's round trip over the last (as ``mitogen_api.ssh``).
+
+    Each gateway but the last lives in a group of its own, terminated (which waits for the
+    gateway to go) before the next connection starts.
+    """
+    connects = int(params.get("connects", 10))
+    warmup, calls = int(params.get("warmup", 200)), int(params.get("calls", 2000))
+    if connects < 1:
+        raise ValueError(f"connects={connects}: need at least one connection")
+    spec = ssh_spec(params)
+    times: List[float] = []
+
+    def connect_and_close(group: Any) -> None:
+        elapsed, child = measure(_start_and_call, group, spec)
+        times.append(elapsed)
+        child.close()
+
+    def connect_and_call(group: Any) -> None:
+        elapsed, child = measure(_start_and_call, group, spec)
+        times.append(elapsed)
+        rec.samples("ssh.connect", "s", times)
+        _call_samples(child, warmup)
+        rec.samples("ssh.call", "s", _call_samples(child, calls))
+
+    for _ in range(connects - 1):
+        _with_group(connect_and_close)
+    _with_group(connect_and_call)
+
+
 WORKLOADS = {
     "bootstrap": bootstrap,
     "cold_start": cold_start,
     "fanout": fanout,
     "memory": memory,
     "roundtrip": roundtrip,
+    "ssh": ssh,
     "throughput": throughput,
 }
 

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, Dict, List, Tuple
 
 import common
@@ -158,7 +159,40 @@ def limits(params: Dict[str, Any], rec: Recorder) -> None:
     ipc(params, rec)
 
 
-WORKLOADS = {"limits": limits, "interpreter_start": interpreter_start, "ipc": ipc}
+def _first_line(argv: List[str]) -> float:
+    """Seconds from starting ``argv`` to the first line of its output; the exit (ssh's session
+    teardown) is waited for untimed, as a library's connect does not include it either."""
+    start = time.perf_counter()
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        elapsed = time.perf_counter() - start
+        proc.stdout.read()
+        if proc.wait(timeout=60) != 0 or line.strip() != b"ready":
+            raise RuntimeError(f"{argv[-1]!r} over ssh: exit {proc.returncode}, said {line!r}")
+    return elapsed
+
+
+def ssh(params: Dict[str, Any], rec: Recorder) -> None:
+    """Time to the first output of an ssh login to the harness's sshd, running a shell
+    ``echo``, and running the remote interpreter: the floor of any connect over ssh.
+
+    Same options as the libraries get (``common.ssh_client_args``), with compression on as
+    their default; the two commands take turns so that noise falls on both.
+    """
+    runs = int(params.get("connects", 10))
+    base = ["ssh", "-o", "Compression=yes", *common.ssh_client_args(params)]
+    commands = {"ssh.login": "echo ready",
+                "ssh.login_python": f"{params['python_path']} -c 'print(\"ready\")'"}
+    samples: Dict[str, List[float]] = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, command in commands.items():
+            samples[name].append(_first_line([*base, command]))
+    for name, values in samples.items():
+        rec.samples(name, "s", values)
+
+
+WORKLOADS = {"limits": limits, "interpreter_start": interpreter_start, "ipc": ipc, "ssh": ssh}
 
 if __name__ == "__main__":
     sys.exit(common.run_main(WORKLOADS))

@@ -281,6 +281,51 @@ def memory(params: Dict[str, Any], rec: Recorder) -> None:
     _with_router(body)
 
 
+#: Keep ssh away from the invoking user's own ssh setup: no ~/.ssh/config, and no
+#: known_hosts read or written (check_host_keys='ignore' says the same; this makes it so
+#: whatever a library does with that).
+SSH_ISOLATION = ["-F", "/dev/null", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "GlobalKnownHostsFile=/dev/null"]
+
+
+def _ssh_connect_and_call(router: Any, params: Dict[str, Any]) -> Any:
+    ctx = router.ssh(hostname=params["hostname"], port=int(params["port"]),
+                     username=params["username"], identity_file=params["identity_file"],
+                     check_host_keys="ignore", python_path=params["python_path"],
+                     ssh_args=list(SSH_ISOLATION))
+    pid = ctx.call(os.getpid)
+    if not isinstance(pid, int) or pid == os.getpid():
+        raise RuntimeError(f"trivial call over ssh returned {pid!r}, not the remote pid")
+    return ctx
+
+
+def ssh(params: Dict[str, Any], rec: Recorder) -> None:
+    """Connect over ssh (to the harness's sshd on 127.0.0.1) and make the first call, on
+    fresh connections one after another; then the trivial call's round trip over the last.
+
+    Every connection but the last is shut down (and waited for) before the next starts, so
+    each pays the whole price: ssh's handshake, the remote interpreter, the bootstrap.
+    """
+    connects = int(params.get("connects", 10))
+    warmup, calls = int(params.get("warmup", 200)), int(params.get("calls", 2000))
+    if connects < 1:
+        raise ValueError(f"connects={connects}: need at least one connection")
+
+    def body(router: Any) -> None:
+        times: List[float] = []
+        ctx = None
+        for number in range(connects):
+            elapsed, ctx = measure(_ssh_connect_and_call, router, params)
+            times.append(elapsed)
+            if number < connects - 1:
+                ctx.shutdown(wait=True)
+        rec.samples("ssh.connect", "s", times)
+        _call_samples(ctx, warmup)
+        rec.samples("ssh.call", "s", _call_samples(ctx, calls))
+
+    _with_router(body)
+
+
 WORKLOADS = {
     "bootstrap": bootstrap,
     "cold_start": cold_start,
@@ -289,6 +334,7 @@ WORKLOADS = {
     "multihop": multihop,
     "remote_import": remote_import,
     "roundtrip": roundtrip,
+    "ssh": ssh,
     "throughput": throughput,
 }
 

@@ -8,6 +8,7 @@ whose answers are known.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -249,3 +250,75 @@ def test_report_command_line_reads_a_saved_run(tmp_path):
         bad.write_text("[]")
         report.load_run(bad)
     assert os.path.exists(saved)
+
+
+# The ssh workload's plumbing, without an sshd ---------------------------------------------------
+
+def test_plan_has_the_ssh_step_with_the_issue_counts():
+    (step,) = [s for s in run.build_plan(False, run.WORKLOAD_NAMES, run.IMPL_ORDER)
+               if s.workload == "ssh"]
+    assert step.impls == ["machine", *run.IMPL_ORDER]  # machine: the bare ssh login
+    assert step.params["connects"] >= 10 and step.params["calls"] >= 2000
+    assert step.skip is None and "port" not in step.params  # the sshd's address comes later
+
+
+def test_ssh_steps_are_skipped_with_the_reason_when_sshd_cannot_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(run.sshd, "why_unavailable", lambda: "not root: test says so")
+    steps = run.build_plan(True, ["roundtrip", "ssh"], ["ours", "mitogen"])
+    with contextlib.ExitStack() as stack:
+        given = run.with_ssh_target(steps, stack)
+    assert [s.skip for s in given] == [None, "not root: test says so"]
+    assert given[0] is steps[0]
+    # No interpreter is known for "ours": the job must be recorded without starting one.
+    runner = run.Runner(pythons={}, unavailable={}, budget=900, cwd=tmp_path)
+    rec = runner.run(run.Job(given[1], "ours", 0))
+    assert rec["skipped"] is True and rec["ok"] is False
+    assert rec["error"] == "skipped: not root: test says so"
+
+
+def test_no_sshd_is_started_without_an_ssh_step(monkeypatch):
+    def refuse() -> None:
+        raise AssertionError("serve() called for a plan without ssh")
+
+    monkeypatch.setattr(run.sshd, "serve", refuse)
+    steps = run.build_plan(True, ["roundtrip"], ["ours"])
+    with contextlib.ExitStack() as stack:
+        assert run.with_ssh_target(steps, stack) == steps
+
+
+def _ssh_run():
+    ms = 1e-3
+    data = _synthetic_run()
+    data["records"] = [
+        *(_record("ours", "ssh", {"ssh.connect": _samples([300 * ms] * 10),
+                                  "ssh.call": _samples([150e-6] * 2000)}) for _ in range(2)),
+        _record("mitogen", "ssh", {"ssh.connect": _samples([700 * ms] * 10),
+                                   "ssh.call": _samples([250e-6] * 2000)}),
+        _record("mitogen", "ssh", {"ssh.connect": _samples([800 * ms] * 10),
+                                   "ssh.call": _samples([250e-6] * 2000)}),
+        _record("execnet", "ssh", {}, ok=False, skipped=True,
+                error="skipped: /usr/sbin/sshd is missing"),
+        _record("machine", "ssh", {"ssh.login": _samples([250 * ms] * 10)}),
+    ]
+    return data
+
+
+def test_report_has_ssh_targets_and_section():
+    text = report.render_results(_ssh_run())
+    connect = _row(text, "SSH: connect over ssh")
+    # Pooled: 20 x 300 ms against 10 x 700 ms + 10 x 800 ms (median 750 ms): 0.4x.
+    assert connect[1:] == ["300 ms", "750 ms (700 ms to 800 ms)", "0.400x",
+                           "<= 0.5x Mitogen 0.3.54", "met"]
+    call = _row(text, "SSH: trivial call (os.getpid) over")
+    assert call[1:] == ["150 µs (p99 150 µs)", "250 µs (p99 250 µs)", "0.600x",
+                        "<= 0.5x Mitogen 0.3.54", "NOT met"]
+    assert "## SSH" in text
+    section = _row(text, "connect over ssh")
+    assert section[3] == "skipped" and section[4:] == ["0.400x", "—"]
+    assert "- execnet / ssh (1 of 1 runs): skipped: /usr/sbin/sshd is missing" in text
+    assert "| ssh login to the bench's sshd on 127.0.0.1: first output of echo | 250 ms |" \
+        in text
+    assert "| ssh login: first output of /usr/bin/python3 -c print | failed |" in text
+    # Without ssh records the rows stay, saying so, so that runs diff line by line.
+    empty = report.render_results(_synthetic_run())
+    assert _row(empty, "SSH: connect over ssh")[1:3] == ["n/a", "n/a"]
