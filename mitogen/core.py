@@ -500,6 +500,17 @@ def set_nonblock(fd):
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
+def read_chunk(fd):
+    """Up to CHUNK_SIZE bytes from non-blocking `fd`: None when nothing is ready yet, b''
+    at end of file or on an error (both mean the peer is gone)."""
+    try:
+        return os.read(fd, CHUNK_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b''
+
+
 def set_block(fd):
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
 
@@ -2054,12 +2065,9 @@ class IoLogger(Stream):
             self._log.info('%s', line.decode('utf-8', 'replace').rstrip('\r'))
 
     def on_readable(self, broker):
-        try:
-            data = os.read(self.rfd, CHUNK_SIZE)
-        except BlockingIOError:
+        data = read_chunk(self.rfd)
+        if data is None:
             return
-        except OSError:
-            data = b''
         if not data:
             if self._buf:
                 self._log_lines([self._buf])

@@ -8,29 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import mitogen.parent
 import mitogen.spawn
 from mitogen.spawn import PasswordError
 
 __all__ = ["Connection", "Options", "PasswordError"]
 
 
-class Options(mitogen.parent.Options):
-    def __init__(
-        self,
-        username: str | None = None,
-        password: str | None = None,
-        doas_path: str | None = None,
-        password_prompt: str | None = None,
-        incorrect_prompts: tuple | list | None = None,
-        **kwargs: Any,
-    ) -> None:
+class Options(mitogen.spawn.BecomeOptions):
+    def __init__(self, doas_path: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.username = username or "root"
-        self.password = mitogen.spawn.to_secret(password)
         self.doas_path = doas_path or "doas"
-        self.password_prompt = password_prompt
-        self.incorrect_prompts = tuple(incorrect_prompts or ())
 
 
 class Connection(mitogen.spawn.PtyConnection):

@@ -355,12 +355,9 @@ class StderrStream(Stream):
         self._log = logging.getLogger("mitogen.stderr." + name)
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
-        try:
-            data = os.read(self.rfd, mitogen.core.CHUNK_SIZE)
-        except BlockingIOError:
+        data = mitogen.core.read_chunk(self.rfd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             if self._partial:
                 self._add([self._partial])
@@ -450,12 +447,9 @@ class BootStream(Stream):
         self.output: list[str] = []
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
-        try:
-            data = os.read(self.rfd, mitogen.core.CHUNK_SIZE)
-        except BlockingIOError:
+        data = mitogen.core.read_chunk(self.rfd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.conn._boot_failed(EofError, "EOF on stream during bootstrap")
             return

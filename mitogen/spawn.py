@@ -110,6 +110,25 @@ def to_secret(value: Any, option: str = "password") -> Secret | None:
     return Secret(value)
 
 
+class BecomeOptions(mitogen.parent.Options):
+    """Options shared by the methods that become another user on a terminal (su, doas):
+    whom to become, the password, and how to recognise its prompts."""
+
+    def __init__(
+        self,
+        username: str | None = None,
+        password: str | None = None,
+        password_prompt: str | None = None,
+        incorrect_prompts: tuple | list | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.username = username or "root"
+        self.password = to_secret(password)
+        self.password_prompt = password_prompt
+        self.incorrect_prompts = tuple(incorrect_prompts or ())
+
+
 # ---------------------------------------------------------------------------------------------
 # PTYs and spawning
 # ---------------------------------------------------------------------------------------------
@@ -205,12 +224,9 @@ class PromptStream(StderrStream):
         self.conn = conn
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
-        try:
-            data = os.read(self.rfd, mitogen.core.CHUNK_SIZE)
-        except BlockingIOError:
+        data = mitogen.core.read_chunk(self.rfd)  # EIO: every holder of the tty has gone
+        if data is None:
             return
-        except OSError:  # EIO: every holder of the terminal has gone
-            data = b""
         if not data:
             if self._partial:
                 self._lines([self._partial])
