@@ -186,6 +186,17 @@ def build_payload(config: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_remote_name() -> str:
+    """user@host:pid of the process starting a child, as Mitogen names children."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return "%s@%s:%d" % (user, socket.gethostname(), os.getpid())
+
+
 class Options:
     """Options every connection method accepts; methods subclass it to add their own."""
 
@@ -567,7 +578,10 @@ class Connection:
                 str(len(self.payload))]
 
     def remote_name(self) -> str:
-        name = self.options.remote_name or self.options.name or self.stream_name
+        """What the child's argv[0] says it is; never empty, as a login shell (sudo -i, su)
+        would drop an empty argument."""
+        name = self.options.remote_name or self.options.name or self.stream_name or \
+            default_remote_name()
         return name.replace("/", "_").replace("'", "_")
 
     def make_stream_name(self, pid: int) -> str:
@@ -580,6 +594,16 @@ class Connection:
     def on_partial_output(self, data: bytes, boot: BootStream) -> bool:
         """Output without a newline yet (a prompt); return True when it was handled."""
         return False
+
+    def make_stderr_stream(self, fd: int) -> StderrStream:
+        """The stream that reads the child's stderr during boot; methods whose prompts
+        arrive there (on a PTY) return one that also looks for them."""
+        return StderrStream(fd, self.stream_name)
+
+    def diagnose(self, exc_class: type, reason: str, lines: list) -> tuple:
+        """Turn a failed boot into the exception a user can act on (a refused password, an
+        unknown host key); `lines` is what the child printed. The default keeps it."""
+        return exc_class, reason
 
     def start_child(self, args: list) -> Process:
         """Spawn the boot command with its stdio on a socketpair (or pipes) we keep one
@@ -662,7 +686,7 @@ class Connection:
         self._reaper = Reaper(self.broker, proc, self.stream_name)
         self._reaper.start()
         if proc.stderr is not None:
-            self._stderr = StderrStream(proc.stderr, self.stream_name)
+            self._stderr = self.make_stderr_stream(proc.stderr)
             self.broker.start_receive(self._stderr)
         self._boot = BootStream(self)
         mitogen.core.set_nonblock(proc.stdout)
@@ -683,6 +707,7 @@ class Connection:
         if self._stderr is not None:
             self._stderr.on_readable(self.broker)
             lines += self._stderr.lines
+        exc_class, reason = self.diagnose(exc_class, reason, lines)
         text = "%s: %s" % (self.stream_name, reason)
         if lines:
             text += "; last %d lines of output:\n  %s" % (len(lines[-ERROR_LINES:]),
@@ -909,8 +934,14 @@ class Router(mitogen.core.Router):
     def proxy_connect(self, via_context: Context, method_name: str, name: str | None = None,
                       **kwargs: Any) -> Context:
         context_id, stream_name = via_context.call(_proxy_connect, name, method_name, kwargs)
+        if context_id is None:
+            raise _connect_error(*stream_name)
         context = self.context_by_id(context_id, via_id=via_context.context_id,
                                      name=name or stream_name)
+        if name is None and via_context.name:
+            # Compose along the route: sudo.root started by ssh.host:22 is named
+            # ssh.host:22.sudo.root (the ADD_ROUTE that got here first used the short name).
+            context.name = "%s.%s" % (via_context.name, stream_name)
         context.via = via_context
         return context
 
@@ -1051,5 +1082,26 @@ def upgrade_router(econtext: Any) -> Router:
 def _proxy_connect(name: str | None, method_name: str, kwargs: dict, econtext: Any) -> tuple:
     """Runs in the `via` context: start the child there and report its ID and stream name."""
     router = upgrade_router(econtext)
-    context = router.connect(method_name, name=name, **kwargs)
+    try:
+        context = router.connect(method_name, name=name, **kwargs)
+    except (StreamError, TimeoutError) as e:
+        # Sent back as data, so that the caller raises the same class (PasswordError, ...)
+        # rather than a CallError wrapping it.
+        return None, ("%s.%s" % (type(e).__module__, type(e).__qualname__), str(e))
     return context.context_id, context.name
+
+
+def _connect_error(type_name: str, text: str) -> Exception:
+    """The exception a connection made by a `via` context failed with, rebuilt here when it
+    is one of mitogen's own connection errors, else a plain StreamError."""
+    module_name, _, class_name = type_name.rpartition(".")
+    if module_name == "mitogen" or module_name.startswith("mitogen."):
+        import importlib
+
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, (StreamError, TimeoutError)):
+            return cls(text)
+    return StreamError("%s: %s" % (type_name, text))

@@ -1,21 +1,307 @@
-"""The pytest11 entry point: ``--topology=FILE`` and friends.
+"""The pytest11 entry point: ``--topology=FILE`` and the fixtures that build a tree from it.
 
 Imports only pytest and the standard library at module level, so that loading the plugin costs
-nothing in test runs that do not ask for a topology.
+nothing in test runs that do not ask for a topology; the simulator itself is imported when a
+topology is given.
+
+Fixtures (all skip, with the reason printed, when ``--topology`` is not given):
+
+``sim_topology``  the parsed :class:`~simulator.topology.Topology` (session)
+``sim``           a :class:`Simulation`: the topology built on the chosen backend, a context
+                  per host and per account, the timeline, the seed (session; one per xdist
+                  worker, since each worker is its own session)
+``sim_faults``    a :class:`~simulator.faults.FaultInjector` on the backend, healed and
+                  checked after each test; every host is up again afterwards (function)
+``sim_testinfra`` ``sim_testinfra(host)`` -> a testinfra host for out-of-band checks (session)
+
+The session's tree is built before the first test that asks for it and before that test's
+function-scoped fixtures (pytest sets up wider scopes first), so the per-test leak check of
+``tests/conftest.py`` snapshots the running tree and only flags what a test itself leaves.
+
+At the end of the session a report is written to ``--topology-report`` (default
+``.sim/report``, one directory per xdist worker): the JSONL timeline, a PNG of it, and a
+summary in JSON and Markdown. A failing test gets the timeline of its own run attached.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
+
 import pytest
+
+if TYPE_CHECKING:
+    import mitogen.core
+    from simulator.backend import Backend
+    from simulator.faults import FaultInjector, Step
+    from simulator.timeline import Timeline
+    from simulator.topology import Topology
+
+__all__ = ["Simulation"]
+
+_TOPOLOGY_KEY = pytest.StashKey[Any]()
+_SIM_KEY = pytest.StashKey[Any]()
+_ITEM_START_KEY = pytest.StashKey[float]()
+BACKENDS = ("local", "docker")
+NO_TOPOLOGY = "no --topology given: the simulator's end-to-end tests need a topology file"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("topology", "topology simulator")
     group.addoption("--topology", metavar="FILE", default=None,
                     help="build the host tree described by FILE (YAML) for the tests")
-    group.addoption("--topology-backend", choices=("local", "docker"), default="local",
+    group.addoption("--topology-backend", choices=BACKENDS, default="local",
                     help="where the hosts live (default: local)")
     group.addoption("--topology-keep", action="store_true", default=False,
                     help="leave the topology up after a failure, for debugging")
     group.addoption("--topology-seed", type=int, default=None,
                     help="seed for fault schedules (default: the file's own seed)")
+    group.addoption("--topology-report", metavar="DIR", default=None,
+                    help="where to write the run's timeline and report "
+                         "(default: .sim/report under the root directory)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "topology: an end-to-end test on the --topology tree (skipped without it)")
+    path = config.getoption("topology", None)
+    if not path:
+        return
+    from simulator.topology import TopologyError, load_topology
+
+    try:
+        topology = load_topology(path)
+    except (TopologyError, OSError) as exc:
+        raise pytest.UsageError(f"--topology: {exc}") from None
+    config.stash[_TOPOLOGY_KEY] = topology
+
+
+def _topology_of(config: pytest.Config) -> Optional[Topology]:
+    return config.stash.get(_TOPOLOGY_KEY, None)
+
+
+def _seed(config: pytest.Config, topology: Topology) -> Optional[int]:
+    given = config.getoption("topology_seed", None)
+    return given if given is not None else topology.seed
+
+
+def _image_text(config: pytest.Config, topology: Topology) -> str:
+    if config.getoption("topology_backend") == "local":
+        return (f"none (local backend: every host runs {sys.executable}, "
+                f"python {sys.version.split()[0]})")
+    from simulator.images import image_tag
+
+    suites = sorted({host.suite for host in topology.hosts})
+    return ", ".join(image_tag(suite) for suite in suites)
+
+
+def pytest_report_header(config: pytest.Config) -> List[str]:
+    topology = _topology_of(config)
+    if topology is None:
+        return []
+    accounts = sum(len(h.accounts) - 1 for h in topology.hosts)
+    return [
+        f"topology: {topology.name} ({topology.source}): {len(topology.hosts)} hosts, "
+        f"{accounts} extra accounts, schedules: "
+        f"{', '.join(s.name for s in topology.schedules) or 'none'}",
+        f"topology backend: {config.getoption('topology_backend')}, "
+        f"seed: {_seed(config, topology)}",
+        f"topology images: {_image_text(config, topology)}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The simulation a session gets
+# --------------------------------------------------------------------------------------------
+
+
+class Simulation:
+    """A built topology: the model, the backend it runs on, its contexts and its timeline."""
+
+    def __init__(self, topology: Topology, backend: Backend, timeline: Timeline,
+                 seed: Optional[int], report_dir: str) -> None:
+        self.topology = topology
+        self.backend = backend
+        self.timeline = timeline
+        self.seed = seed
+        self.report_dir = report_dir
+        self.measures: Dict[str, Any] = {}
+
+    @property
+    def router(self) -> Any:
+        """The master's router (the test runner is the master)."""
+        return self.backend.router  # type: ignore[attr-defined]
+
+    def context(self, host: str, account: Optional[str] = None) -> mitogen.core.Context:
+        """The current context of a host (id or unique name) or of one of its accounts.
+
+        Ask again after a fault that ended contexts: healing starts new ones.
+        """
+        return self.backend.context(host, account)  # type: ignore[attr-defined]
+
+    def contexts(self) -> Dict[str, mitogen.core.Context]:
+        """Every current context by its name: hosts, then ``sudo:HOST:ACCOUNT``."""
+        found = {}
+        for host in self.topology.hosts:
+            found[host.name] = self.context(host.id)
+            for account in host.accounts:
+                if account.name != host.login:
+                    ctx = self.context(host.id, account.name)
+                    found[ctx.name] = ctx
+        return found
+
+    def host_of(self, context_id: int) -> str:
+        """The name of the host or account whose current context has this id."""
+        for name, ctx in self.contexts().items():
+            if ctx.context_id == context_id:
+                return name
+        return "master" if context_id == 0 else str(context_id)
+
+    def plan(self, schedule: str) -> List[Step]:
+        return self.topology.schedule(schedule).plan(self.topology, self.seed)
+
+    def injector(self) -> FaultInjector:
+        """A fault injector whose every step goes to the timeline."""
+        from simulator.faults import FaultInjector
+
+        def record(event: Any) -> None:
+            self.timeline.record("fault", time=event.time, **{
+                k: v for k, v in event.to_dict().items() if k != "time"})
+
+        return FaultInjector(self.backend, on_event=record)
+
+    def measure(self, name: str, value: Any) -> None:
+        """Keep a number for the report (``call_latency``, ``del_route``...)."""
+        self.measures.setdefault(name, []).append(value)
+
+
+def _make_backend(kind: str, timeline: Timeline) -> Backend:
+    if kind == "local":
+        from simulator.local import LocalBackend
+
+        return LocalBackend(timeline)
+    try:
+        from simulator.docker import DockerBackend  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise pytest.UsageError(f"--topology-backend=docker: not available here ({exc})")
+    return DockerBackend(timeline)  # pragma: no cover - built by another part
+
+
+def _report_dir(config: pytest.Config, topology: Topology) -> str:
+    base = config.getoption("topology_report", None) or os.path.join(
+        str(config.rootpath), ".sim", "report")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    leaf = topology.name if worker is None else f"{topology.name}-{worker}"
+    return os.path.join(base, leaf)
+
+
+@pytest.fixture(scope="session")
+def sim_topology(pytestconfig: pytest.Config) -> Topology:
+    topology = _topology_of(pytestconfig)
+    if topology is None:
+        pytest.skip(NO_TOPOLOGY)
+    return topology
+
+
+@pytest.fixture(scope="session")
+def sim(pytestconfig: pytest.Config, sim_topology: Topology) -> Iterator[Simulation]:
+    from simulator.timeline import Timeline
+
+    report_dir = _report_dir(pytestconfig, sim_topology)
+    timeline = Timeline(os.path.join(report_dir, "timeline.jsonl"))
+    backend = _make_backend(pytestconfig.getoption("topology_backend"), timeline)
+    simulation = Simulation(sim_topology, backend, timeline,
+                            _seed(pytestconfig, sim_topology), report_dir)
+    pytestconfig.stash[_SIM_KEY] = simulation
+    try:
+        backend.create(sim_topology)
+        simulation.measures["setup_seconds"] = getattr(backend, "build_seconds", None)
+        yield simulation
+    finally:
+        if pytestconfig.stash.get(_FAILED_KEY, False) and \
+                pytestconfig.getoption("topology_keep"):
+            sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up (on the local "
+                             f"backend it still ends with this process)\n")
+        else:
+            backend.destroy()
+        timeline.close()
+        _write_report(simulation)
+
+
+_FAILED_KEY = pytest.StashKey[bool]()
+
+
+def _write_report(simulation: Simulation) -> None:
+    from simulator.report import write_report
+
+    try:
+        simulation.report_paths = write_report(  # type: ignore[attr-defined]
+            simulation.timeline.events(), simulation.report_dir, simulation.topology,
+            simulation.measures)
+    except Exception as exc:  # a broken report must not hide the tests' outcome
+        sys.stderr.write(f"\nsimulator: could not write the report: {exc!r}\n")
+
+
+@pytest.fixture
+def sim_faults(sim: Simulation) -> Iterator[FaultInjector]:
+    """Faults for one test; all healed afterwards, and every host answers again."""
+    injector = sim.injector()
+    try:
+        yield injector
+    finally:
+        injector.heal_all()
+        injector.assert_healed()
+        sim.backend.heal_all()
+
+
+@pytest.fixture(scope="session")
+def sim_testinfra(sim: Simulation) -> Callable[[str], Any]:
+    """``sim_testinfra(host)``: a testinfra host that reaches ``host`` out of band."""
+    import testinfra
+
+    def get(host: str) -> Any:
+        sim.topology.host(host)  # a clear error for a host that is not in the topology
+        if sim.backend.name == "local":
+            return testinfra.get_host("local://")
+        placement = sim.backend.placement(host)
+        return testinfra.get_host(f"docker://{placement.where}")
+
+    return get
+
+
+# --------------------------------------------------------------------------------------------
+# Timeline per test, attached to failures
+# --------------------------------------------------------------------------------------------
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_ITEM_START_KEY] = time.monotonic()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    simulation = item.config.stash.get(_SIM_KEY, None)
+    if simulation is None or "sim" not in getattr(item, "fixturenames", ()):
+        return report
+    if report.when == "call":
+        simulation.timeline.record("test", nodeid=item.nodeid, outcome=report.outcome)
+    if report.failed:
+        item.config.stash[_FAILED_KEY] = True
+        since = item.stash.get(_ITEM_START_KEY, None)
+        report.sections.append((f"simulator timeline ({report.when})",
+                                simulation.timeline.format(since=since)))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    simulation = config.stash.get(_SIM_KEY, None)
+    if simulation is None:
+        return
+    paths = getattr(simulation, "report_paths", None)
+    if paths:
+        terminalreporter.write_sep("-", "simulator report")
+        for path in paths:
+            terminalreporter.write_line(str(path))

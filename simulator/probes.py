@@ -1,0 +1,141 @@
+"""Small functions the simulator runs *inside* contexts of the tree.
+
+They are imported by children over the wire, so this module uses nothing but the standard
+library and :mod:`mitogen.core` (which every context has): importing it costs a child one
+small module, where importing :mod:`simulator.local` would drag in PyYAML and the whole model.
+
+Times are ``time.monotonic()`` values. On Linux that clock (CLOCK_MONOTONIC) is shared by every
+process of the machine, so on the local backend times taken in different contexts can be
+subtracted from one another: that is how DEL_ROUTE propagation is measured hop by hop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import mitogen.core
+
+__all__ = [
+    "disconnect_times",
+    "dropped_count",
+    "identity",
+    "install_ping",
+    "open_receiver",
+    "pids",
+    "receive_delays",
+    "send_stamps",
+    "start_route_trace",
+    "take_route_trace",
+    "watch_disconnects",
+]
+
+#: context id -> monotonic time at which this context learned that it is gone.
+_seen_gone: Dict[int, float] = {}
+
+
+def pids() -> Tuple[int, int]:
+    """This context's pid and its parent's (on the local backend: the link relay's)."""
+    return os.getpid(), os.getppid()
+
+
+def identity(value: object) -> object:
+    """A no-op call, for measuring call latency along a path."""
+    return value
+
+
+@mitogen.core.takes_router
+def install_ping(router: Optional[mitogen.core.Router] = None) -> int:
+    """Answer pings on the broker thread; return the handle to send them to.
+
+    Keepalives must not queue behind user calls on the main thread (a test may keep it busy
+    with a long call on purpose), so they are answered by a handler, not by ``call()``.
+    """
+
+    def answer(msg: mitogen.core.Message) -> None:
+        if not msg.is_dead:
+            msg.reply(time.monotonic())
+
+    assert router is not None
+    return router.add_handler(answer)
+
+
+@mitogen.core.takes_router
+def watch_disconnects(context_ids: List[int], router: Optional[mitogen.core.Router] = None) -> None:
+    """Note the moment this context learns that each of ``context_ids`` is gone.
+
+    An intermediate context fires a context's ``disconnect`` when it drops the route to it
+    (its child stream died, or DEL_ROUTE came up from below); a leaf when DEL_ROUTE comes down.
+    """
+    assert router is not None
+    for context_id in context_ids:
+        _seen_gone.pop(context_id, None)
+        context = router.context_by_id(context_id)
+        mitogen.core.listen(context, "disconnect", _make_recorder(context_id))
+
+
+def _make_recorder(context_id: int):
+    def record() -> None:
+        _seen_gone.setdefault(context_id, time.monotonic())
+    return record
+
+
+def disconnect_times(context_ids: List[int]) -> Dict[int, float]:
+    """The times noted by :func:`watch_disconnects` so far, for ``context_ids``."""
+    return {cid: _seen_gone[cid] for cid in context_ids if cid in _seen_gone}
+
+
+@mitogen.core.takes_router
+def start_route_trace(router: Optional[mitogen.core.Router] = None) -> None:
+    """Start noting every message this context forwards (see ``Router.route_trace``)."""
+    assert router is not None
+    router.route_trace = []
+
+
+@mitogen.core.takes_router
+def take_route_trace(router: Optional[mitogen.core.Router] = None) -> List[Tuple[int, ...]]:
+    """Stop noting forwarded messages; return what was noted."""
+    assert router is not None
+    trace = list(router.route_trace or ())
+    router.route_trace = None
+    return trace
+
+
+@mitogen.core.takes_router
+def dropped_count(router: Optional[mitogen.core.Router] = None) -> int:
+    """How many messages this context's router refused (source verification and others)."""
+    assert router is not None
+    return router.dropped_count
+
+
+_receivers: Dict[int, mitogen.core.Receiver] = {}
+
+
+@mitogen.core.takes_router
+def open_receiver(router: Optional[mitogen.core.Router] = None) -> mitogen.core.Sender:
+    """A receiver here, and a Sender for it that any context may use (siblings may not
+    call each other, but they may send to each other)."""
+    assert router is not None
+    recv = mitogen.core.Receiver(router)
+    _receivers[recv.handle] = recv
+    return recv.to_sender()
+
+
+def send_stamps(sender: mitogen.core.Sender, count: int) -> int:
+    """Send ``count`` messages, each carrying the moment it was sent."""
+    for _ in range(count):
+        sender.send(time.monotonic())
+    return count
+
+
+def receive_delays(handle: int, count: int, timeout: float = 10.0) -> List[float]:
+    """Receive ``count`` stamps from :func:`send_stamps`; how long each took to arrive.
+
+    Only meaningful where both contexts share the monotonic clock (one machine).
+    """
+    recv = _receivers.pop(handle)
+    try:
+        return [time.monotonic() - recv.get(timeout=timeout).unpickle() for _ in range(count)]
+    finally:
+        recv.close()
