@@ -596,7 +596,7 @@ class DockerBackend(Backend):
     def _start_containers(self, host_ids: Sequence[str]) -> None:
         def start(host_id: str) -> None:
             state = self._states[host_id]
-            since = time.time() - 1
+            since = time.time()
             state.container.start()
             try:
                 images.wait_node_ready(state.container, timeout=READY_TIMEOUT, since=since)
@@ -960,7 +960,7 @@ class DockerBackend(Backend):
         if isinstance(fault, Kill):
             return self._apply_kill(fault, state)
         if isinstance(fault, Restart):
-            since = time.time() - 1
+            since = time.time()
             state.container.restart(timeout=int(fault.grace))
             self._wait_down(target)
             images.wait_node_ready(state.container, timeout=READY_TIMEOUT, since=since)
@@ -1031,10 +1031,15 @@ class DockerBackend(Backend):
             rules = self._rules(state, "DROP", fault.direction)
             self._insert_rules(target, rules)
             return _Handle(fault, target, ("rules", "revive"), tuple(rules))
+        # Live streams first (the relay resets them now), then refuse everything after:
+        # once the rules are in, the next keepalive is answered by a RST and ends the relay.
+        try:
+            self.relay(target, lambda c: c.fault("reset"))
+        except BackendError:
+            pass  # the link is already gone: the rules alone keep it down
         rules = self._rules(state, "REJECT --reject-with tcp-reset", fault.direction,
                             ("-p", "tcp"))
         self._insert_rules(target, rules)
-        self.relay(target, lambda c: c.fault("reset"))
         return _Handle(fault, target, ("rules", "revive"), tuple(rules))
 
     def _apply_stream(self, fault: StreamFault, state: _HostState) -> _Handle:
