@@ -18,7 +18,7 @@ fault                      local effect
 ``kill`` (crash)           SIGKILL the host's context and account processes
 ``kill`` (stop)            SIGTERM, then SIGKILL after ``grace``
 ``restart``                stop, then start the host's subtree again
-``pause``                  SIGSTOP / SIGCONT the host's processes
+``pause``                  SIGSTOP / SIGCONT the host's context (not its accounts)
 ``partition`` drop         relay *stall* (bytes wait, none are lost, as TCP under loss)
 ``partition`` reset/unplug relay *reset*: both ends see the stream close
 ``latency``, ``bandwidth`` relay settings, restored to the link's own on heal
@@ -248,7 +248,7 @@ class LocalBackend(Backend):
     def _control_path(self, host: Host) -> str:
         assert self._dir is not None
         index = [h.id for h in self.topology.hosts].index(host.id)
-        return os.path.join(self._dir, f"h{index}.sock")
+        return os.path.join(self._dir, f"h{index}-{host.name[:40]}.sock")  # AF_UNIX: 108 max
 
     def _python_path(self, host: Host, control: str) -> List[str]:
         """The relay, told the link's steady properties, running the host's interpreter."""
@@ -385,10 +385,13 @@ class LocalBackend(Backend):
         self._signal(state.pids(), getattr(signal_module, signal))
 
     def pause(self, host: str) -> None:
+        """Freeze the host's context. Its account contexts stay runnable: every message to
+        or from them crosses the frozen context anyway, and a frozen orphan could never
+        end, while these end by themselves once the host's context is gone (a killed runner:
+        the host's relay kills the frozen host after its linger time)."""
         state = self.state(host)
-        pids = state.pids()
-        self._signal(pids, signal_module.SIGSTOP)
-        self._paused[state.host.id] = pids
+        self._signal([state.pid], signal_module.SIGSTOP)
+        self._paused[state.host.id] = [state.pid]
 
     def unpause(self, host: str) -> None:
         host_id = self.topology.host(host).id

@@ -199,8 +199,11 @@ def _record_propagation(sim, fault: str, rack, lost, ancestors, master_seen,
                             seconds=master_seen[rack_id] - began, time=master_seen[rack_id])
 
 
-def test_killing_a_rack_fails_its_subtree_fast_and_spares_the_rest(sim, sim_faults):
+def test_killing_a_rack_fails_its_subtree_fast_and_spares_the_rest(sim, sim_faults,
+                                                                    sim_testinfra):
     rack = _host(sim, "rack12", "rack")
+    old_pids = [pid for below in sim.topology.subtree(rack)
+                for pid in sim.backend.state(below.id).pids()]
     lost = _subtree_contexts(sim, rack)
     others = _others(sim, rack)
     events, ancestors, master_seen = _watch(sim, rack, lost)
@@ -218,6 +221,11 @@ def test_killing_a_rack_fails_its_subtree_fast_and_spares_the_rest(sim, sim_faul
     routes = sim.router.get_routes()
     assert not {ctx.context_id for ctx in lost.values()} & set(routes)
     _answers(others)
+    # Out of band: nothing of the lost subtree still runs on its hosts.
+    assert sim.backend.wait_gone(old_pids, 5.0) == []
+    infra = sim_testinfra(rack.id)
+    running = {p.pid for p in infra.process.filter()}
+    assert not running & set(old_pids)
 
 
 def test_a_silent_partition_is_detected_within_the_keepalive_bound(sim, sim_faults):
