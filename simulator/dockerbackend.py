@@ -790,6 +790,15 @@ class DockerBackend(Backend):
         return Placement(state.host.id, state.container.name, address=state.uplink,
                          labels={"backend": "docker", "container": state.container.id[:12]})
 
+    def running(self, host: str) -> bool:
+        """Whether the host's container runs (paused counts as running)."""
+        state = self.state(host)
+        try:
+            state.container.reload()
+        finally:
+            self._release()
+        return state.container.status in ("running", "paused")
+
     def container_pid(self, host: str) -> int:
         """The host's init process as the machine sees it (for nsenter and /proc/PID/root)."""
         state = self.state(host)
