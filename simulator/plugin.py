@@ -78,6 +78,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_TOPOLOGY_KEY] = topology
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """On the docker backend every test of the tree needs Docker: mark it so."""
+    if _topology_of(config) is None or config.getoption("topology_backend") != "docker":
+        return
+    for item in items:
+        if "sim" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+
+
 def _topology_of(config: pytest.Config) -> Optional[Topology]:
     return config.stash.get(_TOPOLOGY_KEY, None)
 
@@ -183,10 +192,13 @@ def _make_backend(kind: str, timeline: Timeline) -> Backend:
 
         return LocalBackend(timeline)
     try:
-        from simulator.docker import DockerBackend  # type: ignore[import-not-found]
+        from simulator.dockerbackend import DockerBackend, docker_unavailable
     except ImportError as exc:
         raise pytest.UsageError(f"--topology-backend=docker: not available here ({exc})")
-    return DockerBackend(timeline)  # pragma: no cover - built by another part
+    reason = docker_unavailable()
+    if reason:  # only a missing engine skips; CI (MITOGEN_REQUIRE_EXTERNAL=1) fails on it
+        pytest.skip(f"--topology-backend=docker: {reason}")
+    return DockerBackend(timeline)
 
 
 def _report_dir(config: pytest.Config, topology: Topology) -> str:

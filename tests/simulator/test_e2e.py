@@ -4,18 +4,24 @@ Without ``--topology`` every test here is skipped, with the reason printed. The 
 tree is shared by the tests; each test that breaks part of it heals it (the ``sim_faults``
 fixture starts every host again), and the shutdown test builds a tree of its own.
 
-Bounds (also stated in the README): on the local backend a crash fails every pending call into
-the lost subtree within 1 s; a silent partition is detected by the keepalive emulation within
+Bounds (also stated in the README): a crash fails every pending call into the lost subtree
+within 1 s on the local backend, 2 s on the docker backend; a silent partition is detected by
+the keepalives (emulated on local, ssh's own on docker) within
 ``keepalive_interval * (keepalive_count + 1)`` seconds (8 s for dc.yml) plus 1 s; the master's
-shutdown leaves no process of the tree within 5 s.
+shutdown leaves no process of the tree within 5 s (on docker: no process on any host that was
+not there before, and no file that the bootstrap wrote).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
+import socket
+import sys
 import threading
 import time
+import uuid
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
@@ -25,7 +31,7 @@ from simulator import probes
 from simulator.faults import Kill, Partition, run_plan
 from tests.support import funcs
 
-CRASH_BOUND = 1.0
+CRASH_BOUND = {"local": 1.0, "docker": 2.0}
 SHUTDOWN_BOUND = 5.0
 CALL_TIMEOUT = 30.0
 
@@ -107,8 +113,12 @@ def test_every_host_and_account_is_reachable_from_the_master(sim):
             assert ctx.call(probes.identity, name) == name
             sim.timeline.record("call", path=f"master -> {name}",
                                 seconds=time.monotonic() - began)
-        if name in {h.name for h in sim.topology.hosts}:
+        if name not in {h.name for h in sim.topology.hosts}:
+            continue
+        if sim.backend.name == "local":
             assert sim.backend.placement(name).where.startswith(f"local pid {pid} ")
+        else:  # each host is a machine of its own: the context runs on the right one
+            assert ctx.call(socket.gethostname) == name
 
 
 def test_a_call_between_the_webapps_takes_the_tree_path_hop_by_hop(sim):
@@ -192,9 +202,12 @@ def _record_propagation(sim, fault: str, rack, lost, ancestors, master_seen,
 def test_killing_a_rack_fails_its_subtree_fast_and_spares_the_rest(sim, sim_faults,
                                                                     sim_testinfra):
     rack = _host(sim, "rack12", "rack")
-    old_pids = [pid for below in sim.topology.subtree(rack)
-                for pid in sim.backend.state(below.id).pids()]
     lost = _subtree_contexts(sim, rack)
+    if sim.backend.name == "local":
+        old_pids = [pid for below in sim.topology.subtree(rack)
+                    for pid in sim.backend.state(below.id).pids()]
+    else:  # per host: each container has its own pid namespace
+        old_by_host = _context_pids(sim, rack)
     others = _others(sim, rack)
     events, ancestors, master_seen = _watch(sim, rack, lost)
     pending = {name: ctx.call_async(funcs.sleep_forever) for name, ctx in lost.items()}
@@ -205,17 +218,45 @@ def test_killing_a_rack_fails_its_subtree_fast_and_spares_the_rest(sim, sim_faul
         with pytest.raises(mitogen.core.ChannelError):
             recv.get(timeout=CALL_TIMEOUT)
         failed_at[name] = time.monotonic() - began
-    assert max(failed_at.values()) <= CRASH_BOUND, failed_at
+    assert max(failed_at.values()) <= CRASH_BOUND[sim.backend.name], failed_at
     assert all(event.wait(5.0) for event in events.values())
     _record_propagation(sim, "kill", rack, lost, ancestors, master_seen, began)
     routes = sim.router.get_routes()
     assert not {ctx.context_id for ctx in lost.values()} & set(routes)
     _answers(others)
     # Out of band: nothing of the lost subtree still runs on its hosts.
+    if sim.backend.name != "local":
+        assert _left_running(sim, old_by_host, 5.0) == {}
+        return
     assert sim.backend.wait_gone(old_pids, 5.0) == []
     infra = sim_testinfra(rack.id)
     running = {p.pid for p in infra.process.filter()}
     assert not running & set(old_pids)
+
+
+def _context_pids(sim, top) -> Dict[str, set]:
+    """Per host of ``top``'s subtree, the pids (as the host sees them) of its contexts."""
+    found = {}
+    for below in sim.topology.subtree(top):
+        contexts = [sim.context(below.id), *(sim.context(below.id, a.name)
+                                             for a in below.accounts if a.name != below.login)]
+        found[below.id] = {ctx.call(probes.pids)[0] for ctx in contexts}
+    return found
+
+
+def _left_running(sim, pids_by_host: Dict[str, set], timeout: float) -> Dict[str, List[int]]:
+    """Which of these processes still run after ``timeout`` (seen out of band; a host that
+    is down runs nothing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {}
+        for host, pids in pids_by_host.items():
+            if sim.backend.running(host):
+                alive = pids & {p.pid for p in sim.backend.processes(host)}
+                if alive:
+                    left[host] = sorted(alive)
+        if not left or time.monotonic() >= deadline:
+            return left
 
 
 def test_a_silent_partition_is_detected_within_the_keepalive_bound(sim, sim_faults):
@@ -272,9 +313,11 @@ def test_a_compromised_node_cannot_forge_the_master_or_a_sibling(sim, tmp_path):
     before = {name: ctx.call(probes.dropped_count) for name, ctx in contexts.items()}
     master_before = sim.router.get_stats()["dropped_message_count"]
     flag = _Flag("cannot arrive on this stream")
-    ctx_logger = logging.getLogger(f"mitogen.ctx.{rack.name}")
+    ctx_logger = logging.getLogger(f"mitogen.ctx.{sim.context(rack.id).name}")
     ctx_logger.addHandler(flag)
-    path = str(tmp_path / "forged")
+    # A directory every host has, so that a forged call that ran would leave the file.
+    path = (str(tmp_path / "forged") if sim.backend.name == "local"
+            else f"/tmp/mitogen-sim-forged-{uuid.uuid4().hex}")
     forged = []
     try:
         sibling_id = sim.context(sibling.id).context_id
@@ -297,6 +340,9 @@ def test_a_compromised_node_cannot_forge_the_master_or_a_sibling(sim, tmp_path):
     assert grown == {rack.name: len(forged)}  # dropped at the first hop, and only there
     assert sim.router.get_stats()["dropped_message_count"] == master_before
     assert not os.path.exists(path)  # nothing ran anywhere
+    if sim.backend.name != "local":
+        for host in sim.topology.hosts:
+            assert sim.backend.exec(host.id, ["test", "-e", path]).returncode == 1, host.id
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,8 +351,9 @@ def test_a_compromised_node_cannot_forge_the_master_or_a_sibling(sim, tmp_path):
 
 
 def test_master_shutdown_leaves_no_process_within_bound(sim):
-    if sim.backend.name != "local":
-        pytest.skip("this test builds a second tree with the local backend")
+    if sim.backend.name == "docker":
+        _docker_shutdown(sim)
+        return
     from simulator.local import LocalBackend
 
     backend = LocalBackend(keepalive=False)  # its own timeline: a second tree, not the session's
@@ -331,6 +378,49 @@ def test_master_shutdown_leaves_no_process_within_bound(sim):
         assert not _processes_mentioning(backend._dir)  # no relay of this tree is left
     finally:
         backend.destroy()
+
+
+def _docker_shutdown(sim) -> None:
+    """A second master builds the whole tree over the session's containers and shuts down:
+    every process it caused on any host ends within the bound, and no host's disk differs
+    from the baseline the backend took after set-up (``docker diff``)."""
+    import mitogen.master
+
+    backend = sim.backend
+    hosts = [h.id for h in sim.topology.hosts]
+    before = {h: {p.pid for p in backend.processes(h)} for h in hosts}
+    router = mitogen.master.Router()
+    try:
+        contexts = backend.connect_tree(router)
+        for name, ctx in contexts.items():
+            assert ctx.call(probes.identity, name) == name
+        during = {h: {p.pid for p in backend.processes(h)} for h in hosts}
+        assert all(during[h] - before[h] for h in hosts), "the second tree runs nowhere"
+        gone_at: Dict[str, float] = {}
+        for name, ctx in contexts.items():
+            mitogen.core.listen(ctx, "disconnect", _stamp_name(gone_at, name))
+        began = time.monotonic()
+        sim.timeline.record("shutdown", step="begin", hosts=len(hosts))
+    finally:
+        router.broker.shutdown()
+        router.broker.join()
+    left: Dict[str, List[str]] = {}
+    while time.monotonic() < began + SHUTDOWN_BOUND:
+        now = {h: backend.processes(h) for h in hosts}
+        left = {h: [p.command for p in procs if p.pid not in before[h]]
+                for h, procs in now.items()}
+        left = {h: commands for h, commands in left.items() if commands}
+        if not left:
+            break
+    elapsed = time.monotonic() - began
+    for name, seen in sorted(gone_at.items(), key=lambda item: item[1]):
+        sim.timeline.record("shutdown", step="context_gone", host=name,
+                            seconds=seen - began, time=seen)
+    sim.timeline.record("shutdown", step="tree_gone_measured", seconds=elapsed)
+    assert left == {}
+    assert elapsed <= SHUTDOWN_BOUND
+    changed = {h: sorted(backend.diff(h) - backend.baseline[h]) for h in hosts}
+    assert {h: c for h, c in changed.items() if c} == {}
 
 
 def _all_contexts(backend, topology) -> Dict[str, mitogen.core.Context]:
@@ -361,6 +451,26 @@ def _processes_mentioning(text: str) -> List[int]:
             except OSError:
                 pass
     return found
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Interpreters
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_host_runs_its_own_python(sim):
+    """Each host's context runs the interpreter its image gives it (mixed-python.yml mixes
+    3.9, 3.11, 3.13 and 3.14 in one tree); on the local backend every host is the runner's."""
+    seen = {}
+    for host in sim.topology.hosts:
+        version = sim.context(host.id).call(platform.python_version)
+        seen[host.name] = ".".join(version.split(".")[:2])
+    if sim.backend.name == "local":
+        mine = "%d.%d" % sys.version_info[:2]
+        expected = {host.name: mine for host in sim.topology.hosts}
+    else:
+        expected = {host.name: host.python[len("python"):] for host in sim.topology.hosts}
+    assert seen == expected
 
 
 # --------------------------------------------------------------------------------------------
