@@ -318,7 +318,7 @@ class _Handle:
 
     fault: Fault
     target: str
-    undo: Tuple[str, ...]  # any of: unpause, rules, relay, cont, link_up, revive
+    undo: Tuple[str, ...]  # any of: unpause, rules, relay, cont, link_up, revive, qdiscs
     rules: Tuple[Tuple[str, ...], ...] = ()
 
 
@@ -992,8 +992,7 @@ class DockerBackend(Backend):
             self.relay(target, lambda c: c.set(latency=fault.delay, jitter=fault.jitter))
             return _Handle(fault, target, ("relay",))
         if isinstance(fault, Bandwidth):
-            self.relay(target, lambda c: c.set(bandwidth=fault.rate / 8.0))
-            return _Handle(fault, target, ("relay",))
+            return self._apply_bandwidth(fault, state)
         if isinstance(fault, Loss):
             rules = self._loss_rules(state, fault.fraction)
             self._insert_rules(target, rules)
@@ -1002,6 +1001,57 @@ class DockerBackend(Backend):
             return self._apply_stream(fault, state)
         raise BackendError(f"the docker backend cannot apply {fault.KIND!r} faults; it can do "
                            f"{', '.join(sorted(_SUPPORTED))}")
+
+    def _apply_bandwidth(self, fault: Bandwidth, state: _HostState) -> _Handle:
+        """Shape the edge with the kernel: tbf on the host's uplink (what it sends up), and
+        an htb class for the host's address on its parent's interface (what comes down).
+        A root host's parent side is the runner's own machine, whose qdiscs are not ours to
+        touch: there the downward direction is shaped by the edge's relay instead."""
+        target = state.host.id
+        rate = max(8000, int(fault.rate))
+        burst = max(16000, rate // 8 // 100)  # 10 ms worth of bytes, as tbf needs >= rate/HZ
+        uplink = self._interface_toward_parent(target)
+        self._nsenter(target, ["tc", "qdisc", "replace", "dev", uplink, "root", "tbf", "rate",
+                               f"{rate}bit", "burst", str(burst), "latency", "400ms"])
+        qdiscs: List[Tuple[str, ...]] = [(target, uplink)]
+        parent = state.host.parent
+        if parent is None:
+            self.relay(target, lambda c: c.set(bandwidth=rate / 8.0, direction="downstream"))
+            return _Handle(fault, target, ("qdiscs", "relay"), tuple(qdiscs))
+        down = self._interface_with(parent, self._segments[parent].address(parent))
+        classid = f"1:{state.index + 2:x}"
+        self._nsenter(parent, ["tc", "qdisc", "replace", "dev", down, "root", "handle", "1:",
+                               "htb", "default", "1"])
+        self._nsenter(parent, ["tc", "class", "replace", "dev", down, "parent", "1:",
+                               "classid", classid, "htb", "rate", f"{rate}bit",
+                               "burst", str(burst)])
+        self._nsenter(parent, ["tc", "filter", "replace", "dev", down, "parent", "1:",
+                               "protocol", "ip", "prio", "1", "u32", "match", "ip", "dst",
+                               f"{state.uplink}/32", "flowid", classid])
+        qdiscs.append((parent, down))
+        return _Handle(fault, target, ("qdiscs",), tuple(qdiscs))
+
+    def _interface_with(self, host_id: str, address: str) -> str:
+        """The name of the interface of `host_id` that holds `address`."""
+        pid = self.container_pid(host_id)
+        done = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "-4", "addr"],
+                              capture_output=True, timeout=30, check=True, text=True)
+        for line in done.stdout.splitlines():
+            if f" {address}/" in line:
+                return line.split()[1].split("@")[0]
+        raise BackendError(f"{host_id!r} has no interface with {address}")
+
+    def log_tails(self, lines: int = 20) -> Dict[str, str]:
+        """The last `lines` lines of every container's log (sshd and the node set-up),
+        for the report of a failing test."""
+        tails = {}
+        for host_id, state in list(self._states.items()):
+            try:
+                text = state.container.logs(tail=lines).decode(errors="replace")
+            except Exception as e:  # the container may be gone: say so, do not fail
+                text = f"(no log: {e})"
+            tails[host_id] = text.rstrip()
+        return tails
 
     def _apply_kill(self, fault: Kill, state: _HostState) -> _Handle:
         target = state.host.id
@@ -1085,6 +1135,10 @@ class DockerBackend(Backend):
                                       handle.fault.process_match])  # type: ignore[attr-defined]
         if "rules" in handle.undo:
             self._delete_rules(handle.target, handle.rules)
+        if "qdiscs" in handle.undo:
+            for host_id, device in handle.rules:
+                if self._states[host_id].alive:
+                    self._nsenter(host_id, ["tc", "qdisc", "del", "dev", device, "root"])
         if "link_up" in handle.undo:
             self._nsenter(handle.target, ["ip", "link", "set", "dev", handle.rules[0][0], "up"])
         if "relay" in handle.undo and state.alive:

@@ -305,6 +305,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
         since = item.stash.get(_ITEM_START_KEY, None)
         report.sections.append((f"simulator timeline ({report.when})",
                                 simulation.timeline.format(since=since)))
+        tails = getattr(simulation.backend, "log_tails", None)
+        if tails is not None:
+            text = "\n".join(f"--- {host}\n{tail}" for host, tail in tails().items())
+            report.sections.append((f"container logs ({report.when})", text))
     return report
 
 

@@ -229,7 +229,7 @@ def test_one_way_partition(healed, direction):
 
 
 @pytest.mark.docker
-def test_latency_and_bandwidth_come_from_the_relay(healed):
+def test_latency_comes_from_the_relay_and_bandwidth_from_tbf(healed):
     ctx = healed.context("leaf")
 
     def round_trip() -> float:
@@ -244,11 +244,19 @@ def test_latency_and_bandwidth_come_from_the_relay(healed):
     assert slow >= steady + 0.35, (steady, slow)  # 200 ms each way
     assert min(round_trip() for _ in range(3)) < steady + 0.1
     handle = healed.apply(Bandwidth("leaf", rate="2mbit"))
+    qdiscs = _qdiscs(healed, "leaf") + _qdiscs(healed, "gate")
     began = time.monotonic()
     # 4 Mbit each way, over a second at 2 Mbit/s; random, as ssh compresses the stream.
     ctx.call(probes.identity, os.urandom(500_000))
     healed.heal(handle)
     assert time.monotonic() - began >= 1.5
+    assert "qdisc tbf" in qdiscs and "qdisc htb" in qdiscs, qdiscs
+    assert "tbf" not in _qdiscs(healed, "leaf") and "htb" not in _qdiscs(healed, "gate")
+
+
+def _qdiscs(backend, host: str) -> str:
+    return subprocess.run(["nsenter", "-t", str(backend.container_pid(host)), "-n", "tc",
+                           "qdisc", "show"], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.docker
