@@ -1,15 +1,14 @@
 """Command line for people: ``python -m simulator check|up|status|down FILE``.
 
 ``check FILE``   parse the topology and print its hosts and the context plan (no processes)
-``up FILE``      build the tree on the local backend, print where each host runs, and keep it
-                 up until Ctrl-C or SIGTERM: a local tree is a tree of contexts of *this*
-                 process, so it lives exactly as long as the command does
+``up FILE``      build the tree (``--backend local``, the default, or ``docker``), print where
+                 each host runs, and keep it up until Ctrl-C or SIGTERM: the tree's contexts
+                 belong to *this* process, so it lives exactly as long as the command does
 ``status``       list the local trees running on this machine (from ``up`` or from pytest),
                  with each link relay's byte counts and faults
 ``down [FILE]``  stop the ``up`` commands running on this machine (all, or those of FILE) and
-                 sweep the control directories of runs that were killed
-
-Only the local backend is handled here; the docker backend's lifecycle has its own tools.
+                 sweep what killed runs left: local control directories, and containers and
+                 networks whose runner is gone (when a Docker engine answers)
 """
 
 from __future__ import annotations
@@ -47,8 +46,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def _backend(name: str, timeline, keepalive: bool):
+    if name == "docker":
+        from simulator.dockerbackend import DockerBackend
+
+        return DockerBackend(timeline)
     from simulator.local import LocalBackend
+
+    return LocalBackend(timeline, keepalive=keepalive)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
     from simulator.timeline import Timeline
 
     topology = _load(args.file)
@@ -56,11 +64,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     with Timeline(args.timeline) as timeline:
-        backend = LocalBackend(timeline, keepalive=not args.no_keepalive)
+        backend = _backend(args.backend, timeline, keepalive=not args.no_keepalive)
         try:
             backend.create(topology)
             print(f"{topology.name} is up in {backend.build_seconds:.2f} s "
-                  f"(local backend, this process: pid {os.getpid()})", flush=True)
+                  f"({args.backend} backend, this process: pid {os.getpid()})", flush=True)
             for host in topology.hosts:
                 placement = backend.placement(host.id)
                 context = backend.context(host.id)
@@ -126,9 +134,30 @@ def cmd_down(args: argparse.Namespace) -> int:
     swept = sweep_stale_dirs()
     if swept:
         print(f"removed {len(swept)} stale control directories")
+    for name in _sweep_docker():
+        print(f"removed {name}")
     if not stopped:
         print("no `up` command was running")
     return 0
+
+
+def _sweep_docker() -> List[str]:
+    """Containers and networks of dead runs, if a Docker engine is there to ask."""
+    try:
+        import docker
+
+        from simulator.dockerbackend import sweep_stale
+    except ImportError:
+        return []
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception:
+        return []
+    try:
+        return sweep_stale(client)
+    finally:
+        client.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,8 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--seed", type=int, default=None)
     check.set_defaults(run=cmd_check)
-    up = sub.add_parser("up", help="build FILE's tree locally and keep it up until Ctrl-C")
+    up = sub.add_parser("up", help="build FILE's tree and keep it up until Ctrl-C")
     up.add_argument("file")
+    up.add_argument("--backend", choices=("local", "docker"), default="local")
     up.add_argument("--timeline", default=None, help="write the JSONL timeline here")
     up.add_argument("--no-keepalive", action="store_true",
                     help="do not emulate ssh keepalives on the links")
