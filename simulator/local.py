@@ -262,7 +262,7 @@ class LocalBackend(Backend):
                      "--jitter", repr(min(link.jitter, link.latency))]
         if link.rate:
             argv += ["--bandwidth", repr(link.rate / 8.0)]
-        return [*argv, "--exec", "--", sys.executable]
+        return [*argv, "--exec", "--", self.interpreter(host.id)]
 
     def connect_spec(self, host: str, account: Optional[str] = None) -> ConnectSpec:
         """The local method, its interpreter wrapped by the link relay (hosts) or not
@@ -274,7 +274,14 @@ class LocalBackend(Backend):
                                          "python_path": self._python_path(found, control)})
         found.account(account)
         return ConnectSpec("local", {"name": f"sudo:{found.name}:{account}",
-                                     "python_path": [sys.executable]})
+                                     "python_path": [self.interpreter(found.id)]})
+
+    def interpreter(self, host: str) -> str:
+        """The interpreter a host's contexts run: the one its image names (``python3.9``) if
+        this machine has it, else the runner's own, so that a tree mixing versions can be
+        tried without Docker wherever those interpreters are installed."""
+        wanted = self.topology.host(host).python
+        return _find_python(wanted) or sys.executable
 
     def _start_tree(self, topology: Topology) -> None:
         """Start every host as soon as its parent is up: separate subtrees are built at
@@ -646,6 +653,26 @@ class _KeepaliveMonitor(threading.Thread):
             parent_fine = parent is None or silent.get(parent, 0.0) < bound
             if quiet >= bound and parent_fine and state.alive:
                 self.backend.give_up_link(state.host.id, quiet)
+
+
+def _find_python(name: str) -> Optional[str]:
+    """``python3.9`` on PATH (not a pyenv shim, which may refuse to run) or under pyenv."""
+    found = shutil.which(name)
+    if found and "/shims/" not in found:
+        return found
+    version = name[len("python"):]
+    if not version or not all(part.isdigit() for part in version.split(".")):
+        return None
+    root = os.path.expanduser("~/.pyenv/versions")
+    try:
+        candidates = sorted(d for d in os.listdir(root) if d.startswith(version + "."))
+    except OSError:
+        return None
+    for directory in reversed(candidates):
+        path = os.path.join(root, directory, "bin", name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def _current_user() -> str:
