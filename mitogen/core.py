@@ -50,6 +50,50 @@ else:
     # Running as a child's main script: ExternalContext.main() builds a synthetic package.
     mitogen = None
 
+__all__ = [
+    'ADD_ROUTE',
+    'ALLOCATE_ID',
+    'CALL_FUNCTION',
+    'CALL_SERVICE',
+    'DEL_ROUTE',
+    'DETACHING',
+    'FORWARD_LOG',
+    'FORWARD_MODULE',
+    'GET_MODULE',
+    'IS_DEAD',
+    'LOAD_MODULE',
+    'SHUTDOWN',
+    'Blob',
+    'Broker',
+    'CallChain',
+    'CallError',
+    'Channel',
+    'ChannelError',
+    'Context',
+    'CorruptFrameError',
+    'Decoder',
+    'Error',
+    'ExternalContext',
+    'Importer',
+    'Kwargs',
+    'Latch',
+    'LatchError',
+    'Message',
+    'Receiver',
+    'Router',
+    'Secret',
+    'Sender',
+    'StreamError',
+    'TimeoutError',
+    'fire',
+    'has_parent_authority',
+    'listen',
+    'now',
+    'takes_econtext',
+    'takes_router',
+    'unlisten',
+]
+
 LOG = logging.getLogger('mitogen')
 IOLOG = logging.getLogger('mitogen.io')
 
