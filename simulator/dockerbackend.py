@@ -426,6 +426,22 @@ class DockerBackend(Backend):
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
+    def keep(self) -> str:
+        """Leave the containers and networks up for inspection (``--topology-keep``): the
+        reaper is stopped and our contexts end with the router; the next run's sweep, or
+        ``python -m simulator down``, removes the rest. Returns what was left, for the user."""
+        self._stop_reaper()
+        if self._router is not None and self._own_router:
+            self._router.broker.shutdown()
+            self._router.broker.join()
+            self._router = None
+        names = sorted(state.container.name for state in self._states.values())
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        return "containers left running: %s (docker exec -it NAME bash; remove them with " \
+               "`python -m simulator down`)" % (", ".join(names),)
+
     def capabilities(self) -> FrozenSet[str]:
         return _SUPPORTED
 

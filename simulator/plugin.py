@@ -232,10 +232,14 @@ def sim(pytestconfig: pytest.Config, sim_topology: Topology) -> Iterator[Simulat
         simulation.measures["setup_seconds"] = getattr(backend, "build_seconds", None)
         yield simulation
     finally:
+        keep = getattr(backend, "keep", None)
         if pytestconfig.stash.get(_FAILED_KEY, False) and \
                 pytestconfig.getoption("topology_keep"):
-            sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up (on the local "
-                             f"backend it still ends with this process)\n")
+            if keep is not None:
+                sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up: {keep()}\n")
+            else:
+                sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up (on the "
+                                 f"local backend it still ends with this process)\n")
         else:
             backend.destroy()
         timeline.close()

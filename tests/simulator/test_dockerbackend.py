@@ -365,3 +365,27 @@ def test_stale_resources_are_swept():
         for network in client.networks.list(names=["msim-stale-test"]):
             network.remove()
         client.close()
+
+
+@pytest.mark.docker
+def test_keep_leaves_the_containers_up_and_stops_the_reaper():
+    _require_docker()
+    import docker
+
+    from simulator.dockerbackend import LABEL_RUN, DockerBackend, _remove_labelled
+
+    backend = DockerBackend()
+    client = docker.from_env()
+    try:
+        backend.create(_small())
+        reaper = backend._reaper
+        run = backend._run
+        message = backend.keep()
+        assert reaper.poll() is not None  # the reaper will not remove a kept tree
+        kept = client.containers.list(filters={"label": f"{LABEL_RUN}={run}"})
+        assert len(kept) == 2 and all(c.status == "running" for c in kept)
+        assert all(c.name in message for c in kept)
+    finally:
+        _remove_labelled(client, {"label": f"{LABEL_RUN}={backend._run}"})
+        client.close()
+        backend.destroy()
