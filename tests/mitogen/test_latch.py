@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 import mitogen.core
 from mitogen.core import Latch
+
+
+def wait_for_sleepers(latch: Latch, count: int, timeout: float = 10.0) -> None:
+    """Poll (no event exists for it) until `count` threads sleep on `latch`, bounded."""
+    deadline = time.monotonic() + timeout
+    while len(latch._sleeping) < count:
+        assert time.monotonic() < deadline, "threads never went to sleep on the latch"
+        threading.Event().wait(0.001)
 
 
 def test_put_then_get_without_sleeping():
@@ -43,8 +52,7 @@ def test_close_wakes_sleepers_with_latch_error():
     for t in threads:
         t.start()
     started.wait()
-    while len(latch._sleeping) < 3:  # wait until all three actually sleep
-        threading.Event().wait(0.001)
+    wait_for_sleepers(latch, 3)
     latch.close()
     for t in threads:
         t.join(5)
@@ -61,8 +69,7 @@ def test_sleepers_receive_items_in_the_order_they_slept():
         t = threading.Thread(target=lambda n=n: got.__setitem__(n, latch.get(timeout=10)))
         t.start()
         threads.append(t)
-        while len(latch._sleeping) < n + 1:
-            threading.Event().wait(0.001)
+        wait_for_sleepers(latch, n + 1)
     for item in "abcde":
         latch.put(item)
     for t in threads:
