@@ -933,6 +933,14 @@ class Router(mitogen.core.Router):
 
     def proxy_connect(self, via_context: Context, method_name: str, name: str | None = None,
                       **kwargs: Any) -> Context:
+        responder = getattr(self, "responder", None)
+        if responder is not None:
+            # What the via context will import to start the child travels ahead of the call,
+            # on the same ordered streams: no GET_MODULE round trip across the tree.
+            modules = ["mitogen.parent"]
+            if method_name != "local":
+                modules.append("mitogen." + method_name)
+            responder.forward_modules(via_context, modules)
         context_id, stream_name = via_context.call(_proxy_connect, name, method_name, kwargs)
         if context_id is None:
             raise _connect_error(*stream_name)
