@@ -95,7 +95,6 @@ __all__ = [
 ]
 
 LOG = logging.getLogger('mitogen')
-IOLOG = logging.getLogger('mitogen.io')
 
 # ---------------------------------------------------------------------------------------------
 # 1. Constants and errors
@@ -555,10 +554,6 @@ def read_chunk(fd):
         return b''
 
 
-def set_block(fd):
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-
-
 class _ThreadWaker:
     """A thread's own socketpair for sleeping in Latch.get(), created on first use.
 
@@ -719,14 +714,6 @@ class Latch:
         if next_waker is not None:
             self._wake(next_waker)
         raise interrupted
-
-
-def _on_fork():
-    """Forget thread resources inherited from the parent: they belong to its threads."""
-    state = vars(_thread_state)
-    waker = state.pop('waker', None)
-    if waker is not None:
-        waker.close()
 
 
 class Receiver:
