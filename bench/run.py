@@ -129,9 +129,12 @@ class Runner:
 
 
 def _clean_env() -> Dict[str, str]:
-    """The environment for workload processes: ours, minus anything that picks a Python."""
+    """The environment for workload processes: ours, minus anything that picks a Python, and
+    minus PYTHONDONTWRITEBYTECODE, which the machine this was written on sets but users'
+    machines rarely do: without .pyc files every import in every library recompiles."""
     env = dict(os.environ)
-    for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONSAFEPATH"):
+    for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONSAFEPATH",
+                 "PYTHONDONTWRITEBYTECODE"):
         env.pop(name, None)
     return env
 
