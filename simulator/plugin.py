@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import pytest
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from simulator.backend import Backend
     from simulator.faults import FaultInjector, Step
     from simulator.timeline import Timeline
-    from simulator.topology import Topology
+    from simulator.topology import Host, Topology
 
 __all__ = ["Simulation"]
 
@@ -150,10 +150,12 @@ class Simulation:
         """
         return self.backend.context(host, account)  # type: ignore[attr-defined]
 
-    def contexts(self) -> Dict[str, mitogen.core.Context]:
-        """Every current context by its name: hosts, then ``sudo:HOST:ACCOUNT``."""
+    def contexts(self, hosts: Optional[Iterable[Host]] = None
+                 ) -> Dict[str, mitogen.core.Context]:
+        """Every current context of `hosts` (default: all) by its name: each host, then its
+        accounts as ``sudo:HOST:ACCOUNT``."""
         found = {}
-        for host in self.topology.hosts:
+        for host in self.topology.hosts if hosts is None else hosts:
             found[host.name] = self.context(host.id)
             for account in host.accounts:
                 if account.name != host.login:

@@ -18,18 +18,6 @@ import mitogen.master
 from tests.support import funcs, packages
 
 
-@pytest.fixture
-def package(tmp_path, monkeypatch):
-    """A fresh 30-module package on the master's sys.path only, imported in the master."""
-    name = packages.unique_name("statpkg")
-    names = packages.make_package(tmp_path, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    entry = importlib.import_module(name + ".entry")
-    yield entry, names, tmp_path
-    for module in names:
-        sys.modules.pop(module, None)
-
-
 def _requests(router):
     return router.get_stats()["get_module_count"]
 

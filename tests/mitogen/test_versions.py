@@ -25,22 +25,11 @@ def find_python(version: str) -> str | None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_child_on_python(version, router, tmp_path, monkeypatch):
+def test_child_on_python(version, router, package):
     python = find_python(version)
     if python is None:
         pytest.skip("no Python %s interpreter on this machine" % version)
     child = router.local(python_path=python, name="py" + version)
     assert child.call(funcs.python_version)[:2] == tuple(int(p) for p in version.split("."))
-    name = packages.unique_name("verpkg")
-    packages.make_package(tmp_path, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
-    import sys
-
-    entry = importlib.import_module(name + ".entry")
-    try:
-        assert child.call(entry.run) == packages.expected_sum()
-    finally:
-        for module in list(sys.modules):
-            if module == name or module.startswith(name + "."):
-                del sys.modules[module]
+    entry = package[0]
+    assert child.call(entry.run) == packages.expected_sum()

@@ -69,27 +69,12 @@ def _tree_path(sim, src_host: str, dst_host: str) -> List[str]:
 
 
 def _subtree_contexts(sim, host) -> Dict[str, mitogen.core.Context]:
-    lost = {}
-    for below in sim.topology.subtree(host):
-        lost[below.name] = sim.context(below.id)
-        for account in below.accounts:
-            if account.name != below.login:
-                ctx = sim.context(below.id, account.name)
-                lost[ctx.name] = ctx
-    return lost
+    return sim.contexts(sim.topology.subtree(host))
 
 
 def _others(sim, host) -> Dict[str, mitogen.core.Context]:
     lost = {below.id for below in sim.topology.subtree(host)}
-    found = {}
-    for other in sim.topology.hosts:
-        if other.id not in lost:
-            found[other.name] = sim.context(other.id)
-            for account in other.accounts:
-                if account.name != other.login:
-                    ctx = sim.context(other.id, account.name)
-                    found[ctx.name] = ctx
-    return found
+    return sim.contexts(h for h in sim.topology.hosts if h.id not in lost)
 
 
 def _answers(contexts: Dict[str, mitogen.core.Context], timeout: float = CALL_TIMEOUT) -> None:
