@@ -7,7 +7,8 @@ bootstrap of a child goes like this (see "The UNIX First Stage"):
    decodes and runs FIRST_STAGE, a few lines of compressed, base64-encoded Python.
 2. The first stage forks. The original process re-executes Python with ``argv[0]`` naming the
    context and a pipe as stdin, from which the new interpreter reads its program: one line
-   that loads a code object from fd 102. The forked half writes ``MITO000``, reads an
+   that imports the stdlib modules the core needs (this overlaps with the compile below) and
+   then loads a code object from fd 102. The forked half writes ``MITO000``, reads an
    8-digit length and then exactly that many compressed bytes from the real stdin (so the
    payload can be built while the child starts), inflates and compiles them while the new
    interpreter is still starting up (so compiling costs no time on the critical path; both
@@ -15,7 +16,9 @@ bootstrap of a child goes like this (see "The UNIX First Stage"):
    onto fd 102 and the source onto fd 101 (so the context can later boot children of its own
    without fetching the core again), writes ``MITO001`` and exits.
 3. The program is the minified :mod:`mitogen.core` plus one line calling
-   :meth:`ExternalContext.main` with this context's configuration.
+   :meth:`ExternalContext.main` with this context's configuration. The master keeps the
+   minified, compressed core in a boot image beside the core's bytecode cache (see
+   :class:`CoreImage`), so a new master process does not minify it again.
 
 Nothing is ever written to the target's disk.
 """
@@ -31,7 +34,7 @@ import subprocess
 import sys
 import threading
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import mitogen
 import mitogen.core
@@ -56,10 +59,12 @@ __all__ = [
     "CancelledError",
     "Connection",
     "Context",
+    "CoreImage",
     "EofError",
     "Options",
     "Process",
     "Router",
+    "get_core_image",
     "get_core_source",
 ]
 
@@ -105,7 +110,8 @@ if os.fork():
  for f in R,W,r,w,Q,V:os.close(f)
  os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')')
 os.close(R);os.close(r);os.close(Q)
-os.write(W,b"import marshal;exec(marshal.load(open(102,'rb')))");os.close(W)
+P=b"import marshal,logging,pickle,socket,select,signal,heapq,struct,fcntl,zlib;"
+os.write(W,P+b"exec(marshal.load(open(102,'rb')))");os.close(W)
 os.write(1,b'MITO000\\n')
 def G(n):
  C=b''
@@ -129,8 +135,30 @@ def _encoded_first_stage() -> str:
 
 
 _core_lock = threading.Lock()
-_core_source: bytes | None = None
-_core_compressor: Any = None
+_core_image: CoreImage | None = None
+
+#: First line of a cached boot image; the format's version is part of it.
+_IMAGE_MAGIC = b"mitogen-core-image 1"
+
+
+class CoreImage(NamedTuple):
+    """The minified core, and its compressed form ready for any child's payload.
+
+    `compressed` is a zlib header and the deflated source, ended by a full flush: any
+    deflate data may follow it, so each child's payload is this prefix plus its own
+    compressed configuration line and the stream's checksum (see :func:`build_payload`).
+    The prefix never depends on the child, so it can be computed once per installation.
+    """
+
+    source: bytes
+    compressed: bytes
+    checksum: int  # adler32 of `source`, the running value the payload's checksum continues
+
+    @classmethod
+    def from_source(cls, source: bytes) -> CoreImage:
+        compressor = zlib.compressobj(9)
+        compressed = compressor.compress(source) + compressor.flush(zlib.Z_FULL_FLUSH)
+        return cls(source, compressed, zlib.adler32(source))
 
 
 def _find_importer() -> Any:
@@ -145,43 +173,115 @@ def get_core_source() -> bytes:
 
     A child that boots children of its own reuses the copy its first stage gave it.
     """
-    global _core_source
+    return get_core_image().source
+
+
+def get_core_image() -> CoreImage:
+    """The :class:`CoreImage` of this process: in a child, built from the core source its
+    first stage kept; in the master, read from the boot image cache when it matches the
+    installed code, else minified and compressed now (about 25 ms) and cached."""
+    global _core_image
     with _core_lock:
-        if _core_source is None:
+        if _core_image is None:
             importer = _find_importer()
             cached = importer.get_cached("mitogen.core") if importer else None
             if cached is not None and not mitogen.is_master:
                 source = cached[2]
                 cut = source.rfind(b"\nExternalContext(")
-                _core_source = source[: cut + 1] if cut >= 0 else source
+                _core_image = CoreImage.from_source(source[: cut + 1] if cut >= 0 else source)
             else:
-                import importlib
-                import inspect
-
-                minify = importlib.import_module("mitogen.minify")
-                source = inspect.getsource(mitogen.core)
-                _core_source = minify.minimize_source(source).rstrip("\n").encode() + b"\n"
-        return _core_source
+                _core_image = _master_core_image()
+        return _core_image
 
 
-def _core_compressor_state() -> Any:
-    """A compressor that has already consumed the core source: each child only pays for
-    compressing its own one-line configuration."""
-    global _core_compressor
-    source = get_core_source()
-    with _core_lock:
-        if _core_compressor is None:
-            compressor = zlib.compressobj(9)
-            _core_compressor = (compressor.compress(source), compressor)
-        prefix, compressor = _core_compressor
-        return prefix, compressor.copy()
+def _master_core_image() -> CoreImage:
+    core_path = mitogen.core.__file__
+    with open(core_path, "rb") as f:
+        original = f.read()
+    key = _image_key(original)
+    cache_path = _image_cache_path(core_path)
+    image = _read_cached_image(cache_path, key)
+    if image is None:
+        import importlib
+
+        minify = importlib.import_module("mitogen.minify")
+        minified = minify.minimize_source(original.decode("utf-8"))
+        image = CoreImage.from_source(minified.rstrip("\n").encode("utf-8") + b"\n")
+        if not sys.dont_write_bytecode:
+            _write_cached_image(cache_path, key, image)
+    return image
+
+
+def _image_key(original: bytes) -> str:
+    """Names what the cached image was made from: the core's text and the minifier's."""
+    import hashlib
+
+    digest = hashlib.sha256(original)
+    with open(os.path.join(os.path.dirname(mitogen.core.__file__), "minify.py"), "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()[:32]
+
+
+def _image_cache_path(core_path: str) -> str:
+    """Beside the core's own bytecode cache (honouring ``sys.pycache_prefix``): the boot
+    image is to the payload what a ``.pyc`` is to the module."""
+    import importlib.util
+
+    return os.path.join(os.path.dirname(importlib.util.cache_from_source(core_path)),
+                        "core.boot-image")
+
+
+def _read_cached_image(path: str, key: str) -> CoreImage | None:
+    """The image cached at `path` if it was made from the same code and is intact."""
+    try:
+        with open(path, "rb") as f:
+            header, _, compressed = f.read().partition(b"\n")
+    except OSError:
+        return None
+    fields = header.split(b" ")
+    if len(fields) != 4 or b" ".join(fields[:2]) != _IMAGE_MAGIC or fields[2] != key.encode():
+        return None
+    try:
+        source = zlib.decompressobj().decompress(compressed)
+    except zlib.error:
+        return None
+    checksum = zlib.adler32(source)
+    if fields[3] != b"%d" % (checksum,):
+        return None
+    return CoreImage(source, compressed, checksum)
+
+
+def _write_cached_image(path: str, key: str, image: CoreImage) -> None:
+    """Best effort and atomic, as Python writes a ``.pyc``: a read-only installation simply
+    builds the image in each process."""
+    header = b"%s %s %d\n" % (_IMAGE_MAGIC, key.encode(), image.checksum)
+    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header + image.compressed)
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        LOG.debug("not caching the boot image at %s: %s", path, e)
 
 
 def build_payload(config: dict) -> bytes:
-    """The compressed program a new context runs: core source plus its main() call."""
-    prefix, compressor = _core_compressor_state()
-    line = "ExternalContext(%r).main()\n" % (config,)
-    return prefix + compressor.compress(line.encode("utf-8")) + compressor.flush()
+    """The compressed program a new context runs: core source plus its main() call.
+
+    One zlib stream: the image's prefix, this child's line deflated on its own (the prefix
+    ended with a full flush, so nothing refers back across the join), and the adler32 of
+    the whole, continued from the image's.
+    """
+    image = get_core_image()
+    line = ("ExternalContext(%r).main()\n" % (config,)).encode("utf-8")
+    tail = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return (image.compressed + tail.compress(line) + tail.flush()
+            + zlib.adler32(line, image.checksum).to_bytes(4, "big"))
 
 
 # ---------------------------------------------------------------------------------------------

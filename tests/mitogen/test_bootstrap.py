@@ -52,6 +52,88 @@ def test_payload_is_at_most_16_kib():
     assert source.rstrip().endswith(b"ExternalContext(%r).main()" % (config,))
 
 
+def _fresh_image(monkeypatch, path):
+    monkeypatch.setattr(mitogen.parent, "_image_cache_path", lambda core_path: str(path))
+    return mitogen.parent._master_core_image()
+
+
+def test_boot_image_is_cached_and_reused(tmp_path, monkeypatch):
+    """The minified, compressed core is written beside the bytecode cache once; a later
+    master reads it instead of minifying again, and builds the same payload from it."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    cache = tmp_path / "core.boot-image"
+    built = _fresh_image(monkeypatch, cache)
+    assert cache.exists()
+
+    def no_minify(source):
+        raise AssertionError("the cached image should have been used")
+
+    monkeypatch.setattr("mitogen.minify.minimize_source", no_minify)
+    read = _fresh_image(monkeypatch, cache)
+    assert read == built
+    assert read.source == mitogen.parent.get_core_source()
+    monkeypatch.setattr(mitogen.parent, "_core_image", read)
+    config = {"context_id": 7, "parent_ids": [0]}
+    assert zlib.decompress(mitogen.parent.build_payload(config)) == \
+        read.source + b"ExternalContext(%r).main()\n" % (config,)
+
+
+@pytest.mark.parametrize("content", [
+    b"",
+    b"garbage",
+    b"mitogen-core-image 1 0123 5\nnot zlib",
+])
+def test_stale_or_damaged_boot_image_is_rebuilt(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    cache = tmp_path / "core.boot-image"
+    cache.write_bytes(content)
+    image = _fresh_image(monkeypatch, cache)
+    assert image.source == mitogen.parent.get_core_source()
+    assert cache.read_bytes().startswith(b"mitogen-core-image 1 ")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_boot_image_with_a_wrong_checksum_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    cache = tmp_path / "core.boot-image"
+    good = _fresh_image(monkeypatch, cache)
+    header, _, body = cache.read_bytes().partition(b"\n")
+    cache.write_bytes(header[: header.rindex(b" ")] + b" 12345\n" + body)
+    assert _fresh_image(monkeypatch, cache) == good
+    assert cache.read_bytes() == header + b"\n" + body
+
+
+def test_boot_image_is_not_written_when_bytecode_writing_is_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    image = _fresh_image(monkeypatch, tmp_path / "core.boot-image")
+    assert image.source == mitogen.parent.get_core_source()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_boot_image_cache_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    image = _fresh_image(monkeypatch, blocker / "core.boot-image")
+    assert image.source == mitogen.parent.get_core_source()
+
+
+def test_first_stage_preimports_only_what_the_core_imports():
+    """The new interpreter imports the core's heavy stdlib modules while the first stage
+    still compiles the core: the list must stay a subset of the core's own imports."""
+    import ast
+
+    line = next(part for part in mitogen.parent.FIRST_STAGE.split('b"')[1:]
+                if part.startswith("import marshal"))
+    preloaded = line.split(";")[0][len("import "):].split(",")
+    with open(CORE_PATH) as f:
+        tree = ast.parse(f.read())
+    imported = {alias.name for node in tree.body if isinstance(node, ast.Import)
+                for alias in node.names}
+    assert len(preloaded) > 5
+    assert set(preloaded) <= imported, set(preloaded) - imported
+
+
 def test_minified_core_keeps_line_numbers():
     source = mitogen.parent.get_core_source().decode()
     with open(CORE_PATH) as f:
