@@ -30,7 +30,6 @@ import importlib
 import importlib.machinery
 import io
 import itertools
-import logging
 import marshal
 import os
 import pickle
@@ -94,7 +93,25 @@ __all__ = [
     'unlisten',
 ]
 
-LOG = logging.getLogger('mitogen')
+
+
+class _Logger:
+    """Stands for ``logging.getLogger(name)`` and imports logging on first use.
+
+    Importing logging (with re, traceback, string and weakref behind it) is about a third of
+    a child's start-up imports, and a child that runs without trouble never logs. The first
+    use imports it, which also installs the child's forwarding (see :class:`_AfterImport`).
+    """
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import logging
+        return getattr(logging.getLogger(self._name), attr)
+
+
+LOG = _Logger('mitogen')
 
 # ---------------------------------------------------------------------------------------------
 # 1. Constants and errors
@@ -115,6 +132,8 @@ STUB_CALL_SERVICE = 111
 
 #: In a message's ``reply_to``: the sender is gone, or the message could not be delivered.
 IS_DEAD = 999
+
+_INFO = 20  # logging.INFO, without importing logging
 
 #: Largest single read from a stream. Bigger reads cost more memory than they save syscalls.
 CHUNK_SIZE = 131072
@@ -2044,34 +2063,88 @@ class Importer:
 # ---------------------------------------------------------------------------------------------
 
 
-class LogHandler(logging.Handler):
-    """Forwards log records to the master's FORWARD_LOG handle.
+_LogHandler = None
+
+
+def make_log_handler(context):
+    """A ``logging.Handler`` that forwards records to `context`'s FORWARD_LOG handle.
 
     Records logged while forwarding (by the router or a stream) are dropped, otherwise a
-    broken link would log about itself forever.
+    broken link would log about itself forever. The class is made on first use, because
+    defining it needs the logging module, which a child imports only when something logs.
+    """
+    global _LogHandler
+    if _LogHandler is None:
+        import logging
+
+        class LogHandler(logging.Handler):
+            def __init__(self, context):
+                logging.Handler.__init__(self)
+                self.context = context
+                self._local = threading.local()
+
+            def emit(self, record):
+                if getattr(self._local, 'busy', False) or record.name == 'mitogen.io':
+                    return
+                self._local.busy = True
+                try:
+                    text = self.format(record)
+                    self.context.send(Message.pickled((record.name, record.levelno, text),
+                                                      handle=FORWARD_LOG))
+                except Exception:
+                    pass
+                finally:
+                    self._local.busy = False
+
+        _LogHandler = LogHandler
+    return _LogHandler(context)
+
+
+class _AfterImport:
+    """Calls `callback(module)` as soon as this interpreter has imported `fullname` itself,
+    then leaves ``sys.meta_path``.
+
+    A child forwards log records from the moment logging exists, without importing logging
+    at start: this finder is asked first when anything imports it, and wraps the real
+    loader for that one import.
     """
 
-    def __init__(self, context):
-        logging.Handler.__init__(self)
-        self.context = context
-        self._local = threading.local()
+    def __init__(self, fullname, callback):
+        self.fullname = fullname
+        self.callback = callback
+        self._loader = None
 
-    def emit(self, record):
-        if getattr(self._local, 'busy', False) or record.name == 'mitogen.io':
-            return
-        self._local.busy = True
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.fullname or self._loader is not None:
+            return None
         try:
-            text = self.format(record)
-            self.context.send(Message.pickled((record.name, record.levelno, text),
-                                              handle=FORWARD_LOG))
-        except Exception:
+            sys.meta_path.remove(self)
+        except ValueError:
             pass
-        finally:
-            self._local.busy = False
+        for finder in list(sys.meta_path):
+            find_spec = getattr(finder, 'find_spec', None)
+            spec = find_spec(fullname, path, target) if find_spec else None
+            if spec is not None:
+                if spec.loader is None or not hasattr(spec.loader, 'exec_module'):
+                    return spec
+                self._loader = spec.loader
+                spec.loader = self
+                return spec
+        return None
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        self.callback(module)
 
 
 class IoLogger(Stream):
-    """Turns everything written to one of the child's standard descriptors into log lines.
+    """Turns everything written to one of the child's standard descriptors into log lines
+    for the master, sent straight to its FORWARD_LOG handle as records of the logger named
+    after the descriptor (``stdout``, ``stderr``) at INFO level.
 
     A socketpair rather than a pipe, so that at shutdown ``shutdown(SHUT_WR)`` ends the stream
     even when a daemon started by user code still holds a copy of the descriptor.
@@ -2079,9 +2152,10 @@ class IoLogger(Stream):
 
     keep_alive = True
 
-    def __init__(self, broker, name, dest_fd):
+    def __init__(self, broker, name, dest_fd, context, enabled=True):
         Stream.__init__(self, name)
-        self._log = logging.getLogger(name)
+        self._context = context
+        self._enabled = enabled
         self._buf = b''
         rsock, self._wsock = socket.socketpair()
         self.rfd = os.dup(rsock.fileno())
@@ -2092,8 +2166,11 @@ class IoLogger(Stream):
         set_cloexec(self._wsock.fileno())
 
     def _log_lines(self, lines):
+        if not self._enabled:
+            return
         for line in lines:
-            self._log.info('%s', line.decode('utf-8', 'replace').rstrip('\r'))
+            text = line.decode('utf-8', 'replace').rstrip('\r')
+            self._context.send(Message.pickled((self.name, _INFO, text), handle=FORWARD_LOG))
 
     def on_readable(self, broker):
         data = read_chunk(self.rfd)
@@ -2135,6 +2212,7 @@ class ExternalContext:
         self.parent = None
         self.dispatcher = None
         self.importer = None
+        self._master = None
         self._exiting = False
         self.detached = False
         self._main_done = threading.Event()
@@ -2198,18 +2276,27 @@ class ExternalContext:
         return rfd, wfd, core_src
 
     def _setup_logging(self):
+        """Forward log records to the master at its level: at once if logging is already
+        loaded or debug logging is on, else the moment something imports it."""
+        if 'logging' in sys.modules or self.config.get('debug'):
+            import logging
+            self._forward_logging(logging)
+        else:
+            sys.meta_path.insert(0, _AfterImport('logging', self._forward_logging))
+
+    def _forward_logging(self, logging):
         root = logging.getLogger()
-        root.setLevel(self.config.get('log_level', logging.INFO))
+        root.setLevel(self.config.get('log_level', _INFO))
         for handler in list(root.handlers):
             root.removeHandler(handler)
-        handler = LogHandler(self.router.context_by_id(0, name='master'))
-        root.addHandler(handler)
+        root.addHandler(make_log_handler(self._master))
         if self.config.get('debug'):
-            LOG.setLevel(logging.DEBUG)
+            logging.getLogger('mitogen').setLevel(logging.DEBUG)
 
     def _setup_stdio(self):
-        self._stdout = IoLogger(self.broker, 'stdout', 1)
-        self._stderr = IoLogger(self.broker, 'stderr', 2)
+        enabled = self.config.get('log_level', _INFO) <= _INFO
+        self._stdout = IoLogger(self.broker, 'stdout', 1, self._master, enabled)
+        self._stderr = IoLogger(self.broker, 'stderr', 2, self._master, enabled)
         self.broker.defer(self.broker.start_receive, self._stdout)
         self.broker.defer(self.broker.start_receive, self._stderr)
         sys.stdout = io.TextIOWrapper(io.FileIO(1, 'w', closefd=False), line_buffering=True,
@@ -2262,6 +2349,7 @@ class ExternalContext:
         self.router.unidirectional = config.get('unidirectional', False)
         parent_id = mitogen.parent_id
         self.parent = self.router.context_by_id(parent_id, name='parent')
+        self._master = self.router.context_by_id(0, name='master')
         stream = MessageStream(self.router, rfd, wfd, 'parent', remote_id=parent_id)
         self.router.parent_stream = stream
         listen(stream, 'disconnect', self._on_parent_disconnect)

@@ -110,7 +110,7 @@ if os.fork():
  for f in R,W,r,w,Q,V:os.close(f)
  os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')')
 os.close(R);os.close(r);os.close(Q)
-P=b"import marshal,logging,pickle,socket,select,signal,heapq,struct,fcntl,zlib;"
+P=b"import marshal,pickle,socket,select,signal,heapq,struct,fcntl,zlib;"
 os.write(W,P+b"exec(marshal.load(open(102,'rb')))");os.close(W)
 os.write(1,b'MITO000\\n')
 def G(n):

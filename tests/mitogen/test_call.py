@@ -11,7 +11,7 @@ import pytest
 import mitogen.core
 import mitogen.master
 import mitogen.parent
-from tests.support import funcs
+from tests.support import funcs, quiet
 
 
 def test_call_returns_the_childs_pid(local):
@@ -133,6 +133,26 @@ def test_print_and_logging_reach_the_master_under_the_context_name(router, caplo
     assert any("child.logger: warned: hello there" in m for m in messages), messages
     assert any(m == "stdout: hello there" for m in messages), messages
     assert pid != os.getpid()
+
+
+def test_a_child_imports_logging_only_when_something_logs(router, caplog):
+    """Logging is a third of a child's start-up imports, so it is left out until used;
+    records are still forwarded from the first one on."""
+    caplog.set_level(logging.INFO)
+    child = router.local(name="late-logger")
+    assert child.call(quiet.loaded, "logging") is False
+    child.call(funcs.print_and_log, "now")  # its module imports logging, then logs
+    assert child.call(quiet.loaded, "logging") is True
+    child.shutdown(wait=True)
+    messages = [r.getMessage() for r in caplog.records if r.name == "mitogen.ctx.late-logger"]
+    assert any("child.logger: warned: now" in m for m in messages), messages
+
+
+def test_debug_child_logs_the_core_at_debug_level(router):
+    child = router.local(debug=True)
+    assert child.call(quiet.effective_level, "mitogen") == logging.DEBUG
+    quiet_child = router.local()
+    assert quiet_child.call(quiet.effective_level, "mitogen") == logging.getLogger().level
 
 
 def test_argv0_names_the_child(router):
