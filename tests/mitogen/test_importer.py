@@ -57,6 +57,56 @@ def test_grandchild_gets_each_module_from_the_master_once(router, package):
     assert after_second["good_load_module_count"] == after_first["good_load_module_count"]
 
 
+def test_bytecode_is_sent_only_when_the_master_has_it_at_hand(router, tmp_path, monkeypatch):
+    """A module with a current .pyc reaches a same-version child as a code object; one the
+    master would have to compile goes as source, and the master does not compile it: that
+    would only move the child's work to the master."""
+    import py_compile
+
+    name = packages.unique_name("pycpkg")
+    names = packages.make_package(tmp_path, name, dynamic=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = importlib.import_module(name + ".entry")
+    with_pyc, without_pyc = names[2], names[3]
+    source = str(tmp_path / with_pyc.replace(".", "/")) + ".py"
+    py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+    compiled = []
+    real_compile = mitogen.master.ModuleFinder._compile
+    monkeypatch.setattr(mitogen.master.ModuleFinder, "_compile", staticmethod(
+        lambda path, text: compiled.append(path) or real_compile(path, text)))
+    try:
+        child = router.local()
+        assert child.call(entry.run) == packages.expected_sum()
+        assert child.call(funcs.arrived_as_code, with_pyc) is True
+        assert child.call(funcs.arrived_as_code, without_pyc) is False
+        assert not [path for path in compiled if "leaf" in path], compiled
+    finally:
+        for module in names:
+            sys.modules.pop(module, None)
+
+
+def test_a_module_is_scanned_when_a_loaded_sibling_may_need_preloading(
+        router, tmp_path, monkeypatch):
+    """The scan for related modules is skipped only when it cannot change the answer: here
+    the master has loaded pkg.b, the child has not got it, and pkg.a imports it."""
+    name = packages.unique_name("scanpkg")
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from %s import b\n\nVALUE = b.VALUE + 1\n" % name)
+    (pkg / "b.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(name + ".b")
+    try:
+        child = router.local()
+        child.call(funcs.import_and_count, name)
+        assert child.call(funcs.import_and_count, name + ".a") == 1  # b came along
+        assert child.call(funcs.module_origin, name + ".b")[0] == "Importer"
+    finally:
+        for module in (name, name + ".a", name + ".b"):
+            sys.modules.pop(module, None)
+
+
 def test_eight_threads_importing_one_module_cause_one_request(router, package):
     _, names, _ = package
     child = router.local()

@@ -176,6 +176,22 @@ def importer_requests():
     return _importer().get_module_count
 
 
+def arrived_as_code(fullname):
+    """Whether `fullname` reached this context's importer as a code object (so it was not
+    compiled here)."""
+    entry = _importer().get_cached(fullname)
+    return isinstance(entry, tuple) and len(entry) > 5 and entry[5] is not None
+
+
+def import_and_count(name):
+    """Import `name`; return how many GET_MODULE requests that took."""
+    import importlib
+
+    before = _importer().get_module_count
+    importlib.import_module(name)
+    return _importer().get_module_count - before
+
+
 def module_origin(name):
     import importlib
 
