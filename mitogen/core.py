@@ -588,20 +588,54 @@ class _ThreadWaker:
         set_nonblock(self.rfd)
         self.poller = select.poll()
         self.poller.register(self.rfd, select.POLLIN)
+        self.owner = threading.get_ident()
+        # Set instead of writing the wake byte when the sleeping thread wakes itself: a
+        # lease holder that has just delivered its own reply (see wait()).
+        self.woke_itself = False
 
     def wake(self):
+        if threading.get_ident() == self.owner:
+            self.woke_itself = True
+            return
         try:
             os.write(self.wfd, b'\x7f')
         except OSError as e:
             if e.errno not in (errno.EBADF, errno.EPIPE):
                 raise
 
-    def wait(self, timeout):
-        """Sleep until woken or `timeout` seconds pass. The caller decides what it means."""
-        self.poller.poll(-1 if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+    def wait(self, timeout, lease=None):
+        """Sleep until woken or `timeout` seconds pass. The caller decides what it means.
+
+        With a :class:`_Lease`, also read its stream whenever it is readable, until the
+        lease ends: a reply read that way is put on the latch by this very thread, which
+        then finds its own wake byte.
+        """
+        if lease is None:
+            self.poller.poll(_poll_ms(timeout))
+            return
+        deadline = None if timeout is None else now() + timeout
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        poller.register(lease.fd, select.POLLIN)
+        try:
+            while lease.active:
+                remaining = None if deadline is None else deadline - now()
+                events = poller.poll(_poll_ms(remaining))
+                if not events or any(fd == self.rfd for fd, _ in events):
+                    return
+                lease.serve()
+                if self.woke_itself:
+                    return
+        finally:
+            lease.end()
+        remaining = None if deadline is None else deadline - now()
+        self.poller.poll(_poll_ms(remaining))
 
     def consume(self):
         """Read away the one wake byte that a waker has written or is about to write."""
+        if self.woke_itself:
+            self.woke_itself = False
+            return
         while True:
             try:
                 if os.read(self.rfd, 1):
@@ -619,6 +653,11 @@ class _ThreadWaker:
     __del__ = close
 
 
+def _poll_ms(timeout):
+    """poll()'s timeout argument: milliseconds, rounded up, -1 for none."""
+    return -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+
+
 _thread_state = threading.local()
 
 
@@ -628,6 +667,17 @@ def _get_thread_waker():
     except AttributeError:
         waker = _thread_state.waker = _ThreadWaker()
         return waker
+
+
+def _read_buffer():
+    """This thread's scratch space for stream reads: one per thread that reads, not per
+    stream (a master may have hundreds), reused so that a read does not allocate (and, at
+    this size, mmap) a fresh buffer each time."""
+    try:
+        return _thread_state.read_buffer
+    except AttributeError:
+        buf = _thread_state.read_buffer = bytearray(CHUNK_SIZE)
+        return buf
 
 
 def _warm_thread_resources():
@@ -689,22 +739,30 @@ class Latch:
     def _wake(waker):
         waker.wake()
 
-    def get(self, timeout=None, block=True):
+    def get(self, timeout=None, block=True, lease=None):
         """Return the next item; raise TimeoutError after `timeout` seconds or when
-        `block` is False and nothing is queued, LatchError if the latch is closed."""
+        `block` is False and nothing is queued, LatchError if the latch is closed.
+
+        A `lease` lets the sleeping thread read a stream itself while it waits (see
+        :meth:`MessageStream.lease`); it ends before this returns.
+        """
         with self._lock:
             if self.closed:
+                if lease is not None:
+                    lease.end()
                 raise LatchError('get() on a closed latch')
             position = len(self._sleeping)
-            if len(self._queue) > position:
-                return self._queue.pop(position)
-            if not block:
+            if len(self._queue) > position or not block:
+                if lease is not None:
+                    lease.end()
+                if len(self._queue) > position:
+                    return self._queue.pop(position)
                 raise TimeoutError('latch is empty')
             waker = _get_thread_waker()
             self._sleeping.append(waker)
         interrupted = None
         try:
-            waker.wait(timeout)
+            waker.wait(timeout, lease)
         except BaseException as e:
             interrupted = e
         return self._after_sleep(waker, interrupted)
@@ -786,9 +844,17 @@ class Receiver:
     def empty(self):
         return self._latch.empty()
 
+    #: The stream this receiver's messages are expected on (the first hop towards the
+    #: respondent). A thread waiting in get() reads it itself when no other thread is doing
+    #: so, rather than sleeping until the broker thread has read the message and woken it:
+    #: each such hand-off between threads costs about as much as the round trip itself.
+    via_stream = None
+
     def get(self, timeout=None, block=True, throw_dead=True):
+        stream = self.via_stream
+        lease = stream.lease() if stream is not None and block else None
         try:
-            msg = self._latch.get(timeout=timeout, block=block)
+            msg = self._latch.get(timeout=timeout, block=block, lease=lease)
         except LatchError:
             raise ChannelError(ChannelError.local_msg)
         if throw_dead and msg.is_dead:
@@ -1007,6 +1073,7 @@ class Context:
     def send_async(self, msg, persist=False):
         """Send `msg`; returns the Receiver that its replies go to."""
         recv = Receiver(self.router, persist=persist, respondent=self)
+        recv.via_stream = self.router.stream_by_id(self.context_id)
         msg.dst_id = self.context_id
         msg.reply_to = recv.handle
         self.router.route(msg)
@@ -1049,6 +1116,7 @@ class Dispatcher:
         self._error_by_chain_id = {}
         self.recv = Receiver(econtext.router, handle=CALL_FUNCTION,
                              policy=has_parent_authority)
+        self.recv.via_stream = econtext.router.parent_stream
         listen(econtext.broker, 'shutdown', self.recv.close)
 
     @staticmethod
@@ -1318,6 +1386,20 @@ class Router:
                                          out_stream.remote_id))
         out_stream.send(msg)
 
+    def _delivers_here(self, msg, stream):
+        """Whether a thread holding a lease on `stream` may route `msg` itself: a message
+        for a receiver in this context, or one to forward along a known route, from a
+        stream that has carried messages for that destination before (so that routing it
+        changes no state the broker thread owns)."""
+        if msg.dst_id not in stream.egress_ids or msg.handle is None:
+            return False
+        if msg.dst_id != mitogen.context_id:
+            return not self.unidirectional and (
+                msg.dst_id in self._stream_by_id or self.parent_stream is not None)
+        entry = self._handle_map.get(msg.handle)
+        return entry is not None and getattr(entry[1], '__func__', None) is \
+            Receiver._on_receive
+
     def _verify_source(self, msg, stream):
         for claimed in (msg.auth_id, msg.src_id):
             expected = self._stream_by_id.get(claimed) or self.parent_stream
@@ -1338,6 +1420,8 @@ class EpollPoller:
 
     READ = select.EPOLLIN if hasattr(select, 'epoll') else 1
     WRITE = select.EPOLLOUT if hasattr(select, 'epoll') else 4
+    #: Whether another thread may change masks while poll() waits (epoll: yes).
+    thread_safe = True
 
     def __init__(self):
         self._epoll = select.epoll()
@@ -1368,6 +1452,7 @@ class PollPoller(EpollPoller):
 
     READ = select.POLLIN
     WRITE = select.POLLOUT
+    thread_safe = False  # changes are only seen by the next poll()
 
     def __init__(self):
         self._poll = select.poll()
@@ -1436,12 +1521,15 @@ class Stream:
         self.closed = True
         broker.stop_receive(self)
         broker._stop_transmit(self)
+        self._close_fds(broker)
+        fire(self, 'disconnect')
+
+    def _close_fds(self, broker):
         for fd in {self.rfd, self.wfd} - {None}:
             try:
                 os.close(fd)
             except OSError:
                 pass
-        fire(self, 'disconnect')
 
 
 class Waker(Stream):
@@ -1474,6 +1562,31 @@ class Waker(Stream):
         self.pending = False
 
 
+class _Lease:
+    """A waiting thread's permission to read a MessageStream in the broker's place; see
+    :meth:`MessageStream.lease`."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.fd = stream.rfd
+        self.active = True
+
+    def serve(self):
+        """The stream is readable: read it, and end the lease if the broker must take over."""
+        try:
+            keep = self.stream._serve_lease()
+        except Exception:
+            LOG.exception('%r: reading %r for a waiting thread failed', self, self.stream)
+            keep = False
+        if not keep:
+            self.end()
+
+    def end(self):
+        if self.active:
+            self.active = False
+            self.stream._end_lease()
+
+
 class MessageStream(Stream):
     """A connection to a neighbouring context carrying frames in both directions.
 
@@ -1498,6 +1611,10 @@ class MessageStream(Stream):
         self.conn = None
         self._out = collections.deque()
         self._out_lock = threading.Lock()
+        self._read_lock = threading.Lock()  # held by whichever thread reads rfd
+        self.lent = False  # a waiting thread reads rfd instead of the broker (see lease())
+        self._close_rfd_on_return = False
+        self._deferred_in = self._deferred_out = 0  # messages a lease handed to the broker
         self._transmitting = False
         self.rx_bytes = self.tx_bytes = 0
         for fd in (rfd, wfd):
@@ -1584,29 +1701,113 @@ class MessageStream(Stream):
             self.on_disconnect(broker)
 
     def on_readable(self, broker):
+        if not self._read_lock.acquire(False):
+            return  # a lease holder is reading it
+        try:
+            n = self._read_into_decoder()
+            if n is None:
+                return
+            if not n:
+                if self.decoder.pending:
+                    LOG.error('%r: the stream ended inside a frame (truncated frame)', self)
+                self.on_disconnect(broker)
+                return
+            self.process_buffered(broker)
+        finally:
+            self._read_lock.release()
+
+    def _read_into_decoder(self):
+        """One read into the decoder: the byte count, 0 at end of stream or on an error,
+        None when nothing was ready."""
         decoder = self.decoder
         target = decoder.read_target()
         try:
             if target is not None:
                 n = os.readv(self.rfd, [target])
                 decoder.advance(n)
-                data = n
             else:
-                data = os.read(self.rfd, CHUNK_SIZE)
-                n = len(data)
-                decoder.feed(data)
+                buf = _read_buffer()
+                n = os.readv(self.rfd, [buf])
+                decoder.feed(memoryview(buf)[:n])
         except BlockingIOError:
-            return
+            return None
         except OSError as e:
             LOG.debug('%r: read failed: %s', self, e)
-            data = n = 0
-        if not data:
-            if decoder.pending:
-                LOG.error('%r: the stream ended inside a frame (truncated frame)', self)
-            self.on_disconnect(broker)
-            return
+            return 0
         self.rx_bytes += n
-        self.process_buffered(broker)
+        return n
+
+    def lease(self):
+        """Let the calling thread read this stream while it waits for a reply, instead of
+        the broker thread (which would then have to wake it): a :class:`_Lease`, or None
+        when another thread is reading, the stream is closed, or the broker cannot lend.
+
+        The holder delivers messages for receivers in this context itself; anything else
+        goes to the broker thread in arrival order, and once one has, so does every later
+        message until the broker has caught up, so that nothing overtakes a message before
+        it (a reply never arrives before its ADD_ROUTE).
+        """
+        if threading.current_thread() is self.broker._thread:
+            return None
+        if not self._read_lock.acquire(False):
+            return None
+        if not self.broker._lend(self):
+            self._read_lock.release()
+            return None
+        return _Lease(self)
+
+    def _end_lease(self):
+        try:
+            self.broker._reclaim(self)
+        finally:
+            self._read_lock.release()
+
+    def _serve_lease(self):
+        """Read on the lease holder's thread; False when the lease should end (end of
+        stream, an error, a corrupt frame), so that the broker sees and handles it."""
+        n = self._read_into_decoder()
+        if n is None:
+            return True
+        if not n:
+            return False
+        router = self.router
+        while True:
+            try:
+                msg = self.decoder.next_message()
+            except CorruptFrameError as e:
+                self._hand_to_broker(self._on_corrupt, e)
+                return False
+            if msg is None:
+                return True
+            msg.router = router
+            if self._deferred_in == self._deferred_out and not msg.oversize and \
+                    router._delivers_here(msg, self):
+                router._async_route(msg, self)
+            else:
+                self._hand_to_broker(self._route_received, msg)
+
+    def _hand_to_broker(self, func, *args):
+        self._deferred_in += 1
+        self.broker.defer(self._run_handed, func, args)
+
+    def _run_handed(self, func, args):
+        try:
+            func(*args)
+        finally:
+            self._deferred_out += 1
+
+    def _route_received(self, msg):
+        if msg.oversize:
+            LOG.error('%r: refused a %d byte message (max_message_size is %d)',
+                      self, msg.oversize, self.decoder.max_message_size)
+            self.router._refuse(msg, 'message too large (%d bytes; max_message_size is %d)'
+                                % (msg.oversize, self.decoder.max_message_size))
+        elif not self.closed:
+            self.router._async_route(msg, self)
+
+    def _on_corrupt(self, error):
+        LOG.error('%r: %s; disconnecting', self, error)
+        self.on_disconnect(self.broker)
 
     def process_buffered(self, broker):
         """Route every complete message the decoder holds."""
@@ -1616,8 +1817,7 @@ class MessageStream(Stream):
             try:
                 msg = decoder.next_message()
             except CorruptFrameError as e:
-                LOG.error('%r: %s; disconnecting', self, e)
-                self.on_disconnect(broker)
+                self._on_corrupt(e)
                 return
             if msg is None:
                 return
@@ -1639,6 +1839,20 @@ class MessageStream(Stream):
             self._out.clear()
         Stream.on_disconnect(self, broker)
 
+    def _close_fds(self, broker):
+        keep = None
+        with broker._lend_lock:
+            if self.lent:
+                # A waiting thread is polling rfd: closing it now could let the number be
+                # reused under it. It closes rfd when it gives the stream back.
+                self._close_rfd_on_return = True
+                keep = self.rfd
+        for fd in {self.rfd, self.wfd} - {None, keep}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
 
 class Broker:
     """The IO multiplexer: one thread that does every read, timer and deferred call.
@@ -1657,6 +1871,7 @@ class Broker:
         self._writers = {}
         self._deferred = collections.deque()
         self._timers = []
+        self._lend_lock = threading.Lock()  # poller masks and MessageStream.lent
         self._alive = True
         self._exited = False
         self._waker = Waker(self)
@@ -1733,8 +1948,13 @@ class Broker:
             self._update(stream.wfd)
 
     def _update(self, fd):
+        with self._lend_lock:
+            self._update_locked(fd)
+
+    def _update_locked(self, fd):
         mask = 0
-        if fd in self._readers:
+        reader = self._readers.get(fd)
+        if reader is not None and not getattr(reader, 'lent', False):
             mask |= self.poller.READ
         if fd in self._writers:
             mask |= self.poller.WRITE
@@ -1744,6 +1964,29 @@ class Broker:
             if mask:
                 raise
             LOG.debug('%r: unwatching fd %r: %s', self, fd, e)
+
+    def _lend(self, stream):
+        """Stop reading `stream` until _reclaim(): another thread reads it meanwhile. Only
+        with a poller that other threads may change while the broker waits in it."""
+        with self._lend_lock:
+            if not (self._alive and self.poller.thread_safe and not stream.closed
+                    and self._readers.get(stream.rfd) is stream):
+                return False
+            stream.lent = True
+            self._update_locked(stream.rfd)
+            return True
+
+    def _reclaim(self, stream):
+        with self._lend_lock:
+            stream.lent = False
+            if stream._close_rfd_on_return:
+                stream._close_rfd_on_return = False
+                try:
+                    os.close(stream.rfd)
+                except OSError:
+                    pass
+            elif not self._exited and self._readers.get(stream.rfd) is stream:
+                self._update_locked(stream.rfd)
 
     def timer(self, delay, func):
         """Call `func` on the broker thread after `delay` seconds; returns a Timer."""
