@@ -850,9 +850,12 @@ class Receiver:
     #: each such hand-off between threads costs about as much as the round trip itself.
     via_stream = None
 
-    def get(self, timeout=None, block=True, throw_dead=True):
+    def get(self, timeout=None, block=True, throw_dead=True, lease=None):
+        """The next message; `lease`, if given, is one the caller already holds on the
+        stream it will arrive on (it ends before this returns)."""
         stream = self.via_stream
-        lease = stream.lease() if stream is not None and block else None
+        if lease is None and stream is not None and block:
+            lease = stream.lease()
         try:
             msg = self._latch.get(timeout=timeout, block=block, lease=lease)
         except LatchError:
@@ -1025,9 +1028,9 @@ class CallChain:
 
     def call(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` remotely and return its result, or raise CallError."""
-        recv = self.call_async(fn, *args, **kwargs)
+        recv, lease = self.context._send_and_lease(self.make_msg(fn, *args, **kwargs))
         try:
-            return recv.get().unpickle()
+            return recv.get(lease=lease).unpickle()
         finally:
             recv.close()
 
@@ -1081,12 +1084,25 @@ class Context:
 
     def send_await(self, msg, deadline=None):
         """Send `msg` and return its unpickled reply, waiting until `deadline` at most."""
-        recv = self.send_async(msg)
+        recv, lease = self._send_and_lease(msg)
         try:
             timeout = None if deadline is None else max(0.0, deadline - now())
-            return recv.get(timeout=timeout).unpickle()
+            return recv.get(timeout=timeout, lease=lease).unpickle()
         finally:
             recv.close()
+
+    def _send_and_lease(self, msg):
+        """send_async() for a caller that waits for the reply at once: the lease on the
+        reply's stream is taken before the request leaves, so that the broker cannot read
+        the reply first and have to wake the caller."""
+        stream = self.router.stream_by_id(self.context_id)
+        lease = stream.lease() if stream is not None else None
+        try:
+            return self.send_async(msg), lease
+        except BaseException:
+            if lease is not None:
+                lease.end()
+            raise
 
     def call_async(self, fn, *args, **kwargs):
         return self.default_call_chain.call_async(fn, *args, **kwargs)
@@ -1260,7 +1276,9 @@ class Router:
 
     def add_handler(self, fn, handle=None, persist=True, policy=None, respondent=None,
                     overwrite=False):
-        """Call ``fn(msg)`` on the broker thread for each message sent to `handle`.
+        """Call ``fn(msg)`` on the broker thread for each message sent to `handle`
+        (a Receiver's, which only queues the message, may also run on a thread that holds a
+        lease on the stream it arrived on: see :meth:`MessageStream.lease`).
 
         `policy(msg, stream)` may refuse a message; `respondent` is the context expected to
         reply: if it disconnects, `fn` receives a dead message at once instead of waiting.
@@ -1593,7 +1611,8 @@ class MessageStream(Stream):
     Any thread may call send(): when nothing is queued the frame is written at once from the
     caller's thread (one writev, header and body without joining them), and only what the
     kernel would not take is queued for the broker to finish. Reads happen on the broker
-    thread and feed the Decoder; each complete message is handed to the router.
+    thread, or on a thread waiting for a reply while it holds a lease (see lease()), and
+    feed the Decoder; each complete message is handed to the router.
     """
 
     keep_alive = True

@@ -47,6 +47,12 @@ def sleep_forever():
     time.sleep(3600)
 
 
+def warn_and_return(text):
+    """Log a warning (forwarded to the master on the parent stream) and return `text`."""
+    logging.getLogger("child.logger").warning("%s", text)
+    return text
+
+
 def thread_name():
     return threading.current_thread().name
 
