@@ -64,7 +64,6 @@ __all__ = [
     'SHUTDOWN',
     'Blob',
     'Broker',
-    'CallChain',
     'CallError',
     'Channel',
     'ChannelError',
@@ -831,6 +830,8 @@ class Receiver:
         if self.notify is not None:
             self.notify(self)
 
+    _on_receive.any_thread = True  # it only queues: a lease holder may call it
+
     def close(self):
         """Stop receiving; threads waiting in get() raise ChannelError."""
         if self.handle is not None:
@@ -951,90 +952,6 @@ def has_parent_authority(msg, stream=None):
     return msg.auth_id == mitogen.context_id or msg.auth_id in mitogen.parent_ids
 
 
-class CallChain:
-    """Issues function calls to one context; optionally pipelined.
-
-    With ``pipelined=True`` every call carries this chain's ID: once one call fails, the
-    target refuses the rest of the chain with the same error without running them, so a caller
-    may send a sequence of dependent calls without waiting for each.
-    """
-
-    _counter = itertools.count(1)
-
-    def __init__(self, context, pipelined=False):
-        self.context = context
-        self.chain_id = self.make_chain_id() if pipelined else None
-
-    @classmethod
-    def make_chain_id(cls):
-        return '%s-%d-%x-%x' % (socket.gethostname(), os.getpid(), threading.get_ident(),
-                                next(cls._counter))
-
-    def __repr__(self):
-        return 'CallChain(%r, %r)' % (self.context, self.chain_id)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.reset()
-
-    def reset(self):
-        """Forget a failure: later calls of this chain run again."""
-        if self.chain_id is None:
-            return
-        saved, self.chain_id = self.chain_id, self.make_chain_id()
-        self.context.call_no_reply(Dispatcher.forget_chain, saved)
-
-    @staticmethod
-    def _describe(fn):
-        """(module, class path, function name) naming `fn` so the target can import it."""
-        if getattr(fn, '__name__', None) == '<lambda>':
-            raise TypeError('cannot call a lambda in another context: it has no importable '
-                            'name; define it at module level instead')
-        if getattr(fn, '__closure__', None):
-            raise TypeError('cannot call a closure in another context: the variables it '
-                            'captures cannot be sent; define it at module level and pass '
-                            'them as arguments')
-        owner = getattr(fn, '__self__', None)
-        if isinstance(fn, types.MethodType) and not isinstance(owner, type):
-            raise TypeError('cannot call a bound instance method in another context: its '
-                            'instance cannot be sent; use a module-level function, a '
-                            'classmethod or a staticmethod')
-        if isinstance(owner, type):
-            return owner.__module__, owner.__qualname__, fn.__name__
-        qualname = getattr(fn, '__qualname__', fn.__name__)
-        if '<locals>' in qualname:
-            raise TypeError('cannot call %s in another context: it is defined inside '
-                            'another function, so it cannot be imported there' % qualname)
-        module = fn.__module__
-        if module is None and isinstance(owner, types.ModuleType):
-            module = owner.__name__
-        klass, _, name = qualname.rpartition('.')
-        return module, klass or None, name
-
-    def make_msg(self, fn, *args, **kwargs):
-        module, klass, name = self._describe(fn)
-        return Message.pickled((self.chain_id, module, klass, name, args, Kwargs(kwargs)),
-                               handle=CALL_FUNCTION)
-
-    def call_no_reply(self, fn, *args, **kwargs):
-        """Run `fn` remotely without waiting; a failure is only logged by the target."""
-        self.context.send(self.make_msg(fn, *args, **kwargs))
-
-    def call_async(self, fn, *args, **kwargs):
-        """Start `fn` remotely; returns a Receiver whose get().unpickle() is the result."""
-        return self.context.send_async(self.make_msg(fn, *args, **kwargs))
-
-    def call(self, fn, *args, **kwargs):
-        """Run ``fn(*args, **kwargs)`` remotely and return its result, or raise CallError."""
-        recv, lease = self.context._send_and_lease(self.make_msg(fn, *args, **kwargs))
-        try:
-            return recv.get(lease=lease).unpickle()
-        finally:
-            recv.close()
-
-
 class Context:
     """A handle on some context of the tree, addressed by its ID."""
 
@@ -1063,7 +980,8 @@ class Context:
     @property
     def default_call_chain(self):
         if self._call_chain is None:
-            self._call_chain = CallChain(self)
+            import mitogen.call  # not needed to start a child: fetched on first use
+            self._call_chain = mitogen.call.CallChain(self)
         return self._call_chain
 
     def on_disconnect(self):
@@ -1406,17 +1324,16 @@ class Router:
 
     def _delivers_here(self, msg, stream):
         """Whether a thread holding a lease on `stream` may route `msg` itself: a message
-        for a receiver in this context, or one to forward along a known route, from a
-        stream that has carried messages for that destination before (so that routing it
-        changes no state the broker thread owns)."""
+        for a handler marked ``any_thread`` (a Receiver's, the importer's), or one to forward
+        along a known route, from a stream that has carried messages for that destination
+        before (so that routing it changes no state the broker thread owns)."""
         if msg.dst_id not in stream.egress_ids or msg.handle is None:
             return False
         if msg.dst_id != mitogen.context_id:
             return not self.unidirectional and (
                 msg.dst_id in self._stream_by_id or self.parent_stream is not None)
         entry = self._handle_map.get(msg.handle)
-        return entry is not None and getattr(entry[1], '__func__', None) is \
-            Receiver._on_receive
+        return entry is not None and getattr(entry[1], 'any_thread', False)
 
     def _verify_source(self, msg, stream):
         for claimed in (msg.auth_id, msg.src_id):
@@ -2153,6 +2070,9 @@ class Importer:
             return
         self._store(*msg.unpickle())
 
+    _on_load_module.any_thread = True  # _store() is thread-safe: an importing thread may
+    # read its module off the parent stream itself (see MessageStream.lease)
+
     def _store(self, fullname, pkg_present, path, compressed, related, code=None):
         """Cache a module; `compressed` None means it cannot be served, and `path` then
         says why (or is None for a plain "no such module"). `code`, when the parent runs the
@@ -2204,8 +2124,15 @@ class Importer:
     def _fetch(self, fullname):
         if fullname not in self._cache:
             latch = Latch()
-            self.request(fullname, latch.put, self._import_target(fullname))
-            latch.get()
+            stream = self._router.parent_stream
+            lease = stream.lease() if stream is not None else None
+            try:
+                self.request(fullname, latch.put, self._import_target(fullname))
+            except BaseException:
+                if lease is not None:
+                    lease.end()
+                raise
+            latch.get(lease=lease)
         return self._cache[fullname]
 
     @staticmethod

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import mitogen
 import mitogen.core
+from mitogen.call import CallChain
 from mitogen.core import (
     ADD_ROUTE,
     ALLOCATE_ID,
@@ -56,6 +57,7 @@ from mitogen.core import (
 )
 
 __all__ = [
+    "CallChain",
     "CancelledError",
     "Connection",
     "Context",

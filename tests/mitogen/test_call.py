@@ -108,8 +108,7 @@ def test_call_no_reply_runs_without_waiting(local, tmp_path):
 
 def test_pipelined_call_chain_stops_after_a_failure(local, tmp_path):
     path = tmp_path / "out"
-    chain = mitogen.parent.CallChain(local, pipelined=True) if hasattr(
-        mitogen.parent, "CallChain") else mitogen.core.CallChain(local, pipelined=True)
+    chain = mitogen.parent.CallChain(local, pipelined=True)
     chain.call_no_reply(funcs.append_to_file, str(path), "1")
     chain.call_no_reply(funcs.fail, "first failure")
     chain.call_no_reply(funcs.append_to_file, str(path), "2")

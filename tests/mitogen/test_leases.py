@@ -23,6 +23,7 @@ def test_a_waiting_caller_delivers_its_own_reply(local, monkeypatch):
         delivered_on.append(threading.current_thread().name)
         real(self, msg)
 
+    record.any_thread = True  # type: ignore[attr-defined]
     monkeypatch.setattr(mitogen.core.Receiver, "_on_receive", record)
     for _ in range(20):
         local.call(os.getpid)
