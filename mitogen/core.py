@@ -1699,14 +1699,17 @@ class MessageStream(Stream):
             self._read_lock.release()
 
     def _serve_lease(self):
-        """Read on the lease holder's thread; False when the lease should end (end of
-        stream, an error, a corrupt frame), so that the broker sees and handles it."""
+        """Read on the lease holder's thread; False when the lease should end: at end of
+        stream, on an error or a corrupt frame (so that the broker sees and handles it),
+        and once a message had to go to the broker (the stream is busy with the broker's
+        traffic, which the broker had better read itself than be handed one by one)."""
         n = self._read_into_decoder()
         if n is None:
             return True
         if not n:
             return False
         router = self.router
+        handed = False
         while True:
             try:
                 msg = self.decoder.next_message()
@@ -1714,13 +1717,14 @@ class MessageStream(Stream):
                 self._hand_to_broker(self._on_corrupt, e)
                 return False
             if msg is None:
-                return True
+                return not handed
             msg.router = router
             if self._deferred_in == self._deferred_out and not msg.oversize and \
                     router._delivers_here(msg, self):
                 router._async_route(msg, self)
             else:
                 self._hand_to_broker(self._route_received, msg)
+                handed = True
 
     def _hand_to_broker(self, func, *args):
         self._deferred_in += 1
@@ -1921,8 +1925,24 @@ class Broker:
                     os.close(stream.rfd)
                 except OSError:
                     pass
-            elif not self._exited and self._readers.get(stream.rfd) is stream:
-                self._update_locked(stream.rfd)
+                return
+            if stream._deferred_in == stream._deferred_out:
+                self._rearm_locked(stream)
+                return
+        # Messages the lease holder handed over are still queued: read on only after
+        # them (the queue runs in order), or newer messages would overtake them.
+        try:
+            self.defer(self._rearm, stream)
+        except Error:
+            pass  # the broker has exited: nobody reads any more
+
+    def _rearm(self, stream):
+        with self._lend_lock:
+            self._rearm_locked(stream)
+
+    def _rearm_locked(self, stream):
+        if not self._exited and not stream.lent and self._readers.get(stream.rfd) is stream:
+            self._update_locked(stream.rfd)
 
     def timer(self, delay, func):
         """Call `func` on the broker thread after `delay` seconds; returns a Timer."""
@@ -1966,6 +1986,7 @@ class Broker:
                     LOG.exception('%r: timer %r failed', self, timer.func)
 
     def _loop_once(self, timeout=None):
+        """Wait for and handle one round of events; returns the events handled."""
         events = self.poller.poll(self._next_timeout(timeout))
         for fd, mask in events:
             if mask & ~self.poller.WRITE:
@@ -1978,6 +1999,7 @@ class Broker:
                     self._call(stream, stream.on_writable)
         self._run_deferred()
         self._fire_timers()
+        return events
 
     def _call(self, stream, func):
         try:

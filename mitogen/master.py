@@ -7,6 +7,7 @@ the local logging package.
 
 from __future__ import annotations
 
+import collections
 import dis
 import importlib.machinery
 import importlib.util
@@ -19,7 +20,7 @@ import sys
 import threading
 import types
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import mitogen
 import mitogen.core
@@ -43,12 +44,42 @@ ID_BLOCK_SIZE = 1000
 
 
 class Broker(mitogen.core.Broker):
-    """The master's broker: children get 5 s to disconnect gracefully at shutdown."""
+    """The master's broker: children get 5 s to disconnect gracefully at shutdown, and work
+    that can wait runs when the broker has nothing else to do (see when_idle())."""
 
     shutdown_timeout = 5.0
 
     def __init__(self, install_watcher: bool = True, poller_class: Any = None) -> None:
+        self._idle_jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._no_idle_jobs = threading.Event()
+        self._no_idle_jobs.set()
         super().__init__(poller_class=poller_class)
+
+    def when_idle(self, func: Callable[[], None]) -> None:
+        """Run `func` on the broker thread once no event is ready and nothing is deferred:
+        one job per idle moment, so that a message arriving meanwhile waits for one job at
+        most. Broker thread only."""
+        self._no_idle_jobs.clear()
+        self._idle_jobs.append(func)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every job given to when_idle() has run; False on timeout."""
+        return self._no_idle_jobs.wait(timeout)
+
+    def _next_timeout(self, limit: float | None = None) -> float | None:
+        return 0 if self._idle_jobs else super()._next_timeout(limit)
+
+    def _loop_once(self, timeout: float | None = None) -> Any:
+        events = super()._loop_once(timeout)
+        if not events and self._idle_jobs and not self._deferred and self._alive:
+            func = self._idle_jobs.popleft()
+            try:
+                func()
+            except Exception:
+                LOG.exception("%r: idle job %r failed", self, func)
+            if not self._idle_jobs:
+                self._no_idle_jobs.set()
+        return events
 
     def __enter__(self) -> Broker:
         return self
@@ -204,8 +235,13 @@ class ModuleFinder:
 
     @staticmethod
     def _submodules(fullname: str, locations: Any) -> list[str]:
-        return sorted("%s.%s" % (fullname, info.name)
-                      for info in pkgutil.iter_modules(list(locations)))
+        names: set[str] = set()
+        for location in locations:
+            if os.path.isdir(location):
+                names.update(_modules_in_directory(location))
+            else:  # a zip file, or whatever else an import hook understands
+                names.update(info.name for info in pkgutil.iter_modules([location]))
+        return sorted("%s.%s" % (fullname, name) for name in names)
 
     def code(self, fullname: str, compile_source: bool = True) -> types.CodeType | None:
         """The module's code object, or None when it has no source we can send.
@@ -262,6 +298,40 @@ class ModuleFinder:
             self._deps[fullname] = sorted(
                 n for n in names if n != fullname and sys.modules.get(n) is not None)
         return self._deps[fullname]
+
+
+def _modules_in_directory(directory: str) -> list[str]:
+    """The names pkgutil.iter_modules() finds in a package directory: files with a module
+    suffix (longest first, as ``inspect.getmodulename``), and subdirectories holding an
+    ``__init__``. Done here because pkgutil imports inspect for it, which costs a fresh
+    master milliseconds on its first answer."""
+    suffixes = sorted(importlib.machinery.all_suffixes(), key=len, reverse=True)
+
+    def module_name(filename: str) -> str | None:
+        return next((filename[: -len(s)] for s in suffixes if filename.endswith(s)), None)
+
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    names = []
+    for entry in entries:
+        if entry.is_dir():
+            if "." not in entry.name and any(
+                    module_name(f) == "__init__" for f in _listdir(entry.path)):
+                names.append(entry.name)
+        else:
+            name = module_name(entry.name)
+            if name and name != "__init__":
+                names.append(name)
+    return names
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 #: Modules are compressed once per master, on the path of a child's import: level 1 is twice
@@ -359,12 +429,17 @@ class ModuleResponder:
     A module is never sent twice down the same stream unless the child asks for it again.
     """
 
+    #: Modules of one package compiled ahead at most (see _prepare_package_of()).
+    PREPARE_LIMIT = 256
+
     def __init__(self, router: Router) -> None:
         self._router = router
         self._finder = ModuleFinder()
         self._lock = threading.Lock()
         self._built: dict[str, tuple] = {}
         self._related_cache: dict[str, list[str]] = {}
+        self._prepared: set[str] = set()
+        self._to_prepare: collections.deque[str] = collections.deque()
         self._codes: dict[str, bytes | None] = {}
         self._sent: dict[Any, set[str]] = {}
         self._packages: dict[Any, set[str]] = {}
@@ -493,6 +568,49 @@ class ModuleResponder:
         self._send(dst_id, stream, built, same_python)
         if built[3] is not None and built[1] is not None and "." not in fullname:
             packages.add(fullname)
+        if same_python and built[3] is not None:
+            self._prepare_package_of(fullname, built[1] is not None)
+
+    def _prepare_package_of(self, fullname: str, is_package: bool) -> None:
+        """Compile the other modules of `fullname`'s package while the broker is idle.
+
+        A package whose submodules a child imports one by one at run time (plugins,
+        ``importlib.import_module``) costs one round trip per module, and the seed's
+        preloading rules rightly send none of them unasked. Their answers can still be
+        ready before the questions: compiling ahead turns a later request into a send, and
+        the child receives code it need not compile. Nothing is sent; each package is
+        prepared once, at most :attr:`PREPARE_LIMIT` of its modules.
+        """
+        when_idle = getattr(self._router.broker, "when_idle", None)
+        package = fullname if is_package else fullname.rpartition(".")[0]
+        if when_idle is None or not package or package in self._prepared:
+            return
+        self._prepared.add(package)
+        found = self._finder.find(package)
+        if not isinstance(found, tuple) or not found[2]:
+            return
+        # From the far end of the listing: a child that walks the package in order gets
+        # the first modules as source (and compiles them itself) while the master compiles
+        # the last ones, so the two processes share the work and meet in the middle.
+        ahead = [n for n in reversed(found[2]) if n not in self._built]
+        if not self._to_prepare:
+            when_idle(self._prepare_one)
+        self._to_prepare.extend(ahead[: self.PREPARE_LIMIT])
+
+    def _prepare_one(self) -> None:
+        with self._lock:
+            while self._to_prepare:
+                name = self._to_prepare.popleft()
+                # A module answered meanwhile went as source: its child compiles it, in
+                # parallel with this, so compiling it here as well would be wasted.
+                if name not in self._built and not self._policy_refusal(name):
+                    built = self._build(name)
+                    if built[3] is not None and self._finder.code(name) is not None:
+                        self._compressed_code(name)
+                    break
+            more = bool(self._to_prepare)
+        if more:
+            self._router.broker.when_idle(self._prepare_one)
 
     def _send(self, dst_id: int, stream: Any, body: tuple, same_python: bool = False) -> None:
         """Send one LOAD_MODULE: `body` plus the module's related modules (when known: an

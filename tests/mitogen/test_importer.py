@@ -57,32 +57,62 @@ def test_grandchild_gets_each_module_from_the_master_once(router, package):
     assert after_second["good_load_module_count"] == after_first["good_load_module_count"]
 
 
-def test_bytecode_is_sent_only_when_the_master_has_it_at_hand(router, tmp_path, monkeypatch):
-    """A module with a current .pyc reaches a same-version child as a code object; one the
-    master would have to compile goes as source, and the master does not compile it: that
-    would only move the child's work to the master."""
-    import py_compile
-
-    name = packages.unique_name("pycpkg")
+@pytest.fixture
+def dynamic_package(tmp_path, monkeypatch):
+    """A package whose entry imports its leaves with importlib at call time (so the master
+    has loaded none of them); forgotten by the master afterwards."""
+    name = packages.unique_name("dynpkg")
     names = packages.make_package(tmp_path, name, dynamic=True)
     monkeypatch.syspath_prepend(str(tmp_path))
     entry = importlib.import_module(name + ".entry")
-    with_pyc, without_pyc = names[2], names[3]
-    source = str(tmp_path / with_pyc.replace(".", "/")) + ".py"
-    py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+    yield entry, names, tmp_path
+    for module in names:
+        sys.modules.pop(module, None)
+
+
+def _spy_on_compile(monkeypatch):
     compiled = []
     real_compile = mitogen.master.ModuleFinder._compile
     monkeypatch.setattr(mitogen.master.ModuleFinder, "_compile", staticmethod(
-        lambda path, text: compiled.append(path) or real_compile(path, text)))
-    try:
-        child = router.local()
-        assert child.call(entry.run) == packages.expected_sum()
-        assert child.call(funcs.arrived_as_code, with_pyc) is True
-        assert child.call(funcs.arrived_as_code, without_pyc) is False
-        assert not [path for path in compiled if "leaf" in path], compiled
-    finally:
-        for module in names:
-            sys.modules.pop(module, None)
+        lambda path, text: compiled.append(os.path.basename(path)) or real_compile(path, text)))
+    return compiled
+
+
+def test_bytecode_is_sent_only_when_the_master_has_it_at_hand(router, dynamic_package,
+                                                               monkeypatch):
+    """A module with a current .pyc reaches a same-version child as a code object; one the
+    master would have to compile goes as source, and answering a request never compiles
+    just to send code (that only moves the child's work onto the master's, in series)."""
+    import py_compile
+
+    monkeypatch.setattr(mitogen.master.ModuleResponder, "PREPARE_LIMIT", 0)
+    entry, names, root = dynamic_package
+    with_pyc, without_pyc = names[2], names[3]
+    source = str(root / with_pyc.replace(".", "/")) + ".py"
+    py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+    compiled = _spy_on_compile(monkeypatch)
+    child = router.local()
+    assert child.call(entry.run) == packages.expected_sum()
+    assert child.call(funcs.arrived_as_code, with_pyc) is True
+    assert child.call(funcs.arrived_as_code, without_pyc) is False
+    assert not [name for name in compiled if name.startswith("leaf")], compiled
+
+
+def test_an_idle_master_compiles_the_rest_of_a_package_ahead(router, dynamic_package,
+                                                             monkeypatch):
+    """Once a child has a package, the master compiles its other modules while idle, so a
+    later request is answered at once and the child gets code it need not compile."""
+    _, names, _ = dynamic_package
+    compiled = _spy_on_compile(monkeypatch)
+    child = router.local()
+    assert child.call(funcs.import_and_count, names[0]) == 1
+    assert router.broker.wait_idle(30)
+    leaves = [name.rpartition(".")[2] + ".py" for name in names[2:]]
+    assert sorted(n for n in compiled if n.startswith("leaf")) == sorted(leaves)
+    before = len(compiled)
+    assert child.call(funcs.import_and_count, names[5]) == 1
+    assert child.call(funcs.arrived_as_code, names[5]) is True
+    assert len(compiled) == before  # answered from what was prepared
 
 
 def test_a_module_is_scanned_when_a_loaded_sibling_may_need_preloading(
