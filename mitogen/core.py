@@ -93,7 +93,6 @@ __all__ = [
 ]
 
 
-
 class _Logger:
     """Stands for ``logging.getLogger(name)`` and imports logging on first use.
 
@@ -1678,10 +1677,12 @@ class MessageStream(Stream):
         the broker thread (which would then have to wake it): a :class:`_Lease`, or None
         when another thread is reading, the stream is closed, or the broker cannot lend.
 
-        The holder delivers messages for receivers in this context itself; anything else
-        goes to the broker thread in arrival order, and once one has, so does every later
-        message until the broker has caught up, so that nothing overtakes a message before
-        it (a reply never arrives before its ADD_ROUTE).
+        The holder routes messages for ``any_thread`` handlers (receivers, the importer)
+        and messages to forward along known routes itself. Anything else goes to the broker
+        thread in arrival order and ends the lease; until the broker has run what it was
+        handed, every later message goes the same way and the broker does not read the
+        stream, so nothing overtakes a message before it (a reply never arrives before its
+        ADD_ROUTE).
         """
         if threading.current_thread() is self.broker._thread:
             return None
@@ -2092,8 +2093,9 @@ class Importer:
             return
         self._store(*msg.unpickle())
 
-    _on_load_module.any_thread = True  # _store() is thread-safe: an importing thread may
-    # read its module off the parent stream itself (see MessageStream.lease)
+    # _store() is thread-safe: an importing thread holding a lease on the parent stream
+    # may store its module itself (see MessageStream.lease).
+    _on_load_module.any_thread = True
 
     def _store(self, fullname, pkg_present, path, compressed, related, code=None):
         """Cache a module; `compressed` None means it cannot be served, and `path` then
