@@ -215,13 +215,13 @@ def _master_core_image() -> CoreImage:
 
 
 def _image_key(original: bytes) -> str:
-    """Names what the cached image was made from: the core's text and the minifier's."""
-    import hashlib
-
-    digest = hashlib.sha256(original)
+    """Names what the cached image was made from: the core's text, the minifier's, and the
+    Python that parsed them. Two zlib checksums rather than a hashlib digest: importing
+    hashlib would cost the first child more than reading the cache saves."""
     with open(os.path.join(os.path.dirname(mitogen.core.__file__), "minify.py"), "rb") as f:
-        digest.update(f.read())
-    return digest.hexdigest()[:32]
+        text = original + b"\0" + f.read()
+    return "%08x%08x%d-py%d.%d" % (zlib.crc32(text), zlib.adler32(text), len(text),
+                                   *sys.version_info[:2])
 
 
 def _image_cache_path(core_path: str) -> str:
