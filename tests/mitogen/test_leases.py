@@ -11,7 +11,7 @@ import pytest
 
 import mitogen.core
 import mitogen.master
-from tests.support import funcs
+from tests.support import funcs, packages
 
 
 def test_a_waiting_caller_delivers_its_own_reply(local, monkeypatch):
@@ -95,3 +95,31 @@ def test_broker_shutdown_while_a_thread_holds_a_lease(monkeypatch):
         waiter.join(30)
     assert not waiter.is_alive()
     assert len(outcome) == 1
+
+
+def test_threads_calling_through_a_hop_while_the_tree_imports(router, package):
+    """Leases under contention: eight threads make blocking calls to a grandchild (through
+    an intermediate whose main thread leases its parent stream and forwards), while another
+    thread makes the grandchild import a 30-module package. Every call gets its own answer."""
+    entry, _names, _ = package
+    middle = router.local(name="middle")
+    leaf = router.local(name="leaf", via=middle)
+    leaf.call(funcs.add, 0, 0)
+    results: dict[int, list] = {}
+    imported = []
+
+    def caller(n: int) -> None:
+        results[n] = [leaf.call(funcs.add, n, i) for i in range(50)]
+
+    def importer() -> None:
+        imported.append(leaf.call(entry.run))
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+    threads.append(threading.Thread(target=importer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not [t for t in threads if t.is_alive()]
+    assert results == {n: [n + i for i in range(50)] for n in range(8)}
+    assert imported == [packages.expected_sum()]
