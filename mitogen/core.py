@@ -21,6 +21,13 @@ Sections, each using only what the sections above it define:
 10. the child's entry point (ExternalContext)
 """
 
+# The C modules behind pickle, signal, socket and struct, imported directly: their Python
+# wrappers pull in enum, re and functools, about 5 ms of every child's start, for nothing
+# the core uses (plain socketpairs, integer signal numbers, the C pickler).
+import _pickle
+import _signal
+import _socket
+import _struct
 import builtins
 import collections
 import errno
@@ -32,11 +39,7 @@ import io
 import itertools
 import marshal
 import os
-import pickle
 import select
-import signal
-import socket
-import struct
 import sys
 import threading
 import time
@@ -279,7 +282,7 @@ class _Reader:
         return self.read(-1 if end < 0 else end + 1)
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(_pickle.Unpickler):
     """Rebuilds only plain built-in types and this module's own message types.
 
     Anything else names a global that would be imported and called: refusing it here, before
@@ -290,7 +293,7 @@ class _Unpickler(pickle.Unpickler):
         # BytesIO shares a bytes object's buffer; a big body arrives as a bytearray, which
         # it would copy.
         reader = io.BytesIO(data) if isinstance(data, bytes) else _Reader(data)
-        pickle.Unpickler.__init__(self, reader)
+        _pickle.Unpickler.__init__(self, reader)
         self._router = router
 
     def find_class(self, module, name):
@@ -333,7 +336,7 @@ def _unpickle_sender(context_id, dst_handle, router=None):
 # ---------------------------------------------------------------------------------------------
 
 #: magic/encoding, dst_id, src_id, auth_id, handle, reply_to, length; all big-endian.
-HEADER = struct.Struct('>HIIIIII')
+HEADER = _struct.Struct('>HIIIIII')
 HEADER_LEN = HEADER.size
 ENC_LEGACY = 0x4d49
 ENC_PKL = 0x4d4a
@@ -380,9 +383,9 @@ class Message:
     def pickled(cls, obj, **kwargs):
         msg = cls(**kwargs)
         try:
-            msg.data = pickle.dumps(obj, PICKLE_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            msg.data = pickle.dumps(CallError(e), PICKLE_PROTOCOL)
+            msg.data = _pickle.dumps(obj, PICKLE_PROTOCOL)
+        except (_pickle.PicklingError, TypeError, AttributeError) as e:
+            msg.data = _pickle.dumps(CallError(e), PICKLE_PROTOCOL)
         return msg
 
     @classmethod
@@ -580,7 +583,7 @@ class _ThreadWaker:
     """
 
     def __init__(self):
-        rsock, wsock = socket.socketpair()
+        rsock, wsock = _socket.socketpair()
         self.rfd = rsock.detach()
         self.wfd = wsock.detach()
         set_nonblock(self.rfd)
@@ -2370,7 +2373,7 @@ class IoLogger(Stream):
         self._context = context
         self._enabled = enabled
         self._buf = b''
-        rsock, self._wsock = socket.socketpair()
+        rsock, self._wsock = _socket.socketpair()
         self.rfd = os.dup(rsock.fileno())
         rsock.close()
         set_cloexec(self.rfd)
@@ -2400,7 +2403,7 @@ class IoLogger(Stream):
 
     def on_shutdown(self, broker):
         try:
-            self._wsock.shutdown(socket.SHUT_WR)
+            self._wsock.shutdown(_socket.SHUT_WR)
         except OSError:
             pass
         self._wsock.close()
@@ -2552,7 +2555,7 @@ class ExternalContext:
         """Last step of the broker thread: a main thread still busy with user code is ended
         with SIGTERM, so that a hung function can never keep the process alive."""
         if not self._main_done.wait(1.0):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), _signal.SIGTERM)
 
     def _start_router(self, rfd, wfd, core_src):
         config = self.config
