@@ -440,6 +440,8 @@ class ModuleResponder:
         self._related_cache: dict[str, list[str]] = {}
         self._prepared: set[str] = set()
         self._to_prepare: collections.deque[str] = collections.deque()
+        self._prepare_turns = 0  # modules children compiled themselves, not yet matched
+        self._prepare_scheduled = False
         self._codes: dict[str, bytes | None] = {}
         self._sent: dict[Any, set[str]] = {}
         self._packages: dict[Any, set[str]] = {}
@@ -572,33 +574,40 @@ class ModuleResponder:
             self._prepare_package_of(fullname, built[1] is not None)
 
     def _prepare_package_of(self, fullname: str, is_package: bool) -> None:
-        """Compile the other modules of `fullname`'s package while the broker is idle.
+        """Queue the other modules of `fullname`'s package for compiling ahead.
 
         A package whose submodules a child imports one by one at run time (plugins,
         ``importlib.import_module``) costs one round trip per module, and the seed's
         preloading rules rightly send none of them unasked. Their answers can still be
-        ready before the questions: compiling ahead turns a later request into a send, and
-        the child receives code it need not compile. Nothing is sent; each package is
-        prepared once, at most :attr:`PREPARE_LIMIT` of its modules.
+        ready before the questions: a module compiled ahead is answered at once, with code
+        the child need not compile. The queue starts at the far end of the listing, and
+        each module a child receives as source (and so compiles itself) earns the master
+        one module compiled ahead, while the broker is idle: a child that walks the package
+        in order and the master then share the work and meet in the middle, and the master
+        never compiles more than its children do. Nothing is sent unasked; each package is
+        queued once, at most :attr:`PREPARE_LIMIT` of its modules.
         """
-        when_idle = getattr(self._router.broker, "when_idle", None)
         package = fullname if is_package else fullname.rpartition(".")[0]
-        if when_idle is None or not package or package in self._prepared:
+        if not package or package in self._prepared:
             return
         self._prepared.add(package)
         found = self._finder.find(package)
-        if not isinstance(found, tuple) or not found[2]:
-            return
-        # From the far end of the listing: a child that walks the package in order gets
-        # the first modules as source (and compiles them itself) while the master compiles
-        # the last ones, so the two processes share the work and meet in the middle.
-        ahead = [n for n in reversed(found[2]) if n not in self._built]
-        if not self._to_prepare:
+        if isinstance(found, tuple) and found[2]:
+            ahead = [n for n in reversed(found[2]) if n not in self._built]
+            # Ahead of packages queued before: a child is busiest with its newest one.
+            self._to_prepare.extendleft(reversed(ahead[: self.PREPARE_LIMIT]))
+            self._schedule_prepare()
+
+    def _schedule_prepare(self) -> None:
+        when_idle = getattr(self._router.broker, "when_idle", None)
+        if when_idle is not None and not self._prepare_scheduled and \
+                self._prepare_turns > 0 and self._to_prepare:
+            self._prepare_scheduled = True
             when_idle(self._prepare_one)
-        self._to_prepare.extend(ahead[: self.PREPARE_LIMIT])
 
     def _prepare_one(self) -> None:
         with self._lock:
+            self._prepare_scheduled = False
             while self._to_prepare:
                 name = self._to_prepare.popleft()
                 # A module answered meanwhile went as source: its child compiles it, in
@@ -607,10 +616,9 @@ class ModuleResponder:
                     built = self._build(name)
                     if built[3] is not None and self._finder.code(name) is not None:
                         self._compressed_code(name)
+                    self._prepare_turns -= 1
                     break
-            more = bool(self._to_prepare)
-        if more:
-            self._router.broker.when_idle(self._prepare_one)
+            self._schedule_prepare()
 
     def _send(self, dst_id: int, stream: Any, body: tuple, same_python: bool = False) -> None:
         """Send one LOAD_MODULE: `body` plus the module's related modules (when known: an
@@ -630,6 +638,9 @@ class ModuleResponder:
                 if code is not None and len(code) + len(body[3]) > \
                         self._router.max_message_size // 2:
                     code = None  # the source alone must still fit
+                if code is None:
+                    self._prepare_turns += 1  # the child compiles this one itself
+                    self._schedule_prepare()
         msg = Message.pickled((*body, related, code), dst_id=dst_id, handle=LOAD_MODULE)
         if len(msg.data) > self._router.max_message_size:
             # The child must hear about it, or its import would wait forever.

@@ -98,21 +98,27 @@ def test_bytecode_is_sent_only_when_the_master_has_it_at_hand(router, dynamic_pa
     assert not [name for name in compiled if name.startswith("leaf")], compiled
 
 
-def test_an_idle_master_compiles_the_rest_of_a_package_ahead(router, dynamic_package,
-                                                             monkeypatch):
-    """Once a child has a package, the master compiles its other modules while idle, so a
-    later request is answered at once and the child gets code it need not compile."""
+def test_an_idle_master_compiles_ahead_as_much_as_its_child_compiles(router, dynamic_package,
+                                                                     monkeypatch):
+    """Each module a child receives as source (and compiles itself) earns one module of the
+    same package compiled ahead by the idle master, from the far end of the listing; that
+    one is then answered at once, as code the child need not compile."""
     _, names, _ = dynamic_package
-    compiled = _spy_on_compile(monkeypatch)
+    leaves = names[2:]
     child = router.local()
-    assert child.call(funcs.import_and_count, names[0]) == 1
+    child.call(funcs.add, 1, 1)  # the test helpers' own modules earn and use turns first
+    child.call(funcs.import_and_count, names[1])  # the package and its entry module
     assert router.broker.wait_idle(30)
-    leaves = [name.rpartition(".")[2] + ".py" for name in names[2:]]
-    assert sorted(n for n in compiled if n.startswith("leaf")) == sorted(leaves)
-    before = len(compiled)
-    assert child.call(funcs.import_and_count, names[5]) == 1
-    assert child.call(funcs.arrived_as_code, names[5]) is True
-    assert len(compiled) == before  # answered from what was prepared
+    compiled = _spy_on_compile(monkeypatch)
+    assert child.call(funcs.import_and_count, leaves[0]) == 1
+    assert child.call(funcs.arrived_as_code, leaves[0]) is False  # compiled by the child
+    assert router.broker.wait_idle(30)
+    assert compiled == ["leaf28.py"]
+    assert child.call(funcs.import_and_count, leaves[-1]) == 1
+    assert child.call(funcs.arrived_as_code, leaves[-1]) is True
+    assert child.call(funcs.import_and_count, leaves[1]) == 1
+    assert router.broker.wait_idle(30)
+    assert compiled == ["leaf28.py", "leaf27.py"]
 
 
 def test_a_module_is_scanned_when_a_loaded_sibling_may_need_preloading(
