@@ -140,7 +140,8 @@ def _clean_env() -> Dict[str, str]:
 
 
 def _group_alive(pgid: int) -> bool:
-    """Whether any process still belongs to process group ``pgid`` (Linux /proc)."""
+    """Whether a live process (not a zombie) still belongs to process group ``pgid``
+    (Linux /proc)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -149,17 +150,23 @@ def _group_alive(pgid: int) -> bool:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:
+        if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
 
 
-def _kill_group(pgid: int) -> None:
-    if _group_alive(pgid):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _kill_group(pgid: int, wait: float = 5.0) -> None:
+    """SIGKILL the group, then wait (at most `wait` seconds) until none of it runs: a
+    grandchild is not ours to reap, and dies a moment after the signal."""
+    if not _group_alive(pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def run_job(python: Path, script: Path, workload: str, params: Dict[str, Any],

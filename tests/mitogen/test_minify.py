@@ -109,27 +109,27 @@ SNIPPETS: Dict[str, tuple] = {
         "f = \"it's # \\\" # still\"\n",
         None,
     ),
-    "only docstring": ('def f():\n    """only"""\n', "def f():\n    pass\n"),
+    "only docstring": ('def f():\n    """only"""\n', "def f():\n pass\n"),
     "only docstring, multi-line": (
         'def f():\n    """a\n\n    b\n    """\n\nx = 1\n',
-        "def f():\n    pass\n\n\n\n\nx = 1\n",
+        "def f():\n pass\n\n\n\n\nx = 1\n",
     ),
     "one-line def": ('def f(): "doc"\n', "def f(): pass\n"),
     "one-line class with semicolon": ('class A: "doc";\n', "class A: pass\n"),
     "docstring then code after ;": ('def f(): "doc"; return 1\n', "def f(): return 1\n"),
     "multi-line docstring then code after ;": (
         'def f():\n    """a\n    b"""; return 1\n    return 2\n',
-        "def f():\n\n    return 1\n    return 2\n",
+        "def f():\n\n return 1\n return 2\n",
     ),
     "multi-line docstring on the def line then code": (
-        'if 1:\n\tdef f(): """a\n    b"""; return 1\n', "if 1:\n\tdef f():\n\t return 1\n",
+        'if 1:\n\tdef f(): """a\n    b"""; return 1\n', "if 1:\n def f():\n  return 1\n",
     ),
     "continuation before ;": (
-        'def f():\n    "doc" \\\n    ; x = 1\n    y = 2\n', "def f():\n\n    x = 1\n    y = 2\n",
+        'def f():\n    "doc" \\\n    ; x = 1\n    y = 2\n', "def f():\n\n x = 1\n y = 2\n",
     ),
     "parenthesized docstring with comment": (
         'class A:\n    (  # c\n      "a"\n      "b")\n    x = 1   \n',
-        "class A:\n\n\n\n    x = 1\n",
+        "class A:\n\n\n\n x = 1\n",
     ),
     "module docstring, shebang, coding": (
         '#!/usr/bin/env python\n# -*- coding: utf-8 -*-\n"""Mod\n\ndoc"""\n'
@@ -139,7 +139,7 @@ SNIPPETS: Dict[str, tuple] = {
     "non-ASCII around the docstring": (
         'def fä(): "äöü"; return "ß"  # ç\n', 'def fä(): return "ß"\n',
     ),
-    "line continuation": ("x = 1 + \\\n    2  # c\n", "x = 1 + \\\n    2\n"),
+    "line continuation": ("x = 1 + \\\n    2  # c\n", "x = 1 + \\\n2\n"),
     "keyword glued to string": ('if"x":pass\nelif"y":pass # c\n', 'if"x":pass\nelif"y":pass\n'),
     "blank before prefixed string": ("x = 0 or b'1' or rb'2' or f'3'\n", None),
     "f-string format spec with hash": ('x = f"{255:#x}"  # hex\n', 'x = f"{255:#x}"\n'),
@@ -156,11 +156,11 @@ SNIPPETS: Dict[str, tuple] = {
     "strings right after the docstring": (
         'def f():\n    "doc"\n    """more\n    """; "and more"\n    return 1\n\n'
         'def g():\n    "a"; "b"\n',
-        "def f():\n\n\n\n    return 1\n\ndef g():\n    pass\n",
+        "def f():\n\n\n\n return 1\n\ndef g():\n pass\n",
     ),
     "multi-line docstrings joined by ;": (
         'def f():\n    """a\n    b"""; """c\n    d"""; x = 1\n    return x\n',
-        "def f():\n\n\n    x = 1\n    return x\n",
+        "def f():\n\n\n x = 1\n return x\n",
     ),
     "not docstrings: later string, bytes, f-string": (
         'def f():\n    x = 1\n    "stays"\n\ndef g():\n    b"stays"\n\ndef h():\n    f"stays"\n',
@@ -177,6 +177,12 @@ SNIPPETS: Dict[str, tuple] = {
         None,
     ),
     "tabs and form feeds": ("if 1:\n\tx = 1\t# c\n\f\ndef f():\n\t'doc'\n\treturn x\n", None),
+    "indentation shrinks, strings keep theirs": (
+        'def f():\n    x = (1,\n         2)\n    s = """a\n    b"""\n    if x:\n'
+        '        return s + f"""{x}\n    c"""\n',
+        'def f():\n x = (1,\n2)\n s = """a\n    b"""\n if x:\n'
+        '  return s + f"""{x}\n    c"""\n',
+    ),
     "empty": ("", ""),
     "comment only, no newline at end": ("# just a comment", ""),
     "code without newline at end": ("x = 1  # c", "x = 1"),
