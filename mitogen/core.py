@@ -38,6 +38,7 @@ import importlib.machinery
 import io
 import itertools
 import marshal
+import mmap
 import os
 import select
 import sys
@@ -253,9 +254,6 @@ class Kwargs(dict):
         return (Kwargs, (dict(self),))
 
 
-_BUILTINS_ALLOWED = frozenset(['bytearray', 'complex', 'frozenset', 'set', 'slice', 'range'])
-
-
 class _Reader:
     """A read-only file over a message body. Unlike io.BytesIO it never copies the body
     first, and a large bytes object inside the pickle is filled by one readinto()."""
@@ -286,34 +284,70 @@ class _Unpickler(_pickle.Unpickler):
     """Rebuilds only plain built-in types and this module's own message types.
 
     Anything else names a global that would be imported and called: refusing it here, before
-    it is looked up, is what keeps a compromised context from running code in its peers.
+    it is looked up, is what keeps a compromised context from running code in its peers. The
+    constructors it does allow take only the exact built-in type a real pickle of them holds
+    (``Blob(10**9)`` would make a gigabyte from a few bytes), and an argument bigger than a
+    few dozen bytes is taken once (a memoised megabyte named twice would be copied twice).
+    Pickles from contexts without parent authority are checked opcode by opcode before this
+    runs (see :mod:`mitogen.guard`).
     """
 
     def __init__(self, data, router):
-        # BytesIO shares a bytes object's buffer; a big body arrives as a bytearray, which
-        # it would copy.
+        # BytesIO shares a bytes object's buffer; a big body is a bytearray or a mapping,
+        # which it would copy.
         reader = io.BytesIO(data) if isinstance(data, bytes) else _Reader(data)
         _pickle.Unpickler.__init__(self, reader)
         self._router = router
+        self._taken = set()
 
     def find_class(self, module, name):
+        kind = _CONSTRUCTORS.get((module, name))
+        if kind is not None:
+            return lambda *args: self._build(kind, args)
         if module == 'mitogen.core':
-            if name in ('CallError', 'Blob', 'Secret', 'Kwargs'):
-                return globals()[name]
             if name == '_unpickle_context':
                 return self._context
             if name == '_unpickle_sender':
                 return self._sender
-        elif module == 'builtins' and name in _BUILTINS_ALLOWED:
-            return getattr(builtins, name)
         raise StreamError('refused to unpickle %s.%s: only plain built-in types and '
                           'mitogen.core message types may cross a stream', module, name)
+
+    def _build(self, kind, args):
+        cls, arg_types = kind
+        if len(args) != len(arg_types) or \
+                any(type(a) not in t for a, t in zip(args, arg_types)):
+            raise StreamError('refused to unpickle %s%r: unexpected arguments',
+                              cls.__name__, tuple(type(a).__name__ for a in args))
+        for arg in args:
+            if getattr(arg, '__len__', None) and len(arg) > 64:
+                if id(arg) in self._taken:
+                    raise StreamError('refused to unpickle %s: its argument is used twice',
+                                      cls.__name__)
+                self._taken.add(id(arg))
+        return cls(*args)
 
     def _context(self, context_id, name):
         return _unpickle_context(context_id, name, self._router)
 
     def _sender(self, context_id, dst_handle):
         return _unpickle_sender(context_id, dst_handle, self._router)
+
+
+_NUMBER = (int, float)
+#: What the unpickler may construct, and the exact types of the arguments of each.
+_CONSTRUCTORS = {
+    ('mitogen.core', 'Blob'): (Blob, ((bytes,),)),
+    ('mitogen.core', 'Secret'): (Secret, ((str,),)),
+    ('mitogen.core', 'Kwargs'): (Kwargs, ((dict,),)),
+    ('mitogen.core', 'CallError'): (CallError, ((str,),)),
+    ('builtins', 'bytearray'): (bytearray, ((bytes,),)),
+    ('builtins', 'complex'): (complex, (_NUMBER, _NUMBER)),
+    ('builtins', 'range'): (range, ((int,), (int,), (int,))),
+}
+
+
+def _refuse_state(self, state):
+    raise StreamError('refused to unpickle %s: its state cannot be set', type(self).__name__)
 
 
 def _unpickle_context(context_id, name, router=None):
@@ -437,6 +471,10 @@ class Message:
                 obj = bytes(self.data)
             else:
                 try:
+                    if not (self.auth_id == mitogen.context_id or
+                            self.auth_id in mitogen.parent_ids):
+                        # Loaded at start by parents and the master.
+                        importlib.import_module('mitogen.guard').check_pickle(self.data)
                     obj = _Unpickler(self.data, self.router).load()
                 except StreamError:
                     raise
@@ -448,15 +486,22 @@ class Message:
         return obj
 
 
+def _anonymous(size):
+    """`size` bytes of private anonymous memory: pages cost nothing until written."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 class Decoder:
     """Turns the bytes of a stream into Messages. Does no IO, so it can be tested and fuzzed
     alone: ``feed(data)`` then ``next_message()`` until it returns None.
 
-    Large bodies are received into a buffer of their exact size, which the stream can read into
+    Large bodies are received into a buffer of their own, which the stream can read into
     directly (``read_target``/``advance``) so that a 64 MiB argument is not copied chunk by
-    chunk. A frame longer than ``max_message_size`` is skipped without being buffered and
-    returned as a Message with ``oversize`` set and no body, so that the stream can refuse it
-    and stay up. Bytes that are not a frame raise CorruptFrameError.
+    chunk. That buffer is anonymous memory that doubles as the bytes arrive (``mremap``, no
+    copy): a header that claims 128 MiB and then stalls costs what was really sent, not what
+    it claimed. A frame longer than ``max_message_size`` is skipped without being buffered
+    and returned as a Message with ``oversize`` set and no body, so that the stream can
+    refuse it and stay up. Bytes that are not a frame raise CorruptFrameError.
     """
 
     #: Bodies at least this long are received into a dedicated buffer.
@@ -480,22 +525,35 @@ class Decoder:
             take = min(self._skip, len(data))
             self._skip -= take
             data = data[take:]
-            if not data:
-                return
-        if self._body is not None:
-            room = len(self._body) - self._filled
-            self._body[self._filled:self._filled + min(room, len(data))] = data[:room]
-            self._filled += min(room, len(data))
-            data = data[room:]
-            if not data:
-                return
-        self._buf += data
+        while data and self._body is not None and self._filled < self._header[6]:
+            room = self.read_target()
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            room.release()
+            self._filled += n
+            data = data[n:]
+        if data:
+            self._buf += data
 
     def read_target(self):
         """A writable view of the unfilled part of a big body, or None."""
-        if self._body is None or self._buf:
+        body = self._body
+        if body is None or self._buf:
             return None
-        return memoryview(self._body)[self._filled:]
+        if self._filled == len(body):
+            body = self._grow(body)
+        return memoryview(body)[self._filled:]
+
+    def _grow(self, body):
+        size = min(self._header[6], 2 * len(body))
+        try:
+            body.resize(size)
+        except (BufferError, ValueError, SystemError, OSError):
+            new = _anonymous(size)  # no mremap here: one copy instead
+            new[:self._filled] = body[:self._filled]
+            body.close()
+            body = self._body = new
+        return body
 
     def advance(self, n):
         """Record that `n` bytes were written into the view read_target returned."""
@@ -520,8 +578,8 @@ class Decoder:
                 return self._make(header, b'', oversize=length)
             self._header = header
             if length >= self.BIG_BODY and len(self._buf) < length:
-                self._body = bytearray(length)
                 self._filled = len(self._buf)
+                self._body = _anonymous(min(length, max(self.BIG_BODY, 2 * self._filled)))
                 self._body[:self._filled] = self._buf
                 del self._buf[:]
         header = self._header
@@ -529,7 +587,7 @@ class Decoder:
         if self._body is not None:
             if self._filled < length:
                 return None
-            data = self._body  # a bytearray: copying 64 MiB again would buy nothing
+            data = self._body  # copying 64 MiB again would buy nothing
             self._body = None
         else:
             if len(self._buf) < length:
@@ -1042,6 +1100,10 @@ class Context:
         if wait:
             latch.get()
         return latch
+
+
+for _cls in (Blob, Secret, Kwargs, CallError, Sender, Context):
+    _cls.__setstate__ = _refuse_state  # a pickle's BUILD must not rewrite these
 
 
 class Dispatcher:
@@ -1662,6 +1724,7 @@ class MessageStream(Stream):
         try:
             if target is not None:
                 n = os.readv(self.rfd, [target])
+                target.release()
                 decoder.advance(n)
             else:
                 buf = _read_buffer()

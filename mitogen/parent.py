@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import mitogen
 import mitogen.core
+import mitogen.guard  # checks what children send: loaded before they send anything
 from mitogen.call import CallChain
 from mitogen.core import (
     ADD_ROUTE,
@@ -112,7 +113,7 @@ if os.fork():
  for f in R,W,r,w,Q,V:os.close(f)
  os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')')
 os.close(R);os.close(r);os.close(Q)
-P=b"import marshal,_pickle,_socket,select,_signal,heapq,_struct,fcntl,zlib,threading;"
+P=b"import marshal,_pickle,_socket,select,_signal,heapq,_struct,fcntl,zlib,threading,mmap;"
 os.write(W,P+b"exec(marshal.load(open(102,'rb')))");os.close(W)
 os.write(1,b'MITO000\\n')
 def G(n):
