@@ -98,19 +98,38 @@ __all__ = [
 
 
 class _Logger:
-    """Stands for ``logging.getLogger(name)`` and imports logging on first use.
+    """Stands for ``logging.getLogger(name)`` without importing logging in a child.
 
     Importing logging (with re, traceback, string and weakref behind it) is about a third of
-    a child's start-up imports, and a child that runs without trouble never logs. The first
-    use imports it, which also installs the child's forwarding (see :class:`_AfterImport`).
+    a child's start-up imports, and a child that runs without trouble never logs. Until
+    something else imports it, a child's records go straight to the master through
+    `direct`, which :class:`ExternalContext` sets: importing it here could run on the broker
+    thread, which must never wait for an import lock that another thread may hold while it
+    waits for the broker.
     """
+
+    #: direct(name, level, text) while a child has not loaded logging; else None.
+    direct = None
 
     def __init__(self, name):
         self._name = name
 
     def __getattr__(self, attr):
-        import logging
-        return getattr(logging.getLogger(self._name), attr)
+        direct = _Logger.direct
+        if direct is None:
+            import logging
+            return getattr(logging.getLogger(self._name), attr)
+        level = _LEVELS.get(attr, _INFO)
+
+        def log(msg, *args, **kwargs):
+            if attr == 'exception':
+                msg = '%s: %r' % (msg, sys.exc_info()[1])
+            direct(self._name, level, msg % args if args else msg)
+        return log
+
+
+_LEVELS = {'debug': 10, 'info': 20, 'warning': 30, 'error': 40, 'exception': 40,
+           'critical': 50}
 
 
 LOG = _Logger('mitogen')
@@ -131,6 +150,9 @@ FORWARD_MODULE = 108
 DETACHING = 109
 CALL_SERVICE = 110
 STUB_CALL_SERVICE = 111
+
+#: Answered by every context, to its parents: the keepalive of a silent link.
+PING = 99
 
 #: In a message's ``reply_to``: the sender is gone, or the message could not be delivered.
 IS_DEAD = 999
@@ -415,11 +437,15 @@ class Message:
 
     @classmethod
     def pickled(cls, obj, **kwargs):
+        """A message carrying `obj`; if it cannot be pickled (a type we refuse, a reduce
+        that raises, nesting too deep), a CallError naming the type and why, instead."""
         msg = cls(**kwargs)
         try:
             msg.data = _pickle.dumps(obj, PICKLE_PROTOCOL)
-        except (_pickle.PicklingError, TypeError, AttributeError) as e:
-            msg.data = _pickle.dumps(CallError(e), PICKLE_PROTOCOL)
+        except Exception as e:
+            msg.data = _pickle.dumps(CallError('cannot pickle %s.%s: %s: %s' % (
+                type(obj).__module__, type(obj).__qualname__, type(e).__name__, e)),
+                PICKLE_PROTOCOL)
         return msg
 
     @classmethod
@@ -1188,10 +1214,12 @@ class Router:
         self._handles_by_respondent = {}
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
+        self._drop_second = self._drop_logged = self._drop_quiet = 0
         #: When a list, every forwarded message appends (src_id, dst_id, from_id, to_id).
         self.route_trace = None
         listen(broker, 'exit', self._on_broker_exit)
-        self.add_handler(self._on_del_route, DEL_ROUTE)
+        self.add_handler(self._on_del_route, DEL_ROUTE, policy=has_parent_authority)
+        self.add_handler(self._on_ping, PING, policy=has_parent_authority)
 
     def __repr__(self):
         return 'Router(%r)' % (self.broker,)
@@ -1243,6 +1271,10 @@ class Router:
         for target_id in sorted(stream.routes):
             if self._stream_by_id.get(target_id) is stream:
                 self.del_route(target_id)
+
+    @staticmethod
+    def _on_ping(msg):
+        msg.reply(Message())  # any answer proves the link alive (see parent.Keepalive)
 
     def _on_del_route(self, msg):
         """DEL_ROUTE from our parent: a context elsewhere in the tree is gone."""
@@ -1306,8 +1338,9 @@ class Router:
         try:
             persist, fn, policy, respondent = self._handle_map[msg.handle]
         except KeyError:
-            self._refuse(msg, 'no handler for handle %r in context %r'
-                         % (msg.handle, mitogen.context_id))
+            reason = 'no handler for handle %r in context %r' % (msg.handle, mitogen.context_id)
+            self._drop(msg, stream, reason)
+            self._refuse(msg, reason)
             return
         if respondent is not None and not msg.is_dead and \
                 msg.src_id != respondent.context_id:
@@ -1328,12 +1361,24 @@ class Router:
     # --- sending and forwarding
 
     def _drop(self, msg, stream, reason):
+        """Count a message that will not be delivered, and log it: at most ten lines a
+        second, so that a flood from a hostile context cannot flood the logs too."""
         self.dropped_count += 1
-        LOG.error('%r: dropped %r from %r: %s', self, msg, stream, reason)
+        second = int(now())
+        if second != self._drop_second:
+            if self._drop_quiet:
+                LOG.error('%r: %d more messages dropped', self, self._drop_quiet)
+            self._drop_second, self._drop_logged, self._drop_quiet = second, 0, 0
+        if self._drop_logged < 10:
+            self._drop_logged += 1
+            LOG.error('%r: dropped %r from %r: %s', self, msg, stream, reason)
+        else:
+            self._drop_quiet += 1
 
     def _refuse(self, msg, reason):
-        """Tell the sender its message will never be answered, unless it is itself dead."""
-        if msg.reply_to and not msg.is_dead:
+        """Tell the sender its message will never be answered, unless it is itself dead or
+        its reply_to names a standard handle (no reply ever goes to CALL_FUNCTION & co)."""
+        if (msg.reply_to or 0) >= 1000 and not msg.is_dead:
             dead = Message.dead(reason, dst_id=msg.src_id, handle=msg.reply_to)
             self.route(dead)
 
@@ -1354,6 +1399,14 @@ class Router:
     def _async_route(self, msg, in_stream=None):
         if in_stream is not None:
             if not self._verify_source(msg, in_stream):
+                return
+            if msg.oversize:
+                # Only now: a refusal goes to the verified source, never to whatever
+                # (context, handle) an unverified header names.
+                reason = 'message too large (%d bytes; max_message_size is %d)' % (
+                    msg.oversize, in_stream.decoder.max_message_size)
+                self._drop(msg, in_stream, reason)
+                self._refuse(msg, reason)
                 return
         elif len(msg.data) > self.max_message_size:
             reason = 'message too large (%d bytes; max_message_size is %d)' % (
@@ -1804,12 +1857,7 @@ class MessageStream(Stream):
             self._deferred_out += 1
 
     def _route_received(self, msg):
-        if msg.oversize:
-            LOG.error('%r: refused a %d byte message (max_message_size is %d)',
-                      self, msg.oversize, self.decoder.max_message_size)
-            self.router._refuse(msg, 'message too large (%d bytes; max_message_size is %d)'
-                                % (msg.oversize, self.decoder.max_message_size))
-        elif not self.closed:
+        if not self.closed:
             self.router._async_route(msg, self)
 
     def _on_corrupt(self, error):
@@ -1828,12 +1876,6 @@ class MessageStream(Stream):
                 return
             if msg is None:
                 return
-            if msg.oversize:
-                LOG.error('%r: refused a %d byte message (max_message_size is %d)',
-                          self, msg.oversize, decoder.max_message_size)
-                self.router._refuse(msg, 'message too large (%d bytes; max_message_size is %d)'
-                                    % (msg.oversize, decoder.max_message_size))
-                continue
             msg.router = self.router
             route(msg, self)
 
@@ -2140,6 +2182,7 @@ class Importer:
         self.whitelist = list(whitelist)
         self.blacklist = list(blacklist)
         self.get_module_count = 0
+        self._lost = False
         if core_src is not None:
             self._cache['mitogen.core'] = (None, 'mitogen/core.py', core_src, [])
         router.add_handler(self._on_load_module, LOAD_MODULE, policy=self._from_parent)
@@ -2150,7 +2193,10 @@ class Importer:
 
     @staticmethod
     def _from_parent(msg, stream):
-        return stream is msg.router.parent_stream if msg.router else True
+        """Module code only from the parent stream, and only from a parent: a sibling's
+        LOAD_MODULE arrives on the parent stream too."""
+        return stream is not None and stream is stream.router.parent_stream and \
+            has_parent_authority(msg)
 
     # --- cache
 
@@ -2179,7 +2225,9 @@ class Importer:
             callback()
 
     def _abort_pending(self):
-        """The broker is gone: nothing will answer, so fail every waiting import."""
+        """The parent is gone: nothing will answer, so fail every waiting import now, and
+        every later one at once."""
+        self._lost = True
         for fullname in list(self._pending):
             self._store(fullname, None, 'the parent connection was lost while importing %s'
                         % (fullname,), None, None)
@@ -2194,6 +2242,9 @@ class Importer:
         being imported), so the parent can send it along with the package in one round trip.
         """
         with self._lock:
+            if self._lost and fullname not in self._cache:
+                self._cache[fullname] = 'the parent connection was lost before importing ' \
+                    + fullname
             if fullname in self._cache:
                 ready = True
             else:
@@ -2213,6 +2264,10 @@ class Importer:
 
     def _fetch(self, fullname):
         if fullname not in self._cache:
+            if threading.current_thread() is self._router.broker._thread:
+                # Only the broker reads the answer: waiting for it here would wait forever.
+                raise ImportError('%s cannot be fetched on the broker thread' % (fullname,),
+                                  name=fullname)
             latch = Latch()
             stream = self._router.parent_stream
             lease = stream.lease() if stream is not None else None
@@ -2254,9 +2309,9 @@ class Importer:
         return None
 
     def _is_ours(self, fullname):
-        """Decide whether this importer should serve `fullname`; may ask local Python."""
-        if fullname in self._cache:
-            return self._cache[fullname] is not None
+        """Decide whether this importer should serve `fullname`; may ask local Python, never
+        the parent. A top-level module this interpreter has is always its own ("local
+        first"), even when the parent sent a copy of it."""
         refusal = self._refused_by_policy(fullname)
         if refusal:
             if not self._found_locally(fullname):
@@ -2270,7 +2325,7 @@ class Importer:
             if parent not in self._cache:
                 return False
             entry = self._cache[parent]
-            return entry is not None and entry[0] is not None and fullname in entry[0]
+            return isinstance(entry, tuple) and fullname in (entry[0] or ())
         if fullname == '__main__':
             return True
         if fullname in getattr(sys, 'stdlib_module_names', ()):
@@ -2294,25 +2349,34 @@ class Importer:
             self._local.busy = False
 
     def find_spec(self, fullname, path=None, target=None):
+        """A spec when this importer will load `fullname`. Nothing is fetched here: Python
+        calls finders holding its global import lock, which would stop every other thread's
+        imports (the broker's included) for a round trip, or for ever if the parent died."""
         if getattr(self._local, 'busy', False) or not self._is_ours(fullname):
             return None
-        entry = self._fetch(fullname)
-        if entry is None:
-            return None
-        if isinstance(entry, str):
-            raise ImportError(entry, name=fullname)
-        pkg_present, origin = entry[:2]
-        spec = importlib.machinery.ModuleSpec(fullname, self, origin=origin,
-                                              is_package=pkg_present is not None)
-        spec.has_location = True
-        if pkg_present is not None:
-            spec.submodule_search_locations = [os.path.dirname(origin)]
+        spec = importlib.machinery.ModuleSpec(fullname, self)
+        entry = self._cache.get(fullname)
+        if isinstance(entry, tuple):
+            self._describe(spec, entry)
         return spec
+
+    @staticmethod
+    def _describe(spec, entry):
+        spec.origin = entry[1]
+        spec.has_location = True
+        if entry[0] is not None:
+            spec.submodule_search_locations = [os.path.dirname(entry[1])]
 
     # --- loader
 
     def create_module(self, spec):
-        return None
+        """Fetch the module (holding only its own import lock) and complete its spec."""
+        entry = self._fetch(spec.name)
+        if entry is None:
+            raise ModuleNotFoundError('No module named %r' % (spec.name,), name=spec.name)
+        if isinstance(entry, str):
+            raise ImportError(entry, name=spec.name)
+        self._describe(spec, entry)
 
     def exec_module(self, module):
         fullname = module.__name__
@@ -2561,9 +2625,15 @@ class ExternalContext:
             import logging
             self._forward_logging(logging)
         else:
+            _Logger.direct = self._log_direct
             sys.meta_path.insert(0, _AfterImport('logging', self._forward_logging))
 
+    def _log_direct(self, name, level, text):
+        if level >= self.config.get('log_level', _INFO):
+            self._master.send(Message.pickled((name, level, text), handle=FORWARD_LOG))
+
     def _forward_logging(self, logging):
+        _Logger.direct = None
         root = logging.getLogger()
         root.setLevel(self.config.get('log_level', _INFO))
         for handler in list(root.handlers):
@@ -2637,6 +2707,7 @@ class ExternalContext:
         self.importer = Importer(self.router, self.parent, core_src,
                                  config.get('whitelist', ()), config.get('blacklist', ()))
         sys.meta_path.insert(0, self.importer)
+        listen(stream, 'disconnect', self.importer._abort_pending)
         self.dispatcher = Dispatcher(self)
         self.broker.defer(self.broker.start_receive, stream)
 

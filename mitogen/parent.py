@@ -487,10 +487,10 @@ class Keepalive:
     """Notices a link that went silent (a partition that drops packets rather than closing
     the connection) and disconnects it, so routes are deleted and waiters fail.
 
-    Every `interval` seconds without data from the child, a message is sent to a handle the
-    child does not have, which makes its router answer with a dead message: any answer, or any
-    other traffic, proves the link alive. After `count` silent intervals the stream is
-    dropped, so detection takes at most ``interval * (count + 1)`` seconds.
+    Every `interval` seconds without data from the child, a PING is sent, which the child's
+    router answers: any answer, or any other traffic, proves the link alive. After `count`
+    silent intervals the stream is dropped, so detection takes at most
+    ``interval * (count + 1)`` seconds.
     """
 
     def __init__(self, router: Router, stream: MessageStream, interval: float,
@@ -523,13 +523,9 @@ class Keepalive:
                           stream, self.interval * self._silent)
                 stream.on_disconnect(self.router.broker)
                 return
-        stream.send(Message(dst_id=stream.remote_id, handle=KEEPALIVE_HANDLE,
+        stream.send(Message(dst_id=stream.remote_id, handle=mitogen.core.PING,
                             reply_to=self.reply_handle))
         self.router.broker.timer(self.interval, self._tick)
-
-
-#: A handle no context listens on: a message to it is answered with a dead message.
-KEEPALIVE_HANDLE = 99
 
 
 class BootStream(Stream):
