@@ -1470,8 +1470,8 @@ class Router:
 class EpollPoller:
     """Waits for descriptors with epoll: cost independent of how many are watched."""
 
-    READ = select.EPOLLIN if hasattr(select, 'epoll') else 1
-    WRITE = select.EPOLLOUT if hasattr(select, 'epoll') else 4
+    READ = select.EPOLLIN
+    WRITE = select.EPOLLOUT
     #: Whether another thread may change masks while poll() waits (epoll: yes).
     thread_safe = True
 
@@ -1497,32 +1497,6 @@ class EpollPoller:
 
     def poll(self, timeout):
         return self._epoll.poll(-1 if timeout is None else timeout)
-
-
-class PollPoller(EpollPoller):
-    """select.poll: for systems without epoll."""
-
-    READ = select.POLLIN
-    WRITE = select.POLLOUT
-    thread_safe = False  # changes are only seen by the next poll()
-
-    def __init__(self):
-        self._poll = select.poll()
-        self._masks = {}
-
-    def close(self):
-        pass
-
-    def set_mask(self, fd, mask):
-        if mask:
-            self._masks[fd] = mask
-            self._poll.register(fd, mask)
-        elif self._masks.pop(fd, None) is not None:
-            self._poll.unregister(fd)
-
-    def poll(self, timeout):
-        ms = None if timeout is None else int(timeout * 1000 + 0.999)
-        return self._poll.poll(ms)
 
 
 class Timer:
@@ -1912,7 +1886,7 @@ class Broker:
     """
 
     shutdown_timeout = 3.0
-    poller_class = EpollPoller if hasattr(select, 'epoll') else PollPoller
+    poller_class = EpollPoller  # Linux; mitogen.master.PollPoller is the portable one
 
     def __init__(self, poller_class=None):
         self.poller = (poller_class or self.poller_class)()
