@@ -1253,7 +1253,11 @@ class Router:
         stream = self._stream_by_id.pop(target_id, None)
         if stream is not None:
             stream.routes.discard(target_id)
-        context = self._context_by_id.get(target_id)
+        self._forget_context(target_id)
+
+    def _forget_context(self, context_id):
+        """A context is gone: tell whoever waits on it, and keep nothing of it."""
+        context = self._context_by_id.pop(context_id, None)
         if context is not None:
             context.on_disconnect()
 
@@ -1274,7 +1278,8 @@ class Router:
 
     @staticmethod
     def _on_ping(msg):
-        msg.reply(Message())  # any answer proves the link alive (see parent.Keepalive)
+        if not msg.is_dead:
+            msg.reply(Message())  # any answer proves the link alive (see parent.Keepalive)
 
     def _on_del_route(self, msg):
         """DEL_ROUTE from our parent: a context elsewhere in the tree is gone."""
@@ -1282,9 +1287,7 @@ class Router:
             return
         target_id = int(msg.unpickle())
         if self._stream_by_id.get(target_id) is None:
-            context = self._context_by_id.get(target_id)
-            if context is not None:
-                context.on_disconnect()
+            self._forget_context(target_id)
 
     # --- handlers
 

@@ -150,33 +150,47 @@ class IdAllocator:
 
 
 class LogForwarder:
-    """Writes records forwarded by children into ``mitogen.ctx.<context name>`` loggers."""
+    """Writes records forwarded by children into ``mitogen.ctx.<context name>`` loggers.
+
+    Those loggers are never created here: a master starting thousands of children would
+    keep one Logger per child in the logging package for ever. A record goes to the logger
+    of its name if a program made one (to configure it), else to its nearest existing
+    ancestor, and carries its full name either way.
+    """
 
     def __init__(self, router: Router) -> None:
         self._router = router
-        self._loggers: dict[int, logging.Logger] = {}
         router.add_handler(self._on_forward_log, FORWARD_LOG)
 
-    def _logger_for(self, context_id: int) -> logging.Logger:
-        logger = self._loggers.get(context_id)
-        if logger is None:
-            context = self._router.context_by_id(context_id)
-            name = context.name or str(context_id)
-            logger = self._loggers[context_id] = logging.getLogger("mitogen.ctx." + name)
-        return logger
+    @staticmethod
+    def _logger_for(name: str) -> logging.Logger:
+        loggers = logging.Logger.manager.loggerDict
+        while True:
+            logger = loggers.get(name)
+            if isinstance(logger, logging.Logger):
+                return logger
+            name, _, _ = name.rpartition(".")
+            if name == "mitogen":
+                return logging.getLogger("mitogen.ctx")
 
     def _on_forward_log(self, msg: Message) -> None:
         if msg.is_dead:
             return
         try:
             name, level, text = msg.unpickle()
+            level = int(level)
         except (mitogen.core.StreamError, ValueError, TypeError):
             LOG.error("%r: malformed FORWARD_LOG from %d", self, msg.src_id)
             return
-        logger = self._logger_for(msg.src_id)
-        logger.log(int(level), "%s: %s", name, text,
-                   extra={"mitogen_name": name, "mitogen_context": msg.src_id,
-                          "mitogen_msg": text})
+        context = self._router.context_by_id(msg.src_id, create=False)
+        full_name = "mitogen.ctx.%s" % ((context and context.name) or msg.src_id,)
+        logger = self._logger_for(full_name)
+        if logger.isEnabledFor(level):
+            record = logger.makeRecord(
+                full_name, level, "(child)", 0, "%s: %s", (name, text), None,
+                extra={"mitogen_name": name, "mitogen_context": msg.src_id,
+                       "mitogen_msg": text})
+            logger.handle(record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,6 +752,10 @@ class Router(mitogen.parent.Router):
     def __exit__(self, *exc: Any) -> None:
         self.broker.shutdown()
         self.broker.join()
+
+    def _on_stream_disconnect(self, stream: mitogen.core.MessageStream) -> None:
+        super()._on_stream_disconnect(stream)
+        self.responder.forget_stream(stream)
 
     def enable_debug(self) -> None:
         """Log this package's own activity at DEBUG level in every context started later."""

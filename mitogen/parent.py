@@ -823,6 +823,7 @@ class Connection:
         if self._done:
             return
         self._done = True
+        self.payload = b""  # 15 KiB a child, of no more use
         self._boot.release(self.broker)
         unlisten(self.broker, "shutdown", self._on_broker_shutdown)
         stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
@@ -965,8 +966,15 @@ class Router(mitogen.core.Router):
         return any(start <= context_id < end for start, end in self._id_blocks.get(stream, ()))
 
     def _on_stream_disconnect(self, stream: MessageStream) -> None:
+        """Keep nothing of a child stream that is gone: its routes, ID blocks, connection
+        and what was sent down it."""
         super()._on_stream_disconnect(stream)
         self._id_blocks.pop(stream, None)
+        if stream.conn in self._connections:
+            self._connections.remove(stream.conn)
+        forwarder = getattr(self, "forwarder", None)
+        if forwarder is not None:
+            forwarder.forget_stream(stream)
 
     # --- routes
 
@@ -1010,10 +1018,8 @@ class Router(mitogen.core.Router):
                 self._drop(msg, self.parent_stream, "DEL_ROUTE from a non-parent")
                 return
             target_id = msg.unpickle()
-            context = self._context_by_id.get(target_id)
             if target_id not in self._stream_by_id:
-                if context is not None:
-                    context.on_disconnect()
+                self._forget_context(target_id)
                 self._notify_streams(target_id, exclude=self.parent_stream)
             return
         stream = self.adjacent_stream(msg, "DEL_ROUTE")
@@ -1221,6 +1227,9 @@ class ModuleForwarder:
         router.add_handler(self._on_get_module, mitogen.core.GET_MODULE, overwrite=True)
         router.add_handler(self._on_forward_module, mitogen.core.FORWARD_MODULE,
                            policy=mitogen.core.has_parent_authority, overwrite=True)
+
+    def forget_stream(self, stream: MessageStream) -> None:
+        self._sent.pop(stream, None)
 
     def _on_get_module(self, msg: Message) -> None:
         if msg.is_dead:
