@@ -208,7 +208,8 @@ def _master_core_image() -> CoreImage:
         import importlib
 
         minify = importlib.import_module("mitogen.minify")
-        minified = minify.minimize_source(original.decode("utf-8"))
+        minified = minify.shorten_locals(
+            minify.drop_module_all(minify.minimize_source(original.decode("utf-8"))))
         image = CoreImage.from_source(minified.rstrip("\n").encode("utf-8") + b"\n")
         if not sys.dont_write_bytecode:
             _write_cached_image(cache_path, key, image)
@@ -1295,6 +1296,29 @@ def upgrade_router(econtext: Any) -> Router:
         router._become_parent()
         router.forwarder = ModuleForwarder(router, econtext.importer)
     return router
+
+
+def detach(econtext: Any) -> None:
+    """Let `econtext`'s context outlive its parent (``ExternalContext.detach()``): tell the
+    parent not to end this process, then drop the link once what is queued has gone.
+
+    Calls still running carry on; this context and its subtree no longer belong to the
+    program that started them.
+    """
+    econtext.detached = True
+    broker = econtext.broker
+    stream = econtext.router.parent_stream
+    try:
+        os.setsid()
+    except OSError:
+        pass  # already a session leader
+    econtext.parent.send(Message(handle=mitogen.core.DETACHING))
+    unlisten(stream, "disconnect", econtext._on_parent_disconnect)
+    deadline = mitogen.core.now() + 2.0
+    broker.defer_sync(lambda: None)
+    while stream.pending_bytes and mitogen.core.now() < deadline:
+        broker.defer_sync(lambda: None)
+    broker.defer_sync(lambda: stream.on_disconnect(broker))
 
 
 @mitogen.core.takes_econtext
