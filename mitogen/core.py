@@ -1665,7 +1665,7 @@ class MessageStream(Stream):
         data = msg.data
         with self._out_lock:
             if self._out and self._queued >= self.max_queued:
-                self._wait_for_room()
+                self._full(True)
             if self.closed:
                 failed = 'the stream to %s is closed' % (self.name,)
             elif self._out:
@@ -1673,6 +1673,8 @@ class MessageStream(Stream):
                 if data:
                     self._out.append(memoryview(data))
                 self._queued += len(header) + len(data)
+                if self._queued >= self.max_queued:
+                    self._full(False)
                 return
             else:
                 failed = self._write_now(header, data)
@@ -1683,16 +1685,18 @@ class MessageStream(Stream):
         else:
             self.broker.defer(self._on_send_failed, msg, failed)
 
-    def _wait_for_room(self):
-        """The queue is full (called holding _out_lock). Any thread but the broker waits;
-        the broker never does: it notes the stream so that the stream it is reading from
-        is paused (see MessageStream.process_buffered). Either way a peer that drains
+    def _full(self, wait):
+        """The queue is full (called holding _out_lock). The broker never waits: it notes
+        the stream, so that the stream it is reading is paused (Broker.pause_congested);
+        another thread waits for room before it adds more (`wait`). A peer that drains
         nothing for drain_timeout seconds is disconnected."""
         if not self._watching:
             self._watching = True
             self.broker.defer(self._watch_drain, -1)
         if threading.current_thread() is self.broker._thread:
             self.broker.congested = self
+            return
+        if not wait:
             return
         if self._drained is None:
             self._drained = threading.Condition(self._out_lock)
@@ -1981,7 +1985,7 @@ class Broker:
         self._timers = []
         self._lend_lock = threading.Lock()  # poller masks and MessageStream.lent
         #: A stream whose queue was filled by what the broker is doing now (see
-        #: MessageStream._wait_for_room): the stream being read is paused for it.
+        #: MessageStream._full): the stream being read is paused for it.
         self.congested = None
         self._alive = True
         self._exited = False

@@ -514,7 +514,8 @@ class Keepalive:
         stream = self.stream
         if stream.closed:
             return
-        if stream.rx_bytes != self._last_rx:
+        if stream.rx_bytes != self._last_rx or stream.paused is not None:
+            # (a paused stream is silent because we do not read it: not the child's doing)
             self._last_rx = stream.rx_bytes
             self._silent = 0
         else:
