@@ -263,3 +263,8 @@ def corrupt_parent_stream(router=None):
     """Write bytes that are not a frame onto the link to the parent."""
     os.write(router.parent_stream.wfd, b"\x00" * 64)
     return True
+
+
+def make_bytes(size):
+    """A bytes object of `size` zero bytes, made here (for transfer tests)."""
+    return bytes(size)
