@@ -39,7 +39,7 @@ import re
 import tokenize
 from typing import List, NamedTuple, Optional
 
-__all__ = ["drop_module_all", "minimize_source", "shorten_locals"]
+__all__ = ["drop_module_all", "for_boot", "minimize_source", "shorten_locals"]
 
 # Complete string literals without their prefix: the end of a plain string does not depend on
 # the prefix (a backslash protects the next character even in a raw string).
@@ -95,6 +95,17 @@ def minimize_source(source: str) -> str:
     return _minimize_cached(source)
 
 
+def for_boot(source: str) -> str:
+    """What the boot payload carries: :func:`minimize_source`, then, in one more parse,
+    :func:`drop_module_all` and :func:`shorten_locals`."""
+    minified = minimize_source(source)
+    tree = ast.parse(minified)
+    lines = minified.split("\n")
+    _blank_module_all(tree, lines)
+    _shorten(tree, lines)
+    return "\n".join(lines)
+
+
 def drop_module_all(source: str) -> str:
     """`source` with its top-level ``__all__`` assignment blanked out, lines unchanged.
 
@@ -102,12 +113,16 @@ def drop_module_all(source: str) -> str:
     import *``, which then takes every public name instead.
     """
     lines = source.split("\n")
-    for node in ast.parse(source).body:
+    _blank_module_all(ast.parse(source), lines)
+    return "\n".join(lines)
+
+
+def _blank_module_all(tree: ast.Module, lines: List[str]) -> None:
+    for node in tree.body:
         if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             for index in range(node.lineno - 1, node.end_lineno or node.lineno):
                 lines[index] = ""
-    return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=32)
@@ -452,21 +467,21 @@ def shorten_locals(source: str) -> str:
     Variables of nested functions are renamed within their own function; a variable that a
     nested function, lambda or comprehension mentions keeps its name.
     """
-    tree = ast.parse(source)
-    renames: dict[tuple[int, int], str] = {}  # (row, col) of a name token -> new text
-    source_lines = source.split("\n")
+    lines = source.split("\n")
+    _shorten(ast.parse(source), lines)
+    return "\n".join(lines)
+
+
+def _shorten(tree: ast.Module, lines: List[str]) -> None:
+    renames: dict = {}  # (row, byte column) of a Name -> (old, new)
     keep = _module_imports(tree)
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            renames.update(_local_renames(node, source_lines, keep))
-    if not renames:
-        return source
-    lines = source.split("\n")
+            renames.update(_local_renames(node, lines, keep))
     for (row, byte_col), (old, new) in sorted(renames.items(), reverse=True):
         line = lines[row - 1]
         col = len(line.encode("utf-8")[:byte_col].decode("utf-8"))  # ast counts UTF-8 bytes
         lines[row - 1] = line[:col] + new + line[col + len(old):]
-    return "\n".join(lines)
 
 
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ListComp, ast.SetComp,
@@ -513,11 +528,11 @@ def _local_renames(func: ast.AST, source_lines: List[str], keep: set) -> dict:
     """{(row, col): (old, new)} for each Name node of `func`'s renamable locals: variables
     it binds that are not parameters and that no nested scope mentions (those would be
     closure cells, whose order in the code object follows their names)."""
+    own, nested = _own_nodes(func)
     if any(isinstance(n, (ast.ClassDef, ast.Global, ast.Nonlocal, ast.JoinedStr))
            or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-               and n.func.id in _INTROSPECTION) for n in ast.walk(func)):
+               and n.func.id in _INTROSPECTION) for n in own + nested):
         return {}
-    own, nested = _own_nodes(func)
     args = func.args
     params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
     params.update(a.arg for a in (args.vararg, args.kwarg) if a is not None)
@@ -526,8 +541,7 @@ def _local_renames(func: ast.AST, source_lines: List[str], keep: set) -> dict:
     stored.update(n.name for n in handlers)
     mentioned_inside = {n.id for n in nested if isinstance(n, ast.Name)}
     mentioned_inside.update(n.arg for n in nested if isinstance(n, ast.arg))
-    used = {n.id for n in ast.walk(func) if isinstance(n, ast.Name)}
-    used.update(n.arg for n in ast.walk(func) if isinstance(n, ast.arg))
+    used = mentioned_inside | params | {n.id for n in own if isinstance(n, ast.Name)}
     counts: dict = {}
     for n in own:
         if isinstance(n, ast.Name):
