@@ -299,7 +299,8 @@ def ensure_dockerd(timeout: float = 60.0, *, engine: Optional[Engine] = None,
                            "start it, or unset DOCKER_HOST to use the local default engine")
     if not _is_root():
         raise DockerdError(f"no Docker engine answers at {engine.host} and starting one needs "
-                           "root: run `sudo bash containers/ensure-docker.sh`")
+                           "root: run `sudo bash containers/ensure-docker.sh` in a clone, or "
+                           "`sudo python -m simulator.dockerd`")
     engine.lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(engine.lock_path), timeout=timeout + _APT_TIMEOUT):

@@ -2,9 +2,10 @@
 
 One image per Debian suite (bullseye: python3.9 + python2.7, bookworm: 3.11, trixie: 3.13,
 sid: rolling). Each is a ``debootstrap --variant=minbase`` tree with the recipe's packages,
-finished by ``containers/finalize-rootfs.sh`` and turned into an image with ``docker import``.
-Per-host accounts, sudo rules and keys are not in the image: the entry point applies
-``/etc/sim/node.json`` at container start (see ``containers/node_setup.py``).
+finished by ``finalize-rootfs.sh`` and turned into an image with ``docker import``. Per-host
+accounts, sudo rules and keys are not in the image: the entry point applies
+``/etc/sim/node.json`` at container start (see ``node_setup.py``). The recipe files are in
+``simulator/containers/`` and are read by :mod:`simulator.recipes`.
 
 An image is tagged ``mitogen-sim/<suite>:<hash>``, the hash covering every input of the build
 (suite, variant, packages, the recipe files and :data:`RECIPE_VERSION`), so a tag that exists is
@@ -23,12 +24,10 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import io
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -39,7 +38,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -49,6 +47,18 @@ import docker.errors
 from filelock import FileLock, Timeout
 
 from simulator.dockerd import DockerdError, apt_install, ensure_dockerd
+from simulator.recipes import (
+    IMAGE_REPO,
+    LABEL_PREFIX,
+    RECIPE_DIR,
+    RECIPE_VERSION,
+    ImageBuildError,
+    SuiteRecipe,
+    UnknownSuiteError,
+    image_tag,
+    load_recipes,
+    recipe,
+)
 
 __all__ = [
     "IMAGE_REPO",
@@ -73,13 +83,6 @@ __all__ = [
     "write_node_config",
 ]
 
-#: Bump when the build logic in this file changes in a way that changes image contents.
-RECIPE_VERSION = 1
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "containers"
-#: The recipe files whose bytes are part of every image's hash.
-RECIPE_FILES = ("entrypoint.sh", "node_setup.py", "sshd_config", "finalize-rootfs.sh")
-IMAGE_REPO = "mitogen-sim"
-LABEL_PREFIX = "mitogen-sim."
 NODE_CONFIG_DIR = "/etc/sim"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 _ENTRYPOINT = "/usr/local/sbin/mitogen-sim-entrypoint"
@@ -91,84 +94,6 @@ _NOISY = ("I: Retrieving", "I: Validating", "I: Extracting", "I: Unpacking ", "I
 _HEARTBEAT = 10.0
 
 Progress = Callable[[str], None]
-
-
-class ImageBuildError(RuntimeError):
-    """An image could not be built; the message says which step failed and why."""
-
-
-class UnknownSuiteError(ImageBuildError, KeyError):
-    """A suite that containers/suites.json has no recipe for."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-# --- recipes -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SuiteRecipe:
-    """Everything that decides the contents of one suite's image."""
-
-    suite: str
-    variant: str
-    packages: Tuple[str, ...]
-    python: Optional[str]  # the python3 major.minor a stable suite must give; None: rolling
-    recipe_dir: Path
-
-    def content_hash(self) -> str:
-        """sha256 over every build input; equal hashes mean interchangeable images."""
-        files = {name: hashlib.sha256((self.recipe_dir / name).read_bytes()).hexdigest()
-                 for name in RECIPE_FILES}
-        inputs = {
-            "recipe_version": RECIPE_VERSION,
-            "suite": self.suite,
-            "variant": self.variant,
-            "packages": sorted(self.packages),
-            "python": self.python,
-            "machine": platform.machine(),
-            "files": files,
-        }
-        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-    @property
-    def repository(self) -> str:
-        return f"{IMAGE_REPO}/{self.suite}"
-
-    @property
-    def tag(self) -> str:
-        return f"{self.repository}:{self.content_hash()[:16]}"
-
-
-def load_recipes(recipe_dir: Path = RECIPE_DIR) -> Dict[str, SuiteRecipe]:
-    """Read containers/suites.json into one recipe per suite."""
-    path = recipe_dir / "suites.json"
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ImageBuildError(f"cannot read the image recipes {path}: {exc}") from None
-    common = tuple(spec.get("packages", ()))
-    recipes = {}
-    for suite, entry in spec.get("suites", {}).items():
-        packages = common + tuple(entry.get("extra_packages", ()))
-        recipes[suite] = SuiteRecipe(suite=suite, variant=spec.get("variant", "minbase"),
-                                     packages=packages, python=entry.get("python"),
-                                     recipe_dir=recipe_dir)
-    return recipes
-
-
-def recipe(suite: str, recipe_dir: Path = RECIPE_DIR) -> SuiteRecipe:
-    recipes = load_recipes(recipe_dir)
-    if suite not in recipes:
-        raise UnknownSuiteError(f"unknown suite {suite!r}; {recipe_dir / 'suites.json'} has "
-                                f"recipes for: {', '.join(sorted(recipes))}")
-    return recipes[suite]
-
-
-def image_tag(suite: str) -> str:
-    """The tag the current recipe of ``suite`` builds (whether or not it is built yet)."""
-    return recipe(suite).tag
 
 
 # --- machine facts -------------------------------------------------------------------------
@@ -393,7 +318,7 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
         facts = _probe_pythons(rootfs)
         stage(f"python3 is {facts['python3']} (interpreters: {facts['pythons']})")
         _check_python(r, facts)
-        stage("finishing the tree (containers/finalize-rootfs.sh)")
+        stage("finishing the tree (finalize-rootfs.sh)")
         fin = subprocess.run(["sh", str(r.recipe_dir / "finalize-rootfs.sh"), str(rootfs),
                               str(r.recipe_dir)], capture_output=True, text=True, check=False)
         if fin.returncode != 0:
@@ -513,7 +438,7 @@ _node_setup: Optional[ModuleType] = None
 
 
 def _node_setup_module() -> ModuleType:
-    """containers/node_setup.py, the same file the images run, imported by path."""
+    """node_setup.py, the same file the images run, imported by path."""
     global _node_setup
     if _node_setup is None:
         spec = importlib.util.spec_from_file_location("mitogen_sim_node_setup",
