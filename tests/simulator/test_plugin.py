@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,9 +124,14 @@ def test_a_failing_test_gets_its_timeline_and_the_run_a_report(tiny: pytest.Pyte
         assert proc.wait(timeout=60) == 1
     assert "simulator timeline (call)" in rest
     assert "failing on purpose" in rest
-    report = tiny.path / "report" / "tiny"
+    report = tiny.path / "report" / "tiny" / "local" / "latest"
+    assert report.is_symlink()
+    assert f"report:   {report.resolve()}" in rest
     for name in ("timeline.jsonl", "timeline.png", "summary.json", "summary.md"):
         assert (report / name).stat().st_size > 0, name
+    title = json.loads((report / "summary.json").read_text())["run"]["title"]
+    assert re.fullmatch(r"tiny: local backend, seed 7, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC",
+                        title), title
     lines = (report / "timeline.jsonl").read_text().splitlines()
     kinds = {json.loads(line)["kind"] for line in lines}
     assert {"build", "route", "shutdown", "test"} <= kinds
@@ -155,3 +161,29 @@ def test_the_command_line_checks_a_file_and_prints_its_plan(tiny: pytest.Pyteste
     assert bad.ret != 0
     assert "nowhere.yml" in bad.stderr.str()
 
+
+
+def test_runs_and_backends_never_share_a_report_directory(tiny: pytest.Pytester):
+    tiny.makepyfile("def test_tree(sim):\n    assert sim.context('leaf')\n")
+    runs = []
+    for _ in range(2):
+        result = tiny.runpytest_subprocess("--topology=tiny.yml", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+        line = next(x for x in result.outlines if x.startswith("report:   "))
+        runs.append(line.split(None, 1)[1])
+    base = tiny.path / ".sim" / "report" / "tiny" / "local"
+    assert runs[0] != runs[1]
+    assert {os.path.dirname(run) for run in runs} == {str(base)}
+    assert (base / "latest").resolve() == tiny.path.joinpath(runs[1]).resolve()
+
+
+def test_the_plugin_registers_its_markers_for_strict_projects(pytester: pytest.Pytester):
+    """A project outside this repository, strict about markers and warnings, that declares
+    nothing: the markers the plugin puts on tests are known."""
+    pytester.makeini("[pytest]\naddopts = --strict-markers\nfilterwarnings = error\n")
+    pytester.makepyfile("import pytest\n\n@pytest.mark.docker\n@pytest.mark.topology\n"
+                        "def test_marked():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    listed = pytester.runpytest("--markers").stdout.str()
+    assert "@pytest.mark.docker:" in listed and "@pytest.mark.topology:" in listed
