@@ -36,6 +36,7 @@ __all__ = [
     "Engine",
     "apt_install",
     "default_engine",
+    "engine_client",
     "ensure_dockerd",
     "main",
 ]
@@ -149,6 +150,21 @@ def _answering_client(engine: Engine, client_timeout: float) -> Optional[docker.
     finally:
         probe.close()
     return _client(engine, client_timeout)
+
+
+def engine_client(client_timeout: float = 300.0) -> docker.DockerClient:
+    """A client of the engine that answers now; never installs or starts anything.
+
+    Tests use this: what they need is prepared before pytest starts (``.ci/run``), so a
+    missing engine is a skip (or, where ``.ci/run`` set it up, a failure), never a wait.
+    """
+    engine = default_engine()
+    client = _answering_client(engine, client_timeout)
+    if client is None:
+        raise DockerdError(f"no Docker engine answers at {engine.host}; start one as root "
+                           f"with `bash containers/ensure-docker.sh` in a clone (or `python -m "
+                           f"simulator.dockerd`)")
+    return client
 
 
 def _is_root() -> bool:

@@ -16,9 +16,11 @@ workers, parallel CI steps): the first builds, the others wait and then find the
 
 Command line::
 
-    python -m simulator.images build [SUITE ...] [--jobs N] [--rebuild]
-    python -m simulator.images list
-    python -m simulator.images prune
+    python -m simulator images build [SUITE ...] [--jobs N] [--rebuild]
+    python -m simulator images list
+    python -m simulator images prune
+
+(``python -m simulator.images`` is the same.)
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ __all__ = [
     "cache_dir",
     "debian_mirror",
     "ensure_image",
+    "image_present",
     "image_tag",
     "list_images",
     "load_recipes",
@@ -295,7 +298,7 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
     """debootstrap, check, finish and pack a rootfs; returns facts recorded as labels."""
     if os.geteuid() != 0:
         raise ImageBuildError(f"building the {r.suite} image needs root (debootstrap, chroot); "
-                              f"run as root: python -m simulator.images build {r.suite}")
+                              f"run as root: python -m simulator images build {r.suite}")
     if shutil.which("debootstrap") is None:
         stage("debootstrap is missing; installing it with apt")
         try:
@@ -361,7 +364,8 @@ def _import(client: docker.DockerClient, r: SuiteRecipe, tarball: Path, facts: M
     client.api.tag(r.tag, r.repository, "latest", force=True)
 
 
-def _image_exists(client: docker.DockerClient, tag: str) -> bool:
+def image_present(client: docker.DockerClient, tag: str) -> bool:
+    """Whether the engine has ``tag`` (one inspect)."""
     try:
         client.images.get(tag)
     except docker.errors.ImageNotFound:
@@ -375,7 +379,7 @@ def _build_locked(client: docker.DockerClient, r: SuiteRecipe, mirror: str, rebu
     if rebuild:
         # The image is left alone (containers may use it); the import moves the tags.
         tarball.unlink(missing_ok=True)
-    elif _image_exists(client, r.tag):
+    elif image_present(client, r.tag):
         stage(f"{r.tag} was built by another process meanwhile")
         return
     facts_path = tarball.with_suffix(".json")
@@ -407,7 +411,7 @@ def ensure_image(suite: str, progress: Progress = print, *,
         except DockerdError as exc:
             raise ImageBuildError(f"no Docker engine for building {suite}: {exc}") from None
     try:
-        if not rebuild and _image_exists(client, r.tag):
+        if not rebuild and image_present(client, r.tag):
             return r.tag
         stage = _Stage(suite, progress)
         locks = cache_dir() / "locks"
@@ -604,7 +608,7 @@ def _cmd_prune(_args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulator.images",
+    parser = argparse.ArgumentParser(prog="python -m simulator images",
                                      description="Build and list the simulator's host images.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the images of SUITEs (default: every suite)")

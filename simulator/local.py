@@ -246,6 +246,11 @@ class LocalBackend(Backend):
     def capabilities(self) -> FrozenSet[str]:
         return _SUPPORTED
 
+    def resources(self) -> Dict[str, Any]:
+        """What a state record names for ``down``: the control directory of the links (the
+        processes end by themselves with their runner; their relays see it go)."""
+        return {"control_dir": self._dir}
+
     # -- building ----------------------------------------------------------------------------
 
     def _control_path(self, host: Host) -> str:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import mitogen.core
     from simulator.backend import Backend
     from simulator.faults import FaultInjector, Step
+    from simulator.state import RunRecord
     from simulator.timeline import Timeline
     from simulator.topology import Host, Topology
 
@@ -82,12 +83,16 @@ def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("topology", None)
     if not path:
         return
+    from simulator.preflight import refusals
     from simulator.topology import TopologyError, load_topology
 
     try:
         topology = load_topology(path)
     except (TopologyError, OSError) as exc:
         raise pytest.UsageError(f"--topology: {exc}") from None
+    refused = refusals(topology, config.getoption("topology_backend"))
+    if refused:  # the same words as `python -m simulator check` and `up`
+        raise pytest.UsageError("--topology: " + "\n--topology: ".join(refused))
     config.stash[_TOPOLOGY_KEY] = topology
 
 
@@ -153,6 +158,7 @@ class Simulation:
         self.seed = seed
         self.report_dir = report_dir
         self.report_paths: List[str] = []
+        self.record: Optional[RunRecord] = None
         self.started = time.time()
         self.measures: Dict[str, Any] = {}
 
@@ -193,21 +199,25 @@ class Simulation:
         return self.topology.schedule(schedule).plan(self.topology, self.seed)
 
     def injector(self) -> FaultInjector:
-        """A fault injector whose every step goes to the timeline."""
+        """A fault injector whose every step goes to the timeline and to the state record
+        (``python -m simulator status`` lists the faults applied)."""
         from simulator.faults import FaultInjector
 
         def record(event: Any) -> None:
             self.timeline.record("fault", time=event.time, **{
                 k: v for k, v in event.to_dict().items() if k != "time"})
+            if self.record is not None:
+                self.record.set_faults(injector.active)
 
-        return FaultInjector(self.backend, on_event=record)
+        injector = FaultInjector(self.backend, on_event=record)
+        return injector
 
     def measure(self, name: str, value: Any) -> None:
         """Keep a number for the report (``call_latency``, ``del_route``...)."""
         self.measures.setdefault(name, []).append(value)
 
 
-def _make_backend(kind: str, timeline: Timeline) -> Backend:
+def _make_backend(kind: str, timeline: Timeline, topology: Topology) -> Backend:
     if kind == "local":
         from simulator.local import LocalBackend
 
@@ -216,8 +226,10 @@ def _make_backend(kind: str, timeline: Timeline) -> Backend:
         from simulator.dockerbackend import DockerBackend, docker_unavailable
     except ImportError as exc:
         raise pytest.UsageError(f"--topology-backend=docker: not available here ({exc})")
-    reason = docker_unavailable()
-    if reason:  # only a missing engine skips; CI (MITOGEN_REQUIRE_EXTERNAL=1) fails on it
+    # Nothing is installed, started or built inside a test's timeout: a missing engine or
+    # image skips, saying what to run (.ci/run prepares both, and there a skip fails).
+    reason = docker_unavailable(sorted({host.suite for host in topology.hosts}))
+    if reason:
         pytest.skip(f"--topology-backend=docker: {reason}")
     return DockerBackend(timeline)
 
@@ -261,27 +273,52 @@ def sim(pytestconfig: pytest.Config, sim_topology: Topology) -> Iterator[Simulat
 
     report_dir = _report_dir(pytestconfig, sim_topology)
     timeline = Timeline(os.path.join(report_dir, "timeline.jsonl"))
-    backend = _make_backend(pytestconfig.getoption("topology_backend"), timeline)
+    backend = _make_backend(pytestconfig.getoption("topology_backend"), timeline,
+                            sim_topology)
     simulation = Simulation(sim_topology, backend, timeline, _seed_override(pytestconfig),
                             report_dir)
     pytestconfig.stash[_SIM_KEY] = simulation
+    record = None
     try:
         backend.create(sim_topology)
         simulation.measures["setup_seconds"] = getattr(backend, "build_seconds", None)
+        record = simulation.record = _record(simulation, str(pytestconfig.getoption("topology")))
         yield simulation
     finally:
         keep = getattr(backend, "keep", None)
+        kept = False
         if pytestconfig.stash.get(_FAILED_KEY, False) and \
                 pytestconfig.getoption("topology_keep"):
             if keep is not None:
+                resources = backend.resources()  # type: ignore[attr-defined]
                 sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up: {keep()}\n")
+                kept = record is not None
+                if record is not None:
+                    record.kept, record.resources = True, resources
+                    record.save()
             else:
                 sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up (on the "
                                  f"local backend it still ends with this process)\n")
         else:
             backend.destroy()
+        if record is not None and not kept:
+            record.remove()
         timeline.close()
         _write_report(simulation)
+
+
+def _record(simulation: Simulation, path: str) -> RunRecord:
+    """The state record of this session's tree, for ``python -m simulator status``."""
+    from simulator.faults import describe_seeds
+    from simulator.state import RunRecord, describe_hosts
+
+    record = RunRecord(topology=simulation.topology.name, file=os.path.abspath(path),
+                       backend=simulation.backend.name, command="pytest",
+                       seeds=describe_seeds(simulation.topology, simulation.seed),
+                       hosts=describe_hosts(simulation.backend),
+                       resources=simulation.backend.resources())  # type: ignore[attr-defined]
+    record.save()
+    return record
 
 
 _FAILED_KEY = pytest.StashKey[bool]()

@@ -28,7 +28,7 @@ import docker.errors
 import pytest
 
 from simulator import images
-from simulator.dockerd import DockerdError, ensure_dockerd
+from simulator.dockerd import DockerdError, engine_client
 
 NODE_SETUP = images._node_setup_module()
 
@@ -247,19 +247,21 @@ TEST_ID_LABEL = "mitogen-sim.test.id"
 
 def _engine_or_skip() -> Any:
     try:
-        return ensure_dockerd(timeout=60)
+        return engine_client()
     except DockerdError as exc:
-        pytest.skip(f"no Docker engine and none could be started: {exc}")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
 def bookworm_tag() -> str:
-    """The bookworm image, built once per content hash (CI builds it before pytest)."""
+    """The bookworm image, built before pytest starts (.ci/run), never inside a test."""
     client = _engine_or_skip()
     try:
-        if os.geteuid() != 0 and not images._image_exists(client, images.image_tag("bookworm")):
-            pytest.skip("the bookworm image is not built and building it needs root")
-        return images.ensure_image("bookworm", client=client)
+        tag = images.image_tag("bookworm")
+        if not images.image_present(client, tag):
+            pytest.skip(f"{tag} is not built: python -m simulator images build bookworm "
+                        f"(as root)")
+        return tag
     finally:
         client.close()
 
@@ -481,7 +483,7 @@ def test_concurrent_callers_build_once(recipe_copy: Path, tmp_path: Path,
             other_is_waiting.set()
 
     def build(_n: int) -> str:
-        own = ensure_dockerd(timeout=60)
+        own = engine_client()
         try:
             return images.ensure_image(suite, progress, client=own, recipe_dir=recipe_copy,
                                        mirror="http://127.0.0.1:9/unused", lock_timeout=60)
