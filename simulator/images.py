@@ -61,6 +61,7 @@ from simulator.recipes import (
     load_recipes,
     recipe,
 )
+from simulator.state import owner_alive, owner_tag
 
 __all__ = [
     "IMAGE_REPO",
@@ -208,17 +209,93 @@ def _remove_tree(path: Path) -> None:
     left = _mounts_under(path)
     if left:
         raise ImageBuildError(f"refusing to delete {path}: still mounted inside: {left}")
-    shutil.rmtree(path)
+    _rmtree_gone_is_fine(path)
 
 
-def _sweep_stale_work(work_root: Path, suite: str) -> None:
-    """Remove work dirs of earlier builds of ``suite`` whose process is gone."""
+def _rmtree_gone_is_fine(path: Path) -> None:
+    """shutil.rmtree, where an entry that vanished meanwhile is not an error (another
+    sweeper removing the same dead build)."""
+    def gone_is_fine(_func: Any, _path: str, exc: Any) -> None:
+        error = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(error, FileNotFoundError):
+            raise error
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=gone_is_fine)  # type: ignore[call-arg]
+    else:
+        shutil.rmtree(path, onerror=gone_is_fine)
+
+
+def _work_processes(work: Path) -> List[int]:
+    """Processes of a build in ``work``: with it on their command line (debootstrap, its
+    wget and tar, finalize-rootfs.sh), or chrooted or sitting in it (dpkg in the chroot)."""
+    prefix = str(work.resolve())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ")
+            root = os.readlink(f"/proc/{name}/root")
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:  # gone, or a zombie
+            continue
+        if prefix.encode() in cmdline or root.startswith(prefix) or cwd.startswith(prefix):
+            found.append(int(name))
+    return found
+
+
+def _kill_work_processes(work: Path, timeout: float = 30.0) -> None:
+    """SIGKILL every process of a build in ``work`` and wait until none is left: a killed
+    builder's debootstrap runs on in its own session, deleting and writing files, and a
+    removal racing it fails (or leaves files it writes after)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = _work_processes(work)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() >= deadline:
+            raise ImageBuildError(f"processes of the build in {work} do not end: {pids}")
+        time.sleep(0.05)  # another process's end: /proc has no event to wait on
+
+
+def _work_dir_name(suite: str, digest: str) -> str:
+    """``SUITE-HASH-PID-START``: the builder's pid and start time, so a later build can tell
+    a live build's directory from a dead one's even when the pid is reused."""
+    return f"{suite}-{digest}-{owner_tag().replace(':', '-')}"
+
+
+def _builder_alive(name: str) -> bool:
+    parts = name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return owner_alive(f"{parts[1]}:{parts[2]}")
+    pid = name.rsplit("-", 1)[-1]  # an older name: SUITE-HASH-PID
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
+def _sweep_stale_work(work_root: Path) -> List[Path]:
+    """Remove the work directories of every build whose builder is gone (killed, or its
+    machine rebooted), after ending what that build still runs. Returns them."""
+    swept = []
     if not work_root.is_dir():
-        return
-    for entry in work_root.glob(f"{suite}-*"):
-        pid = entry.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        return swept
+    for entry in sorted(work_root.iterdir()):
+        if not _builder_alive(entry.name):
+            _kill_work_processes(entry)
             _remove_tree(entry)
+            swept.append(entry)
+    return swept
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 # --- the build -----------------------------------------------------------------------------
@@ -265,6 +342,9 @@ def _run_debootstrap(r: SuiteRecipe, rootfs: Path, mirror: str, log_path: Path,
         finally:
             timer.cancel()
             timer.join()
+            if proc.poll() is None:  # interrupted here: end its whole session, then reap it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             proc.stdout.close()
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
@@ -309,9 +389,7 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
     stage(f"checking that {mirror} serves {r.suite}")
     _check_mirror_serves(mirror, r.suite)
     cache = tarball.parent.parent
-    work_root = cache / "work"
-    _sweep_stale_work(work_root, r.suite)
-    work = work_root / f"{r.suite}-{tarball.stem.rsplit('-', 1)[-1]}-{os.getpid()}"
+    work = cache / "work" / _work_dir_name(r.suite, tarball.stem.rsplit("-", 1)[-1])
     (cache / "logs").mkdir(parents=True, exist_ok=True)
     log_path = cache / "logs" / f"{tarball.stem}.log"
     try:
@@ -332,12 +410,13 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
         subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C",
                         str(rootfs), "-cf", str(packed), "."], check=True, capture_output=True)
         tarball.parent.mkdir(parents=True, exist_ok=True)
-        tarball.with_suffix(".json").write_text(json.dumps(facts))
+        _write_atomically(tarball.with_suffix(".json"), json.dumps(facts))
         os.replace(packed, tarball)  # same filesystem: the cached tarball is whole or absent
         stage(f"cached {tarball} ({tarball.stat().st_size / 1e6:.0f} MB)")
         return facts
     finally:
-        _remove_tree(work)
+        _kill_work_processes(work)  # an interrupted build leaves nothing running...
+        _remove_tree(work)  # ...and nothing half-made
 
 
 def _import(client: docker.DockerClient, r: SuiteRecipe, tarball: Path, facts: Mapping[str, str],
@@ -375,6 +454,8 @@ def image_present(client: docker.DockerClient, tag: str) -> bool:
 
 def _build_locked(client: docker.DockerClient, r: SuiteRecipe, mirror: str, rebuild: bool,
                   stage: _Stage) -> None:
+    for swept in _sweep_stale_work(cache_dir() / "work"):  # every build starts clean
+        stage(f"removed {swept}, left by a build that was interrupted")
     tarball = cache_dir() / "rootfs" / f"{r.suite}-{r.content_hash()[:16]}.tar"
     if rebuild:
         # The image is left alone (containers may use it); the import moves the tags.
