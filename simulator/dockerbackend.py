@@ -263,7 +263,7 @@ def _worker_index() -> int:
 
 def _plan_segments(topology: Topology, block: ipaddress.IPv4Network) -> List[_Segment]:
     owners: List[Optional[str]] = [None, *(h.id for h in topology.hosts if h.children)]
-    groups = {None: tuple(h.id for h in topology.roots())}
+    groups: Dict[Optional[str], Tuple[str, ...]] = {None: tuple(h.id for h in topology.roots())}
     for host in topology.hosts:
         if host.children:
             groups[host.id] = host.children
@@ -283,7 +283,11 @@ def _plan_segments(topology: Topology, block: ipaddress.IPv4Network) -> List[_Se
 
 
 def _blocks(supernet: str) -> List[ipaddress.IPv4Network]:
-    net = ipaddress.ip_network(supernet)
+    try:
+        net = ipaddress.IPv4Network(supernet)
+    except ValueError:
+        raise BackendError(f"network.supernet {supernet} is not an IPv4 network; the docker "
+                           f"backend's networks are IPv4") from None
     split = (WORKER_BLOCKS - 1).bit_length()
     if net.prefixlen + split > 28:
         raise BackendError(f"network.supernet {supernet} is too small to split per worker")
@@ -1054,8 +1058,9 @@ class DockerBackend(Backend):
         if isinstance(fault, Signal):
             return self._apply_signal(fault, state)
         if isinstance(fault, SshdDown):
-            rules = [("INPUT", "-p", "tcp", "--dport", "22", "--syn", "-j", "REJECT",
-                      "--reject-with", "tcp-reset")]
+            rules: List[Tuple[str, ...]] = [
+                ("INPUT", "-p", "tcp", "--dport", "22", "--syn", "-j", "REJECT",
+                 "--reject-with", "tcp-reset")]
             self._insert_rules(target, rules)
             return _Handle(fault, target, ("rules",), tuple(rules))
         if isinstance(fault, Partition):

@@ -281,7 +281,7 @@ def _builder_alive(name: str) -> bool:
 def _sweep_stale_work(work_root: Path) -> List[Path]:
     """Remove the work directories of every build whose builder is gone (killed, or its
     machine rebooted), after ending what that build still runs. Returns them."""
-    swept = []
+    swept: List[Path] = []
     if not work_root.is_dir():
         return swept
     for entry in sorted(work_root.iterdir()):
@@ -345,7 +345,8 @@ def _run_debootstrap(r: SuiteRecipe, rootfs: Path, mirror: str, log_path: Path,
             if proc.poll() is None:  # interrupted here: end its whole session, then reap it
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            proc.stdout.close()
+            if proc.stdout is not None:
+                proc.stdout.close()
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         why = f"timed out after {_DEBOOTSTRAP_TIMEOUT:.0f}s" if code == -signal.SIGKILL \

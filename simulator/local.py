@@ -119,7 +119,7 @@ def sweep_stale_dirs() -> List[str]:
     A directory is named after the pid that made it; the processes of that run end by
     themselves when their parent's stream closes, only their directory would stay.
     """
-    removed = []
+    removed: List[str] = []
     base = _base_dir()
     try:
         names = os.listdir(base)

@@ -18,7 +18,7 @@ what only one backend cannot do:
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from simulator.recipes import ImageBuildError, load_recipes
 from simulator.topology import Topology
@@ -53,7 +53,7 @@ def _docker_problems(topology: Topology) -> List[str]:
     except ImageBuildError as exc:
         return [str(exc)]
     problems = []
-    used = {}
+    used: Dict[str, Tuple[Any, List[Any]]] = {}
     for host in topology.hosts:
         used.setdefault(host.image.name, (host.image, []))[1].append(host)
     for name, (image, hosts) in sorted(used.items()):
