@@ -102,6 +102,7 @@ def _run(pytester: pytest.Pytester, action: str, *args: str) -> subprocess.Popen
     pytester.makepyfile(test_tree=REPORTING_TEST)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env["SIM_ACTION"] = action  # the inner run is no xdist worker, whatever the outer is
+    env["MITOGEN_SIM_STATE"] = str(pytester.path / "state")  # a killed run's record stays
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", "-q",
          "--topology=tiny.yml", f"--topology-report={pytester.path / 'report'}", *args],
@@ -143,14 +144,27 @@ def test_a_failing_test_gets_its_timeline_and_the_run_a_report(tiny: pytest.Pyte
 def test_nothing_is_left_after_an_interrupted_or_killed_run(tiny: pytest.Pytester, how):
     """Even a paused (SIGSTOPped) host goes: on Ctrl-C the fixtures resume and stop it; when
     pytest is killed, the relay in front of it kills it after its linger time."""
+    env = dict(os.environ, MITOGEN_SIM_STATE=str(tiny.path / "state"))
+
+    def simulator(command: str) -> str:
+        return subprocess.run([sys.executable, "-m", "simulator", command], env=env,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
     with _run(tiny, "pause-and-block") as proc:
         pids = json.loads(_read_until(proc, "PIDS "))
         _read_until(proc, "PAUSED")
+        status = simulator("status")  # a pytest session's tree is listed as `up`'s are
+        assert f"tiny: local backend, `pytest` pid {proc.pid}" in status
+        assert "faults applied: Pause(host='top/leaf')" in status
         proc.send_signal(how)
         proc.stdout.read()
         proc.wait(timeout=60)
     # a killed run: the relay lingers 2 s, gives its child 2 s more, then TERM and KILL
     assert LocalBackend.wait_gone(pids, 20.0) == []
+    if how == signal.SIGKILL:  # its record stays, saying so, until `down`
+        assert f"its runner (pid {proc.pid}) is gone" in simulator("status")
+        assert f"tiny (local backend, pid {proc.pid}): down" in simulator("down")
+    assert "no topology is running" in simulator("status")
 
 
 def test_the_command_line_checks_a_file_and_prints_its_plan(tiny: pytest.Pytester):
