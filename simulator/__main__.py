@@ -154,8 +154,9 @@ def _play(backend: Any, record: Any, name: str, steps: Any, stop: threading.Even
           flush=True)
     applied = run_plan(injector, steps, stop=stop)
     record.set_faults(())
-    print(f"schedule {name}: {applied} faults applied, all healed; the tree stays up",
-          flush=True)
+    print(f"schedule {name}: {applied} of {len(steps) - 1} faults applied"
+          + (" (stopped early)" if stop.is_set() else "")
+          + ", all healed; the tree stays up until Ctrl-C or `down`", flush=True)
 
 
 def _matches(record: Any, wanted: Optional[str]) -> bool:

@@ -161,11 +161,15 @@ def engine_client(client_timeout: float = 300.0) -> docker.DockerClient:
     """
     engine = default_engine()
     client = _answering_client(engine, client_timeout)
-    if client is None:
-        raise DockerdError(f"no Docker engine answers at {engine.host}; start one as root "
-                           f"with `bash containers/ensure-docker.sh` in a clone (or `python -m "
-                           f"simulator.dockerd`)")
-    return client
+    if client is not None:
+        return client
+    path = engine.host[len("unix://"):] if engine.host.startswith("unix://") else None
+    if path and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise DockerdError(f"this user may not use the Docker engine at {engine.host} "
+                           f"(no access to {path}): run as root or as a member of its group")
+    raise DockerdError(f"no Docker engine answers at {engine.host}; start one as root "
+                       f"with `bash containers/ensure-docker.sh` in a clone (or `python -m "
+                       f"simulator.dockerd`)")
 
 
 def _is_root() -> bool:
