@@ -461,6 +461,9 @@ class Reaper(Stream):
         Stream.on_disconnect(self, broker)
 
 
+_STDERR_LOG = logging.getLogger("mitogen.stderr")
+
+
 class StderrStream(Stream):
     """Logs what a child prints on stderr before it takes over its own stdio, and keeps the
     last lines for the error message if the bootstrap fails."""
@@ -472,7 +475,7 @@ class StderrStream(Stream):
         mitogen.core.set_cloexec(fd)
         self.lines: list[str] = []
         self._partial = b""
-        self._log = logging.getLogger("mitogen.stderr." + name)
+        self._name = name
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
         data = mitogen.core.read_chunk(self.rfd)
@@ -491,7 +494,7 @@ class StderrStream(Stream):
         for raw in lines:
             line = raw.decode("utf-8", "replace").rstrip("\r")
             self.lines.append(line)
-            self._log.debug("%s", line)
+            _STDERR_LOG.debug("%s: %s", self._name, line)  # one logger, not one per child
         del self.lines[:-ERROR_LINES]
 
 
@@ -753,7 +756,7 @@ class Connection:
         if self.use_socketpair:
             fd = os.dup(ours.fileno())
             ours.close()
-            return Process(popen.pid, fd, os.dup(fd), err_r)
+            return Process(popen.pid, fd, fd, err_r)  # one descriptor both ways
         return Process(popen.pid, in_w, out_r, err_r)
 
     # --- the common part
@@ -785,6 +788,7 @@ class Connection:
                               "no answer within connect_timeout=%.1fs"
                               % (self.options.connect_timeout,))
             ok, value = self._latch.get()
+        self._latch = None  # done with: a connected child's state is kept small
         if not ok:
             raise value
 
@@ -843,6 +847,8 @@ class Connection:
         self._done = True
         self.payload = b""  # 15 KiB a child, of no more use
         self._boot.release(self.broker)
+        self._boot = None
+        self._stderr = None  # the broker reads it until the child lets go of it
         unlisten(self.broker, "shutdown", self._on_broker_shutdown)
         stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
                              self.stream_name, remote_id=self.context.context_id)
@@ -850,7 +856,6 @@ class Connection:
         self.stream = stream
         if leftover:
             stream.decoder.feed(leftover)
-        listen(stream, "disconnect", self._on_stream_disconnect)
         if self.context.name is None:
             self.context.name = self.stream_name
         self.router.register(self.context, stream)
@@ -927,7 +932,13 @@ class ChildIdAllocator:
 
 
 class ChildStream(MessageStream):
-    """The parent's end of the stream to a child: asks it to shut down with the broker."""
+    """The parent's end of the stream to a child: asks it to shut down with the broker, and
+    tells its Connection when it is gone."""
+
+    def _gone(self, broker: mitogen.core.Broker) -> None:
+        super()._gone(broker)
+        if self.conn is not None:
+            self.conn._on_stream_disconnect()
 
     def on_shutdown(self, broker: mitogen.core.Broker) -> None:
         if not self.closed:
