@@ -209,7 +209,7 @@ class Simulation:
             if self.record is not None:
                 self.record.set_faults(injector.active)
 
-        injector = FaultInjector(self.backend, on_event=record)
+        injector = FaultInjector(self.backend, on_event=record)  # `record` reads it
         return injector
 
     def measure(self, name: str, value: Any) -> None:
@@ -290,12 +290,12 @@ def sim(pytestconfig: pytest.Config, sim_topology: Topology) -> Iterator[Simulat
         if pytestconfig.stash.get(_FAILED_KEY, False) and \
                 pytestconfig.getoption("topology_keep"):
             if keep is not None:
-                resources = backend.resources()  # type: ignore[attr-defined]
+                resources = backend.resources()  # before keep() lets go of them
                 sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up: {keep()}\n")
-                kept = record is not None
-                if record is not None:
+                if record is not None:  # for `python -m simulator down`
                     record.kept, record.resources = True, resources
                     record.save()
+                    kept = True
             else:
                 sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up (on the "
                                  f"local backend it still ends with this process)\n")
@@ -316,7 +316,7 @@ def _record(simulation: Simulation, path: str) -> RunRecord:
                        backend=simulation.backend.name, command="pytest",
                        seeds=describe_seeds(simulation.topology, simulation.seed),
                        hosts=describe_hosts(simulation.backend),
-                       resources=simulation.backend.resources())  # type: ignore[attr-defined]
+                       resources=simulation.backend.resources())
     record.save()
     return record
 
