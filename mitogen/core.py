@@ -2249,6 +2249,17 @@ class Broker:
 # ---------------------------------------------------------------------------------------------
 
 
+def _load_site():
+    """Load site, once: a child's interpreter starts with -S (site and its .pth files cost a
+    new interpreter more than the rest of its start), and a module that is neither the
+    standard library's nor the master's may be installed in the child's site-packages."""
+    global _load_site
+    _load_site = lambda: None  # once, whatever happens
+    if sys.flags.no_site:
+        import site
+        site.main()
+
+
 class Importer:
     """Imports modules that this context's own Python lacks by asking the parent for them.
 
@@ -2426,6 +2437,7 @@ class Importer:
             return True
         self._local.busy = True
         try:
+            _load_site()
             for finder in sys.meta_path:
                 find_spec = getattr(finder, 'find_spec', None)
                 if finder is not self and find_spec and find_spec(fullname, None) is not None:
