@@ -49,7 +49,7 @@ def _refusals(topology: Any, backends: List[str]) -> List[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from simulator.faults import FaultError, format_plan
+    from simulator.faults import FaultError, format_plan, plan
 
     topology = _load(args.file)
     print(f"{topology.name}: {len(topology.hosts)} hosts, seed {topology.seed}")
@@ -64,7 +64,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"schedule {schedule.name}: {exc}")
             continue
         print(f"schedule {schedule.name} (seed {seed}):")
-        for line in format_plan(schedule.plan(topology, args.seed)):
+        for line in format_plan(plan(schedule, topology, args.seed)):
             print(f"  {line}")
     refused = _refusals(topology, ["local", "docker"] if args.backend == "both"
                         else [args.backend])
@@ -85,7 +85,7 @@ def _backend(args: argparse.Namespace, timeline: Any) -> Any:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from simulator.faults import FaultError, describe_seeds
+    from simulator.faults import FaultError, describe_seeds, plan
     from simulator.state import RunRecord, describe_hosts
     from simulator.timeline import Timeline
 
@@ -96,7 +96,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     steps = None
     if args.schedule:
         try:
-            steps = topology.schedule(args.schedule).plan(topology, args.seed)
+            steps = plan(topology.schedule(args.schedule), topology, args.seed)
         except (LookupError, FaultError) as exc:
             raise SystemExit(f"simulator: --schedule: {exc}") from None
     stop = threading.Event()

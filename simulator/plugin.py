@@ -196,7 +196,9 @@ class Simulation:
 
     def plan(self, schedule: str) -> List[Step]:
         """The steps of a named schedule, seeded as ``python -m simulator check`` shows."""
-        return self.topology.schedule(schedule).plan(self.topology, self.seed)
+        from simulator.faults import plan
+
+        return plan(self.topology.schedule(schedule), self.topology, self.seed)
 
     def injector(self) -> FaultInjector:
         """A fault injector whose every step goes to the timeline and to the state record
