@@ -50,6 +50,7 @@ __all__ = [
     "KNOWN_SUITES",
     "MAX_HOSTS",
     "MAX_SCHEDULE_STEPS",
+    "PLACEMENT_RULES",
     "SUDO_MODES",
     "Account",
     "FaultError",
@@ -60,6 +61,7 @@ __all__ = [
     "KeySpec",
     "Link",
     "Network",
+    "NodePlacement",
     "Resources",
     "Schedule",
     "SelectorError",
@@ -245,6 +247,27 @@ class Network:
     keepalive_interval: float = 2.0
     keepalive_count: int = 3
     connect_timeout: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NodePlacement:
+    """Where hosts go when a backend spreads the tree over machines (the ``swarm`` backend's
+    nodes; single-machine backends ignore it). ``rule``:
+
+    * ``spread``: hosts in walk order, round robin over the nodes;
+    * ``subtree``: every host at ``depth`` (0: the roots) takes the next node round robin, and
+      its whole subtree goes with it; hosts above ``depth`` go to the first node;
+    * ``labels``: each host goes to a node whose labels include those of the first entry of
+      ``labels`` whose selector matches it, round robin among such nodes; a host no entry
+      matches goes with its parent (a root: to the first node).
+    """
+
+    rule: str = "spread"
+    depth: int = 1
+    labels: Tuple[Tuple[str, Mapping[str, str]], ...] = ()
+
+
+PLACEMENT_RULES = ("spread", "subtree", "labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,6 +595,7 @@ class Topology:
     keys: Tuple[KeySpec, ...]
     hosts: Tuple[Host, ...]
     schedules: Tuple[Schedule, ...]
+    placement: NodePlacement = NodePlacement()
     _by_id: Mapping[str, Host] = dataclasses.field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -1082,6 +1106,7 @@ _TOP_FIELDS: Mapping[str, Checker] = {
     "profiles": _map_of(_name, _layer),
     "tree": lambda value, where: value,  # checked with its own walker below
     "faults": lambda value, where: value,
+    "placement": lambda value, where: value,  # checked once the hosts are known
 }
 
 
@@ -1258,7 +1283,42 @@ def parse_topology(data: Any, source: str) -> Topology:
         schedules=tuple(decl.schedule for decl in schedules),
     )
     _check_schedule_targets(topology, schedules)
+    if "placement" in data:
+        topology = dataclasses.replace(topology, placement=_placement(
+            topology, data["placement"], wheres["placement"]))
     return topology
+
+
+def _label_map(value: Any, where: _Where) -> Dict[str, str]:
+    labels = _map_of(_string, _string)(value, where)
+    if not labels:
+        _want(where, "a non-empty mapping of node labels", value)
+    return labels
+
+
+_PLACEMENT_ENTRY: Mapping[str, Checker] = {"select": _selector, "node": _label_map}
+
+
+def _placement(topology: Topology, value: Any, where: _Where) -> NodePlacement:
+    """The ``placement`` section: a rule, and for ``labels`` selectors that must each match
+    a host (typos fail here, as in ``faults``)."""
+    values, wheres = _check_fields(value, where, {
+        "rule": _one_of(*PLACEMENT_RULES), "depth": _integer,
+        "labels": _list_of(_record(_PLACEMENT_ENTRY, required=("select", "node")),
+                           non_empty=True)}, required=("rule",))
+    rule = values["rule"]
+    if "depth" in values and (rule != "subtree" or values["depth"] < 0):
+        wheres["depth"].fail("depth is for rule 'subtree', and at least 0")
+    if (rule == "labels") != ("labels" in values):
+        (wheres.get("labels") or wheres["rule"]).fail(
+            "rule 'labels' needs a `labels` list, and only it takes one")
+    entries = []
+    for index, entry in enumerate(values.get("labels", ())):
+        if not topology.select(entry["select"]):
+            wheres["labels"].item(value["labels"], index).fail(
+                f"selector {entry['select']!r} matches no host")
+        entries.append((entry["select"], types.MappingProxyType(dict(entry["node"]))))
+    return NodePlacement(rule, values.get("depth", 1), tuple(entries))
 
 
 def _schedules(value: Any, where: _Where) -> List[_ScheduleDecl]:

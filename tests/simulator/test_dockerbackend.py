@@ -58,14 +58,14 @@ def _small():
 
 
 def test_segments_are_carved_per_worker_from_the_supernet():
-    from simulator.dockerbackend import _blocks, _plan_segments
+    from simulator.segments import blocks, plan_segments
 
     topology = parse_topology({**SMALL, "network": {"supernet": "10.213.0.0/16"}}, "s.yml")
-    blocks = _blocks("10.213.0.0/16")
-    assert len(blocks) == 16 and blocks[1] == ipaddress.ip_network("10.213.16.0/20")
-    segments = _plan_segments(topology, blocks[3])
+    carved = blocks("10.213.0.0/16")
+    assert len(carved) == 16 and carved[1] == ipaddress.ip_network("10.213.16.0/20")
+    segments = plan_segments(topology, carved[3])
     assert [s.owner for s in segments] == [None, "gate"]
-    assert all(s.subnet.subnet_of(blocks[3]) for s in segments)
+    assert all(s.subnet.subnet_of(carved[3]) for s in segments)
     assert not segments[0].subnet.overlaps(segments[1].subnet)
     root, gate = segments
     assert root.address("gate") == str(root.subnet.network_address + 3)  # .1 gw, .2 runner
@@ -74,14 +74,14 @@ def test_segments_are_carved_per_worker_from_the_supernet():
 
 
 def test_a_supernet_too_small_is_a_clear_error():
-    from simulator.dockerbackend import _blocks, _plan_segments
+    from simulator.segments import blocks, plan_segments
 
     with pytest.raises(BackendError, match="too small to split per worker"):
-        _blocks("10.213.0.0/26")
+        blocks("10.213.0.0/26")
     wide = {f"n{i}": {"role": "node"} for i in range(40)}
     topology = parse_topology({**SMALL, "tree": {"gate": {"children": wide}}}, "w.yml")
     with pytest.raises(BackendError, match=r"network\.supernet a larger range"):
-        _plan_segments(topology, ipaddress.ip_network("10.213.0.0/28"))
+        plan_segments(topology, ipaddress.ip_network("10.213.0.0/28"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,8 +352,8 @@ def test_a_killed_runner_leaves_nothing_behind():
 @pytest.mark.docker
 def test_stale_resources_are_swept():
     _require_docker()
-    from simulator.dockerbackend import LABEL_OWNER, LABEL_RUN, sweep_stale
     from simulator.dockerd import engine_client
+    from simulator.ownership import LABEL_OWNER, LABEL_RUN, sweep_stale
 
     client = engine_client()
     try:
@@ -375,13 +375,14 @@ def test_keep_leaves_the_containers_up_and_stops_the_reaper():
     _require_docker()
     import docker
 
-    from simulator.dockerbackend import LABEL_RUN, DockerBackend, _remove_labelled
+    from simulator.dockerbackend import DockerBackend
+    from simulator.ownership import LABEL_RUN, remove_labelled
 
     backend = DockerBackend()
     client = docker.from_env()
     try:
         backend.create(_small())
-        reaper = backend._reaper
+        reaper = backend._reaper.process
         run = backend._run
         message = backend.keep()
         assert reaper.poll() is not None  # the reaper will not remove a kept tree
@@ -389,6 +390,6 @@ def test_keep_leaves_the_containers_up_and_stops_the_reaper():
         assert len(kept) == 2 and all(c.status == "running" for c in kept)
         assert all(c.name in message for c in kept)
     finally:
-        _remove_labelled(client, {"label": f"{LABEL_RUN}={backend._run}"})
+        remove_labelled(client, {"label": f"{LABEL_RUN}={backend._run}"})
         client.close()
         backend.destroy()

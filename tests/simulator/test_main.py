@@ -191,8 +191,8 @@ def _assert_nothing_left(backend: str, record: dict) -> None:
         pids = [int(h["where"].split()[2]) for h in record["hosts"]]
         assert LocalBackend.wait_gone(pids, 5.0) == []
         return
-    from simulator.dockerbackend import LABEL_RUN
     from simulator.dockerd import engine_client
+    from simulator.ownership import LABEL_RUN
 
     assert not os.path.exists(resources["keys_dir"])
     client = engine_client()
@@ -233,7 +233,7 @@ def test_down_and_status_with_nothing_running(tmp_path: Path):
 def test_a_killed_docker_runner_leaves_no_private_keys(up, tmp_path: Path):
     """The keys directory of a SIGKILLed runner goes with its reaper (and, if the reaper was
     killed too, with the next run's sweep): private keys never outlive their run."""
-    from simulator.dockerbackend import sweep_stale_keys
+    from simulator.ownership import sweep_stale_keys
 
     proc, env, _backend = up
     (record,) = _records(tmp_path)
@@ -250,13 +250,13 @@ def test_a_killed_docker_runner_leaves_no_private_keys(up, tmp_path: Path):
 
 
 def test_keys_of_a_dead_run_are_swept_and_a_live_runs_kept():
-    from simulator import dockerbackend
+    from simulator import ownership
     from simulator.state import owner_tag
 
-    dead = dockerbackend._make_keys_dir("sweep-test-dead-%d" % os.getpid(), "1:0")
-    live = dockerbackend._make_keys_dir("sweep-test-live-%d" % os.getpid(), owner_tag())
+    dead = ownership.make_keys_dir("sweep-test-dead-%d" % os.getpid(), "1:0")
+    live = ownership.make_keys_dir("sweep-test-live-%d" % os.getpid(), owner_tag())
     try:
-        removed = dockerbackend.sweep_stale_keys()
+        removed = ownership.sweep_stale_keys()
         assert dead in removed and not os.path.exists(dead)
         assert live not in removed and os.path.isdir(live)
     finally:

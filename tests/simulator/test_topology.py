@@ -618,6 +618,11 @@ STRUCTURAL_MISTAKES = {
     "schedule without interval": lambda d: d["faults"]["ci"].pop("interval"),
     "final other than heal": lambda d: d["faults"]["ci"].update(final="explode"),
     "null faults": lambda d: d.update(faults=None),
+    "unknown placement rule": lambda d: d.update(placement={"rule": "random"}),
+    "labels rule without labels": lambda d: d.update(placement={"rule": "labels"}),
+    "depth on spread": lambda d: d.update(placement={"rule": "spread", "depth": 2}),
+    "empty node labels": lambda d: d.update(placement={
+        "rule": "labels", "labels": [{"select": "role:rack", "node": {}}]}),
 }
 
 
@@ -639,6 +644,9 @@ STRUCTURAL_VARIANTS = {
     "null python": lambda d: d["tree"]["bastion"].update(python=None),
     "signal fault": lambda d: d["faults"]["ci"].update(
         pick=["signal"], targets={}, params={"signal": {"process": "python", "signal": "STOP"}}),
+    "subtree placement": lambda d: d.update(placement={"rule": "subtree", "depth": 2}),
+    "labels placement": lambda d: d.update(placement={
+        "rule": "labels", "labels": [{"select": "role:rack", "node": {"zone": "a"}}]}),
 }
 
 
@@ -662,6 +670,20 @@ def test_the_format_reference_example_loads(tmp_path):
     with pytest.raises(TopologyError) as info:
         load_topology(write(tmp_path, broken, "example.yml"))
     assert str(info.value) == str(tmp_path / quoted)
+
+
+def test_placement_rules_are_read_and_typos_fail_early():
+    data = _base_document()
+    data["placement"] = {"rule": "labels",
+                         "labels": [{"select": "role:rack", "node": {"zone": "a"}}]}
+    placement = parse_topology(copy.deepcopy(data), "p.yml").placement
+    assert (placement.rule, placement.labels[0][0]) == ("labels", "role:rack")
+    assert dict(placement.labels[0][1]) == {"zone": "a"}
+    assert parse_topology(_base_document(), "p.yml").placement.rule == "spread"
+    data["placement"]["labels"][0]["select"] = "role:ghost"
+    with pytest.raises(TopologyError, match=r"placement\.labels\[0\]: selector 'role:ghost' "
+                                            r"matches no host"):
+        parse_topology(data, "p.yml")
 
 
 def test_public_names_exist():

@@ -1,0 +1,541 @@
+"""The ``swarm`` backend: the same container tree, spread over the nodes of a Docker Swarm.
+
+It is :class:`~simulator.containerbackend.ContainerBackend` (the tree, the contexts, the
+faults) with the parts that differ when hosts run on other machines:
+
+* **Nodes and placement.** The runner talks to a swarm *manager* (its own engine, or
+  ``engine=``). Each node that may run hosts must be reachable through its engine API: the
+  manager's own node always is; another node says where its engine is with the node label
+  ``mitogen-sim.engine`` (``docker node update --label-add mitogen-sim.engine=tcp://…``). The
+  topology's ``placement`` rule (spread, a subtree per node, node labels) picks a node per
+  host (:func:`place`). If the engine is in no swarm, a one-node swarm is made on it
+  (``docker swarm init --advertise-addr 127.0.0.1``, its node labelled
+  ``mitogen-sim.swarm=made``) and left again by the last run that uses it.
+* **Networks.** Every segment is an overlay network, ``--internal --attachable``, with the
+  same subnets and addresses as the docker backend's bridges, so a link that crosses nodes
+  goes over VXLAN and the tree's isolation is the same. The swarm's own ``ingress`` network
+  (not internal) is removed from a swarm the simulator made.
+* **Containers.** Hosts are plain containers created through their node's engine and attached
+  to the overlays (not swarm services: a service cannot have a fixed address, takes its
+  configuration only from the orchestrator, and would be rescheduled after a ``kill`` fault,
+  which must leave the host down until it is healed).
+* **Images without a registry.** The manager's image of each suite is streamed into every node
+  that lacks it (``docker save`` | ``docker load`` through the engine APIs).
+* **Reaching the roots.** A small *gateway* container on the manager's node holds the runner's
+  address on the root segment; the relay of a root edge runs on the runner inside that
+  container's network namespace (``nsenter -t PID -n``), so the runner must run on that node
+  as root.
+* **Faults where the container runs.** ``iptables`` and ``tc`` run in a helper container on the
+  target's own node, in the target's network namespace (:class:`~simulator.netns.HelperNetns`);
+  relays inside a parent container are controlled by ``docker exec`` there. Each node is
+  probed at start: a node without working ``iptables`` or ``tc`` is reported (timeline event
+  ``capability``, :meth:`SwarmBackend.capability_gaps`) and a fault that needs the missing tool
+  on it fails naming the node, never silently does nothing.
+
+Cleanup: every container (on every node) and network carries the run's labels; ``destroy``,
+the reaper (given every node's engine) and the next run's sweep remove them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+
+import docker
+import docker.errors
+
+from simulator import images, netns
+from simulator.backend import BackendError, Placement
+from simulator.containerbackend import (
+    CONTAINER_FAULTS,
+    CONTROL_TIMEOUT,
+    ContainerBackend,
+    ImagesMissing,
+    _HostState,
+    build_hint,
+    missing_images,
+)
+from simulator.dockerd import DockerdError, engine_client, ensure_dockerd
+from simulator.faults import Bandwidth, Fault, Kill, Loss, Partition, SshdDown
+from simulator.ownership import LABEL_OWNER
+from simulator.relay import RelayControl, RelayControlError
+from simulator.segments import Segment
+from simulator.state import owner_alive
+from simulator.topology import Host, Topology
+
+__all__ = ["LABEL_ENGINE", "LABEL_SWARM", "NodeInfo", "SwarmBackend", "leave_made_swarm",
+           "place", "swarm_unavailable"]
+
+LABEL_ENGINE = images.LABEL_PREFIX + "engine"
+LABEL_SWARM = images.LABEL_PREFIX + "swarm"
+GATEWAY_NAME = "gateway"
+#: Which tool each fault kind needs in the target's (or its parent's) network namespace.
+_NEEDS = {"partition": "iptables", "loss": "iptables", "sshd_down": "iptables",
+          "bandwidth": "tc"}
+
+
+# --------------------------------------------------------------------------------------------
+# Placement: pure, so that rules are tested without a swarm
+# --------------------------------------------------------------------------------------------
+
+
+class NodeInfo:
+    """One usable swarm node: its id, hostname, labels and engine URL."""
+
+    def __init__(self, node_id: str, hostname: str, labels: Mapping[str, str],
+                 engine: Optional[str]) -> None:
+        self.id = node_id
+        self.hostname = hostname
+        self.labels = dict(labels)
+        self.engine = engine
+
+    def __repr__(self) -> str:
+        return f"NodeInfo({self.id[:12]!r}, {self.hostname!r}, {self.labels!r})"
+
+
+def place(topology: Topology, nodes: Sequence[NodeInfo]) -> Dict[str, str]:
+    """Host id -> node id by the topology's placement rule (simulator/FORMAT.md). ``nodes[0]``
+    is the first node (the manager the runner uses)."""
+    if not nodes:
+        raise BackendError("the swarm has no usable node")
+    rule = topology.placement
+    found: Dict[str, str] = {}
+    if rule.rule == "spread":
+        for host, node in zip(topology.hosts, itertools.cycle(nodes)):
+            found[host.id] = node.id
+        return found
+    if rule.rule == "subtree":
+        turn = itertools.cycle(nodes)
+        for host in topology.hosts:
+            if host.depth < rule.depth:
+                found[host.id] = nodes[0].id
+            elif host.depth == rule.depth:
+                found[host.id] = next(turn).id
+            else:
+                found[host.id] = found[host.parent or ""]
+        return found
+    matched: Dict[str, Tuple[str, Mapping[str, str]]] = {}
+    for selector, labels in reversed(rule.labels):  # the first entry wins
+        for host in topology.select(selector):
+            matched[host.id] = (selector, labels)
+    turns: Dict[str, Iterator[NodeInfo]] = {}
+    for host in topology.hosts:
+        if host.id not in matched:
+            found[host.id] = nodes[0].id if host.parent is None else found[host.parent]
+            continue
+        selector, labels = matched[host.id]
+        if selector not in turns:
+            fitting = [n for n in nodes if all(n.labels.get(k) == v for k, v in labels.items())]
+            if not fitting:
+                raise BackendError(f"placement: no usable swarm node carries the labels "
+                                   f"{dict(labels)} that {selector!r} asks for; nodes: "
+                                   f"{', '.join(f'{n.hostname} {n.labels}' for n in nodes)}")
+            turns[selector] = itertools.cycle(fitting)
+        found[host.id] = next(turns[selector]).id
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Relays inside a parent container on another machine
+# --------------------------------------------------------------------------------------------
+
+#: Sends one JSON line to a UNIX socket and prints the answer line (run by the parent's python).
+_CONTROL_SNIPPET = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX)\n"
+    "s.settimeout(float(sys.argv[3]))\n"
+    "s.connect(sys.argv[1])\n"
+    "s.sendall(sys.argv[2].encode()+b'\\n')\n"
+    "b=b''\n"
+    "while not b.endswith(b'\\n'):\n"
+    "    d=s.recv(65536)\n"
+    "    if not d: break\n"
+    "    b+=d\n"
+    "sys.stdout.write(b.decode())\n")
+
+
+class ExecRelayControl(RelayControl):
+    """A relay's control socket inside a container, reached by ``docker exec`` on its node."""
+
+    def __init__(self, container: Any, python: str, path: str,
+                 timeout: float = CONTROL_TIMEOUT) -> None:
+        # No super().__init__(): there is no socket to connect here; each request execs.
+        self.path = path
+        self.timeout = timeout
+        self._buffer = b""
+        self._sock = None
+        self._container = container
+        self._python = python
+
+    def request(self, message: Dict[str, Any]) -> Dict[str, Any]:
+        argv = ["timeout", "-s", "KILL", f"{self.timeout + 5:g}", self._python, "-c",
+                _CONTROL_SNIPPET, self.path, json.dumps(message), str(self.timeout)]
+        try:
+            code, (out, err) = self._container.exec_run(argv, demux=True)
+        except docker.errors.APIError as exc:
+            raise RelayControlError(f"control request via {self._container.name}: {exc}")
+        if code != 0:
+            raise RelayControlError(f"no relay answered on {self.path!r} in "
+                                    f"{self._container.name}: {(err or b'').decode()[-300:]}")
+        try:
+            answer = json.loads(out or b"")
+        except ValueError:
+            raise RelayControlError(f"relay sent a malformed answer: {out!r}") from None
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            raise RelayControlError(str(answer.get("error", answer)
+                                        if isinstance(answer, dict) else answer))
+        return answer
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# The swarm itself
+# --------------------------------------------------------------------------------------------
+
+
+def _swarm_state(client: docker.DockerClient) -> Dict[str, Any]:
+    return client.info().get("Swarm") or {}
+
+
+def _made_by_us(client: docker.DockerClient, state: Mapping[str, Any]) -> bool:
+    try:
+        node = client.nodes.get(state.get("NodeID", ""))
+    except docker.errors.APIError:
+        return False
+    return (node.attrs.get("Spec", {}).get("Labels") or {}).get(LABEL_SWARM) == "made"
+
+
+def leave_made_swarm(client: docker.DockerClient) -> bool:
+    """Leave the swarm of this engine if the simulator made it and no live run still uses it
+    (a network labelled by a live owner). A swarm someone else made is never touched."""
+    state = _swarm_state(client)
+    if state.get("LocalNodeState") != "active" or not _made_by_us(client, state):
+        return False
+    for network in client.networks.list(filters={"label": LABEL_OWNER, "driver": "overlay"}):
+        if owner_alive((network.attrs.get("Labels") or {}).get(LABEL_OWNER, "")):
+            return False
+    client.swarm.leave(force=True)
+    return True
+
+
+def _make_swarm(client: docker.DockerClient) -> None:
+    """A one-node swarm on this engine, marked as the simulator's, without its ``ingress``
+    network (the swarm makes it not internal; the simulator publishes no port)."""
+    client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
+    node = client.nodes.get(_swarm_state(client)["NodeID"])
+    spec = dict(node.attrs["Spec"])
+    spec["Labels"] = {**(spec.get("Labels") or {}), LABEL_SWARM: "made"}
+    node.update(spec)
+    for network in client.networks.list(names=["ingress"]):
+        if network.attrs.get("Ingress"):
+            network.remove()
+
+
+def swarm_unavailable(suites: Sequence[str] = (), engine: Optional[str] = None
+                      ) -> Optional[str]:
+    """Why the swarm backend cannot run here now (None: it can): no engine answers, it is a
+    swarm worker rather than a manager, or an image of ``suites`` is not built on it."""
+    try:
+        client = _client(engine)
+    except DockerdError as exc:
+        return str(exc)
+    try:
+        state = _swarm_state(client)
+        if state.get("LocalNodeState") == "active" and not state.get("ControlAvailable"):
+            return "this engine is a swarm worker; run on a manager (or pass its engine)"
+        missing = missing_images(client, suites)
+    finally:
+        client.close()
+    if missing:
+        return f"images not built: {', '.join(missing)}; {build_hint(suites)}"
+    return None
+
+
+def _client(engine: Optional[str], timeout: float = 300.0) -> docker.DockerClient:
+    if engine is None:
+        return engine_client(client_timeout=timeout)
+    client = docker.DockerClient(base_url=engine, timeout=timeout)
+    try:
+        client.ping()
+    except Exception as exc:
+        client.close()
+        raise DockerdError(f"no Docker engine answers at {engine}: {exc}") from None
+    return client
+
+
+class SwarmBackend(ContainerBackend):
+    """Hosts as containers on a swarm's nodes, linked by overlays; see the module docstring."""
+
+    name = "swarm"
+
+    def __init__(self, *args: Any, engine: Optional[str] = None, **kwargs: Any) -> None:
+        """``engine``: the manager's engine URL (default: the environment's engine)."""
+        super().__init__(*args, **kwargs)
+        self._engine_url = engine
+        self._nodes: List[NodeInfo] = []
+        self._node_clients: Dict[str, docker.DockerClient] = {}
+        self._host_nodes: Dict[str, str] = {}
+        self._node_tools: Dict[str, Dict[str, bool]] = {}
+        self._tags: Dict[str, str] = {}
+        self._gateway: Any = None
+        self._made_swarm = False
+
+    # -- engines and nodes ---------------------------------------------------------------------
+
+    def _open_engines(self, suites: Sequence[str]) -> docker.DockerClient:
+        try:
+            if self._prepare and self._engine_url is None:
+                client = ensure_dockerd(progress=self._progress)
+            else:
+                client = _client(self._engine_url)
+        except DockerdError as exc:
+            raise BackendError(str(exc)) from None
+        try:
+            self._join_or_make_swarm(client)
+            if not self._prepare:
+                missing = missing_images(client, suites)
+                if missing:
+                    raise ImagesMissing(f"images not built: {', '.join(missing)}; "
+                                        f"{build_hint(suites)}")
+            self._nodes = self._usable_nodes(client)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _join_or_make_swarm(self, client: docker.DockerClient) -> None:
+        state = _swarm_state(client)
+        if state.get("LocalNodeState") == "inactive":
+            _make_swarm(client)
+            self._made_swarm = True
+            self.timeline.record("build", action="swarm_init", advertise="127.0.0.1")
+            state = _swarm_state(client)
+        if state.get("LocalNodeState") != "active" or not state.get("ControlAvailable"):
+            raise BackendError(f"the swarm backend needs a swarm manager; this engine's swarm "
+                               f"state is {state.get('LocalNodeState')!r}"
+                               f"{'' if state.get('ControlAvailable') else ' (a worker)'}")
+
+    def _usable_nodes(self, client: docker.DockerClient) -> List[NodeInfo]:
+        """Ready, active nodes whose engine we reach: the manager's own first."""
+        own = _swarm_state(client)["NodeID"]
+        nodes: List[NodeInfo] = []
+        skipped: List[str] = []
+        for node in client.nodes.list():
+            attrs = node.attrs
+            spec = attrs.get("Spec", {})
+            labels = spec.get("Labels") or {}
+            hostname = attrs.get("Description", {}).get("Hostname", node.id[:12])
+            if attrs.get("Status", {}).get("State") != "ready" or \
+                    spec.get("Availability") != "active":
+                continue
+            if node.id == own:
+                nodes.insert(0, NodeInfo(node.id, hostname, labels, self._engine_url))
+                self._node_clients[node.id] = client
+            elif labels.get(LABEL_ENGINE):
+                nodes.append(NodeInfo(node.id, hostname, labels, labels[LABEL_ENGINE]))
+            else:
+                skipped.append(hostname)
+        if skipped:
+            self.timeline.record("build", action="nodes_skipped", nodes=skipped,
+                                 reason=f"no {LABEL_ENGINE} label: their engine is unknown")
+        return nodes
+
+    def _node_client(self, node_id: str) -> docker.DockerClient:
+        if node_id not in self._node_clients:
+            node = next(n for n in self._nodes if n.id == node_id)
+            try:
+                self._node_clients[node_id] = _client(node.engine)
+            except DockerdError as exc:
+                raise BackendError(f"swarm node {node.hostname}: {exc}") from None
+        return self._node_clients[node_id]
+
+    def _engines(self) -> List[docker.DockerClient]:
+        return list(self._node_clients.values())
+
+    def _engine_urls(self) -> List[str]:
+        urls = [n.engine for n in self._nodes if n.engine]
+        if self._nodes and self._nodes[0].engine is None:
+            urls.insert(0, os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
+        return urls
+
+    def _engine_for(self, host: Host) -> docker.DockerClient:
+        return self._node_client(self._host_nodes[host.id])
+
+    def _remove_run(self) -> List[str]:
+        """As the base, but an engine that is gone (a killed node) is skipped, not fatal."""
+        for node_id, client in list(self._node_clients.items()):
+            try:
+                client.ping()
+            except Exception:
+                self.timeline.record("shutdown", step="node_unreachable", node=node_id)
+                client.close()
+                del self._node_clients[node_id]
+        removed = super()._remove_run()
+        self._gateway = None
+        return removed
+
+    def _close_engines(self) -> None:
+        if self._made_swarm and self._client is not None:
+            try:
+                if leave_made_swarm(self._client):
+                    self.timeline.record("shutdown", step="swarm_left")
+            except docker.errors.APIError as exc:
+                self.timeline.record("shutdown", step="swarm_leave_failed", error=str(exc))
+        super()._close_engines()
+        self._node_clients.clear()
+
+    # -- images, placement ---------------------------------------------------------------------
+
+    def _images(self, suites: Sequence[str]) -> Dict[str, str]:
+        tags = {suite: images.ensure_image(suite, progress=self._progress, client=self.client)
+                for suite in suites}
+        self._host_nodes = place(self.topology, self._nodes)
+        needed: Dict[str, Set[str]] = {}
+        for host in self.topology.hosts:
+            needed.setdefault(self._host_nodes[host.id], set()).add(tags[host.suite])
+        for node_id, wanted in needed.items():
+            self._load_images(node_id, sorted(wanted))
+        self._tags = tags
+        self._probe_nodes(sorted(needed), tags[self.topology.hosts[0].suite])
+        return tags
+
+    def _load_images(self, node_id: str, tags: Sequence[str]) -> None:
+        """Stream each missing image from the manager into the node: no registry needed."""
+        client = self._node_client(node_id)
+        for tag in tags:
+            if images.image_present(client, tag):
+                continue
+            self._progress(f"loading {tag} into swarm node {node_id[:12]}")
+            client.api.load_image(self.client.images.get(tag).save(named=True))
+            if not images.image_present(client, tag):
+                raise BackendError(f"swarm node {node_id[:12]}: {tag} did not load")
+
+    def _probe_nodes(self, node_ids: Sequence[str], tag: str) -> None:
+        """Which network fault tools work on each node (in a throwaway namespace)."""
+        for node_id in node_ids:
+            client = self._node_client(node_id)
+            found = {}
+            for tool, argv in (("iptables", ["iptables", "-w", "-S", "OUTPUT"]),
+                               ("tc", ["tc", "qdisc", "show"])):
+                try:
+                    client.containers.run(tag, entrypoint=argv, network_mode="none",
+                                          cap_add=["NET_ADMIN"], labels=self._labels(),
+                                          remove=True, stdout=True, stderr=True)
+                    found[tool] = True
+                except docker.errors.ContainerError:
+                    found[tool] = False
+            self._node_tools[node_id] = found
+            missing = sorted(t for t, ok in found.items() if not ok)
+            if missing:
+                self.timeline.record("capability", node=node_id, missing=missing,
+                                     faults=sorted(k for k, t in _NEEDS.items() if t in missing))
+
+    def capability_gaps(self) -> Dict[str, List[str]]:
+        """Node hostname/id -> the fault kinds it cannot do (its tools are missing)."""
+        gaps = {}
+        for node_id, tools in self._node_tools.items():
+            kinds = sorted(k for k, t in _NEEDS.items() if not tools.get(t, False))
+            if not tools.get("iptables", False):
+                kinds.append("kill(power_off)")
+            if kinds:
+                gaps[node_id] = kinds
+        return gaps
+
+    def capabilities(self) -> FrozenSet[str]:
+        """What every node this run uses can do; :meth:`capability_gaps` says who lacks what."""
+        lacking = {kind for kinds in self.capability_gaps().values() for kind in kinds}
+        return frozenset(CONTAINER_FAULTS - lacking)
+
+    def placement(self, host: str) -> Placement:
+        state = self.state(host)
+        node = self._host_nodes[state.host.id]
+        name = next((n.hostname for n in self._nodes if n.id == node), node)
+        return Placement(state.host.id, f"{name}/{state.container.name}", address=state.uplink,
+                         labels={"backend": "swarm", "node": node,
+                                 "container": state.container.id[:12]})
+
+    def node_of(self, host: str) -> str:
+        """The swarm node id that runs ``host``."""
+        return self._host_nodes[self.topology.host(host).id]
+
+    # -- networks and the runner's gateway ------------------------------------------------------
+
+    def _make_network(self, segment: Segment, index: int) -> Any:
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(
+            subnet=str(segment.subnet), gateway=segment.gateway)])
+        network = self.client.networks.create(
+            f"msim-{self._run}-s{index}", driver="overlay", internal=True, attachable=True,
+            ipam=ipam, labels=self._labels(segment=segment.owner or "<runner>"))
+        if segment.owner is None:
+            self._gateway = self._make_gateway(network, segment)
+        return network
+
+    def _make_gateway(self, network: Any, segment: Segment) -> Any:
+        """The runner's stand-in on the root segment, on the manager's node."""
+        tag = self._tags[self.topology.hosts[0].suite]
+        endpoint = self.client.api.create_endpoint_config(
+            ipv4_address=self._root_parent_address(segment))
+        created = self.client.api.create_container(
+            tag, name=f"msim-{self._run}-{GATEWAY_NAME}", entrypoint=["sleep", "infinity"],
+            labels=self._labels(), host_config=self.client.api.create_host_config(init=True),
+            networking_config=self.client.api.create_networking_config(
+                {network.name: endpoint}))
+        gateway = self.client.containers.get(created["Id"])
+        gateway.start()
+        gateway.reload()
+        return gateway
+
+    def _root_parent_address(self, segment: Segment) -> str:
+        # .1 is the overlay's own; .2, the owner's slot, is free on the root segment.
+        return str(segment.subnet.network_address + 2)
+
+    def _root_relay_prefix(self) -> List[str]:
+        if self._gateway is None:
+            raise BackendError("the swarm backend's gateway container is not running")
+        self._gateway.reload()
+        pid = self._gateway.attrs["State"]["Pid"]
+        if not pid:
+            raise BackendError("the swarm backend's gateway container is not running")
+        return ["nsenter", "-t", str(pid), "-n"]
+
+    # -- faults where the container runs -------------------------------------------------------
+
+    def _netns(self, host: str) -> netns.Netns:
+        state = self.state(host)
+        return netns.HelperNetns(state.container.client, state.container.id,
+                                 self._tags[state.host.suite], state.host.id, self._labels())
+
+    @contextlib.contextmanager
+    def _relay_control(self, state: _HostState, path: str) -> Iterator[Any]:
+        if state.host.parent is None:
+            with RelayControl(path, timeout=CONTROL_TIMEOUT) as control:
+                yield control
+            return
+        parent = self._states[state.host.parent]
+        yield ExecRelayControl(parent.container, parent.host.python, path)
+
+    def apply(self, fault: Fault) -> object:
+        self._check_capable(fault)
+        return super().apply(fault)
+
+    def _check_capable(self, fault: Fault) -> None:
+        kind = "kill(power_off)" if isinstance(fault, Kill) and fault.mode == "power_off" \
+            else fault.KIND
+        if not isinstance(fault, (Partition, Loss, SshdDown, Bandwidth, Kill)):
+            return
+        host = self.topology.host(fault.target)
+        nodes = [self._host_nodes[host.id]]
+        if isinstance(fault, Bandwidth) and host.parent is not None:
+            nodes.append(self._host_nodes[host.parent])
+        for node_id in nodes:
+            if kind in self.capability_gaps().get(node_id, ()):
+                tools = self._node_tools[node_id]
+                raise BackendError(
+                    f"swarm node {node_id[:12]} cannot apply {kind} to {host.id!r}: it lacks "
+                    f"{', '.join(t for t, ok in tools.items() if not ok)} in its containers' "
+                    f"network namespaces")
