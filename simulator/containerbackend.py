@@ -843,8 +843,10 @@ class ContainerBackend(Backend):
             found.append(ProcessInfo(int(pid), user, command))
         return tuple(found)
 
-    def _nsenter(self, host: str, argv: Sequence[str]) -> None:
-        self._netns(host).run([argv])
+    def network_namespace(self, host: str) -> netns.Netns:
+        """Runs commands in ``host``'s network namespace, where its container runs (for
+        tests that check what a fault did: rules, qdiscs)."""
+        return self._netns(host)
 
     # -- links -------------------------------------------------------------------------------
 
@@ -998,7 +1000,7 @@ class ContainerBackend(Backend):
         if fault.mode == "unplug":
             self._silent[target] = "unplug"
             device = self._interface_toward_parent(target)
-            self._nsenter(target, ["ip", "link", "set", "dev", device, "down"])
+            self._netns(target).run([["ip", "link", "set", "dev", device, "down"]])
             return _Handle(fault, target, ("link_up", "revive"), ((device,),))
         if fault.mode == "drop":
             self._silent[target] = "drop"
@@ -1055,7 +1057,8 @@ class ContainerBackend(Backend):
                 if self._states[host_id].alive:
                     self._netns(host_id).run(netns.unshape(device))
         if "link_up" in handle.undo:
-            self._nsenter(handle.target, ["ip", "link", "set", "dev", handle.rules[0][0], "up"])
+            self._netns(handle.target).run(
+                [["ip", "link", "set", "dev", handle.rules[0][0], "up"]])
         if "relay" in handle.undo and state.alive:
             try:
                 self.relay(handle.target, lambda c: c.heal())

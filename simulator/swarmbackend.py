@@ -39,9 +39,12 @@ the reaper (given every node's engine) and the next run's sweep remove them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
+import tempfile
+import time
 from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import docker
@@ -66,12 +69,26 @@ from simulator.segments import Segment
 from simulator.state import owner_alive
 from simulator.topology import Host, Topology
 
-__all__ = ["LABEL_ENGINE", "LABEL_SWARM", "NodeInfo", "SwarmBackend", "leave_made_swarm",
-           "place", "swarm_unavailable"]
+__all__ = [
+    "LABEL_ENGINE",
+    "LABEL_SWARM",
+    "NodeInfo",
+    "SwarmBackend",
+    "SwarmUse",
+    "leave_made_swarm",
+    "make_internal_gwbridge",
+    "place",
+    "remove_ingress",
+    "swarm_unavailable",
+]
 
 LABEL_ENGINE = images.LABEL_PREFIX + "engine"
 LABEL_SWARM = images.LABEL_PREFIX + "swarm"
 GATEWAY_NAME = "gateway"
+GWBRIDGE = "docker_gwbridge"
+#: The internal docker_gwbridge of a swarm the simulator makes (no container uses it: every
+#: overlay is internal); outside the default supernet.
+GWBRIDGE_SUBNET = "10.254.254.0/24"
 #: Which tool each fault kind needs in the target's (or its parent's) network namespace.
 _NEEDS = {"partition": "iptables", "loss": "iptables", "sshd_down": "iptables",
           "bandwidth": "tc"}
@@ -210,30 +227,103 @@ def _made_by_us(client: docker.DockerClient, state: Mapping[str, Any]) -> bool:
     return (node.attrs.get("Spec", {}).get("Labels") or {}).get(LABEL_SWARM) == "made"
 
 
+class SwarmUse:
+    """Runs on this machine that use a swarm the simulator made hold a shared lock on one
+    file; making and leaving that swarm take it exclusively. So concurrent runs (pytest-xdist
+    workers) share one swarm, and the last one out leaves it, even after a crash (the kernel
+    drops a dead process's lock)."""
+
+    PATH = os.path.join(tempfile.gettempdir(), "mitogen-sim-swarm.lock")
+
+    def __init__(self) -> None:
+        self._fd: Optional[int] = os.open(self.PATH, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def exclusive(self, wait: bool = True) -> bool:
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def shared(self) -> None:
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def leave_made_swarm(client: docker.DockerClient) -> bool:
-    """Leave the swarm of this engine if the simulator made it and no live run still uses it
-    (a network labelled by a live owner). A swarm someone else made is never touched."""
+    """Leave this engine's swarm if the simulator made it and no run on this machine still
+    uses it (see :class:`SwarmUse`); a swarm someone else made is never touched."""
+    use = SwarmUse()
+    try:
+        if not use.exclusive(wait=False):
+            return False
+        return _leave_locked(client)
+    finally:
+        use.release()
+
+
+def _leave_locked(client: docker.DockerClient) -> bool:
     state = _swarm_state(client)
     if state.get("LocalNodeState") != "active" or not _made_by_us(client, state):
         return False
     for network in client.networks.list(filters={"label": LABEL_OWNER, "driver": "overlay"}):
         if owner_alive((network.attrs.get("Labels") or {}).get(LABEL_OWNER, "")):
-            return False
+            return False  # a run on another machine of the swarm, or one without the lock
     client.swarm.leave(force=True)
+    for network in client.networks.list(names=[GWBRIDGE], filters={"label": LABEL_SWARM}):
+        network.remove()
     return True
 
 
+def make_internal_gwbridge(client: docker.DockerClient) -> None:
+    """Create the swarm's ``docker_gwbridge`` ourselves, ``--internal`` (the engine would make
+    it routed to the machine); labelled, so that leaving the swarm removes it again."""
+    if client.networks.list(names=[GWBRIDGE]):
+        return
+    client.networks.create(
+        GWBRIDGE, driver="bridge", internal=True, labels={LABEL_SWARM: "made"},
+        options={"com.docker.network.bridge.name": GWBRIDGE,
+                 "com.docker.network.bridge.enable_icc": "false",
+                 "com.docker.network.bridge.enable_ip_masquerade": "false"},
+        ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(
+            subnet=GWBRIDGE_SUBNET)]))
+
+
 def _make_swarm(client: docker.DockerClient) -> None:
-    """A one-node swarm on this engine, marked as the simulator's, without its ``ingress``
-    network (the swarm makes it not internal; the simulator publishes no port)."""
+    """A one-node swarm on this engine, marked as the simulator's, with only internal
+    networks: its ``docker_gwbridge`` made internal first, its ``ingress`` removed (the swarm
+    makes both routed; the simulator publishes no port and needs no way out)."""
+    make_internal_gwbridge(client)
     client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
     node = client.nodes.get(_swarm_state(client)["NodeID"])
     spec = dict(node.attrs["Spec"])
     spec["Labels"] = {**(spec.get("Labels") or {}), LABEL_SWARM: "made"}
     node.update(spec)
-    for network in client.networks.list(names=["ingress"]):
-        if network.attrs.get("Ingress"):
-            network.remove()
+    remove_ingress(client)
+
+
+def remove_ingress(client: docker.DockerClient, timeout: float = 30.0) -> None:
+    """Remove the swarm's ``ingress`` network (it is not internal, and the simulator publishes
+    no port). Just after ``swarm init`` the engine may not know it yet: retried, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [n for n in client.networks.list(names=["ingress"])
+                 if n.attrs.get("Scope") == "swarm"]
+        if not found:
+            return
+        try:
+            for network in found:
+                network.remove()
+        except docker.errors.APIError as exc:
+            if time.monotonic() > deadline:
+                raise BackendError(f"cannot remove the swarm's ingress network: {exc}") from None
+            time.sleep(0.2)  # the swarm's own state settles; nothing to wait on
 
 
 def swarm_unavailable(suites: Sequence[str] = (), engine: Optional[str] = None
@@ -283,7 +373,7 @@ class SwarmBackend(ContainerBackend):
         self._node_tools: Dict[str, Dict[str, bool]] = {}
         self._tags: Dict[str, str] = {}
         self._gateway: Any = None
-        self._made_swarm = False
+        self._swarm_use: Optional[SwarmUse] = None
 
     # -- engines and nodes ---------------------------------------------------------------------
 
@@ -310,10 +400,18 @@ class SwarmBackend(ContainerBackend):
 
     def _join_or_make_swarm(self, client: docker.DockerClient) -> None:
         state = _swarm_state(client)
-        if state.get("LocalNodeState") == "inactive":
-            _make_swarm(client)
-            self._made_swarm = True
-            self.timeline.record("build", action="swarm_init", advertise="127.0.0.1")
+        if state.get("LocalNodeState") == "inactive" or _made_by_us(client, state):
+            use = SwarmUse()
+            use.exclusive()
+            try:
+                if _swarm_state(client).get("LocalNodeState") == "inactive":
+                    _make_swarm(client)
+                    self.timeline.record("build", action="swarm_init", advertise="127.0.0.1")
+            except BaseException:
+                use.release()
+                raise
+            use.shared()
+            self._swarm_use = use
             state = _swarm_state(client)
         if state.get("LocalNodeState") != "active" or not state.get("ControlAvailable"):
             raise BackendError(f"the swarm backend needs a swarm manager; this engine's swarm "
@@ -380,12 +478,15 @@ class SwarmBackend(ContainerBackend):
         return removed
 
     def _close_engines(self) -> None:
-        if self._made_swarm and self._client is not None:
-            try:
-                if leave_made_swarm(self._client):
-                    self.timeline.record("shutdown", step="swarm_left")
-            except docker.errors.APIError as exc:
-                self.timeline.record("shutdown", step="swarm_leave_failed", error=str(exc))
+        if self._swarm_use is not None:
+            self._swarm_use.release()  # our shared hold: the last run out leaves
+            self._swarm_use = None
+            if self._client is not None:
+                try:
+                    if leave_made_swarm(self._client):
+                        self.timeline.record("shutdown", step="swarm_left")
+                except docker.errors.APIError as exc:
+                    self.timeline.record("shutdown", step="swarm_leave_failed", error=str(exc))
         super()._close_engines()
         self._node_clients.clear()
 
@@ -455,8 +556,8 @@ class SwarmBackend(ContainerBackend):
         state = self.state(host)
         node = self._host_nodes[state.host.id]
         name = next((n.hostname for n in self._nodes if n.id == node), node)
-        return Placement(state.host.id, f"{name}/{state.container.name}", address=state.uplink,
-                         labels={"backend": "swarm", "node": node,
+        return Placement(state.host.id, state.container.name, address=state.uplink,
+                         labels={"backend": "swarm", "node": node, "node_name": name,
                                  "container": state.container.id[:12]})
 
     def node_of(self, host: str) -> str:

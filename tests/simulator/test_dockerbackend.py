@@ -1,5 +1,8 @@
-"""The docker backend alone: address planning (no Docker needed), then every fault kind on a
-small real tree, the reaper after a killed runner, and the sweep of stale resources.
+"""The container backends: address planning (no Docker needed), then the conformance suite,
+every fault kind on a small real tree, run on the ``docker`` backend and on the ``swarm``
+backend (a one-node swarm on this machine's engine); then, for docker, the reaper after a
+killed runner and the sweep of stale resources. The swarm backend's own tests (placement,
+three nodes, a node killed) are in test_swarmbackend.py.
 
 The end-to-end suite (tests/simulator/test_e2e.py) runs on this backend with
 ``--topology=topologies/dc.yml --topology-backend=docker``; these tests cover what it does not.
@@ -98,12 +101,26 @@ def _require_docker() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def tree() -> Iterator:
-    _require_docker()
-    from simulator.dockerbackend import DockerBackend
+def _require_swarm() -> None:
+    from simulator.swarmbackend import swarm_unavailable
 
-    backend = DockerBackend()
+    reason = swarm_unavailable(["bookworm"])
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=["docker", "swarm"])
+def tree(request) -> Iterator:
+    if request.param == "docker":
+        _require_docker()
+        from simulator.dockerbackend import DockerBackend
+
+        backend = DockerBackend()
+    else:
+        _require_swarm()
+        from simulator.swarmbackend import SwarmBackend
+
+        backend = SwarmBackend()
     try:
         backend.create(_small())
         yield backend
@@ -256,8 +273,7 @@ def test_latency_comes_from_the_relay_and_bandwidth_from_tbf(healed):
 
 
 def _qdiscs(backend, host: str) -> str:
-    return subprocess.run(["nsenter", "-t", str(backend.container_pid(host)), "-n", "tc",
-                           "qdisc", "show"], capture_output=True, text=True, check=True).stdout
+    return backend.network_namespace(host).run([["tc", "qdisc", "show"]])
 
 
 @pytest.mark.docker
@@ -266,15 +282,12 @@ def test_loss_is_an_iptables_statistic_rule(healed):
     # this small tree never gives up on the link (at 50 % it sometimes did).
     handle = healed.apply(Loss("leaf", fraction=0.1))
     try:
-        rules = subprocess.run(["nsenter", "-t", str(healed.container_pid("leaf")), "-n",
-                                "iptables", "-S"], capture_output=True, text=True, check=True)
-        assert "--probability 0.10000" in rules.stdout
+        rules = healed.network_namespace("leaf").run([["iptables", "-S"]])
+        assert "--probability 0.10000" in rules
         assert healed.context("leaf").call(probes.identity, 6) == 6  # TCP carries on
     finally:
         healed.heal(handle)
-    rules = subprocess.run(["nsenter", "-t", str(healed.container_pid("leaf")), "-n",
-                            "iptables", "-S"], capture_output=True, text=True, check=True)
-    assert "statistic" not in rules.stdout
+    assert "statistic" not in healed.network_namespace("leaf").run([["iptables", "-S"]])
 
 
 @pytest.mark.docker
