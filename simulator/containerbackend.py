@@ -294,6 +294,10 @@ class ContainerBackend(Backend):
     def _root_parent_address(self, segment: Segment) -> str:
         """Where a root host's traffic to the runner comes from on the root segment."""
 
+    def _engine_addresses(self) -> int:
+        """How many addresses of each segment the engine allocates by itself."""
+        return 0
+
     def _root_relay_prefix(self) -> List[str]:
         """A prefix for the runner's relay of a root edge (e.g. to enter a namespace)."""
         return []
@@ -468,7 +472,8 @@ class ContainerBackend(Backend):
     def _make_networks(self) -> None:
         block = free_block(self.topology.network.supernet, used_subnets(
             n for client in self._engines() for n in client.networks.list()))
-        for index, segment in enumerate(plan_segments(self.topology, block)):
+        for index, segment in enumerate(plan_segments(self.topology, block,
+                                                      self._engine_addresses())):
             self._segments[segment.owner] = segment
             self._networks[segment.owner] = self._make_network(segment, index)
 

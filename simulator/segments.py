@@ -33,6 +33,11 @@ class Segment:
     members: Tuple[str, ...]
 
     @property
+    def engine_range(self) -> ipaddress.IPv4Network:
+        """The upper half: addresses the engine may hand out by itself (see ``spare``)."""
+        return list(self.subnet.subnets(prefixlen_diff=1))[1]
+
+    @property
     def gateway(self) -> str:
         return str(self.subnet.network_address + 1)
 
@@ -48,13 +53,20 @@ def worker_index() -> int:
     return int(digits) if digits else 0
 
 
-def plan_segments(topology: Topology, block: ipaddress.IPv4Network) -> List[Segment]:
+def plan_segments(topology: Topology, block: ipaddress.IPv4Network, spare: int = 0
+                  ) -> List[Segment]:
+    """One subnet per segment. ``spare``: addresses the engine allocates by itself on every
+    segment (a swarm gives each node attached to an overlay one); with it, each subnet's upper
+    half is left to the engine (:attr:`Segment.engine_range`) and the hosts stay in the
+    lower half."""
     owners: List[Optional[str]] = [None, *(h.id for h in topology.hosts if h.children)]
     groups: Dict[Optional[str], Tuple[str, ...]] = {None: tuple(h.id for h in topology.roots())}
     for host in topology.hosts:
         if host.children:
             groups[host.id] = host.children
     largest = max(len(members) for members in groups.values()) + 5  # net, gw, owner, bcast
+    if spare:
+        largest = 2 * max(largest, spare + 2)
     prefix = 32 - max(3, (largest - 1).bit_length())
     subnets = block.subnets(new_prefix=prefix) if prefix > block.prefixlen else iter(())
     segments = []

@@ -567,8 +567,11 @@ class SwarmBackend(ContainerBackend):
     # -- networks and the runner's gateway ------------------------------------------------------
 
     def _make_network(self, segment: Segment, index: int) -> Any:
+        # The swarm gives every node attached to an overlay an address of its own: from the
+        # upper half, so that it never takes one of the hosts' fixed addresses.
         ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(
-            subnet=str(segment.subnet), gateway=segment.gateway)])
+            subnet=str(segment.subnet), gateway=segment.gateway,
+            iprange=str(segment.engine_range))])
         network = self.client.networks.create(
             f"msim-{self._run}-s{index}", driver="overlay", internal=True, attachable=True,
             ipam=ipam, labels=self._labels(segment=segment.owner or "<runner>"))
@@ -590,6 +593,9 @@ class SwarmBackend(ContainerBackend):
         gateway.start()
         gateway.reload()
         return gateway
+
+    def _engine_addresses(self) -> int:
+        return len(self._nodes)
 
     def _root_parent_address(self, segment: Segment) -> str:
         # .1 is the overlay's own; .2, the owner's slot, is free on the root segment.
