@@ -63,7 +63,7 @@ from simulator.containerbackend import (
 )
 from simulator.dockerd import DockerdError, engine_client, ensure_dockerd
 from simulator.faults import Bandwidth, Fault, Kill, Loss, Partition, SshdDown
-from simulator.ownership import LABEL_OWNER
+from simulator.ownership import LABEL_OWNER, LABEL_RUN
 from simulator.relay import RelayControl, RelayControlError
 from simulator.segments import Segment
 from simulator.state import owner_alive
@@ -125,7 +125,9 @@ def place(topology: Topology, nodes: Sequence[NodeInfo]) -> Dict[str, str]:
             found[host.id] = node.id
         return found
     if rule.rule == "subtree":
-        turn = itertools.cycle(nodes)
+        # Above ``depth`` the first node; the subtrees from the next one on, if there is one.
+        order = [*nodes[1:], nodes[0]] if rule.depth > 0 and len(nodes) > 1 else list(nodes)
+        turn = itertools.cycle(order)
         for host in topology.hosts:
             if host.depth < rule.depth:
                 found[host.id] = nodes[0].id
@@ -256,24 +258,26 @@ class SwarmUse:
             self._fd = None
 
 
-def leave_made_swarm(client: docker.DockerClient) -> bool:
-    """Leave this engine's swarm if the simulator made it and no run on this machine still
-    uses it (see :class:`SwarmUse`); a swarm someone else made is never touched."""
+def leave_made_swarm(client: docker.DockerClient, finished_run: str = "") -> bool:
+    """Leave this engine's swarm if the simulator made it and no run still uses it (on this
+    machine: see :class:`SwarmUse`; ``finished_run``'s networks, whose removal the swarm may
+    not have finished, do not count). A swarm someone else made is never touched."""
     use = SwarmUse()
     try:
         if not use.exclusive(wait=False):
             return False
-        return _leave_locked(client)
+        return _leave_locked(client, finished_run)
     finally:
         use.release()
 
 
-def _leave_locked(client: docker.DockerClient) -> bool:
+def _leave_locked(client: docker.DockerClient, finished_run: str = "") -> bool:
     state = _swarm_state(client)
     if state.get("LocalNodeState") != "active" or not _made_by_us(client, state):
         return False
     for network in client.networks.list(filters={"label": LABEL_OWNER, "driver": "overlay"}):
-        if owner_alive((network.attrs.get("Labels") or {}).get(LABEL_OWNER, "")):
+        labels = network.attrs.get("Labels") or {}
+        if labels.get(LABEL_RUN) != finished_run and owner_alive(labels.get(LABEL_OWNER, "")):
             return False  # a run on another machine of the swarm, or one without the lock
     client.swarm.leave(force=True)
     for network in client.networks.list(names=[GWBRIDGE], filters={"label": LABEL_SWARM}):
@@ -483,7 +487,7 @@ class SwarmBackend(ContainerBackend):
             self._swarm_use = None
             if self._client is not None:
                 try:
-                    if leave_made_swarm(self._client):
+                    if leave_made_swarm(self._client, self._run):
                         self.timeline.record("shutdown", step="swarm_left")
                 except docker.errors.APIError as exc:
                     self.timeline.record("shutdown", step="swarm_leave_failed", error=str(exc))

@@ -255,8 +255,9 @@ class NodePlacement:
     nodes; single-machine backends ignore it). ``rule``:
 
     * ``spread``: hosts in walk order, round robin over the nodes;
-    * ``subtree``: every host at ``depth`` (0: the roots) takes the next node round robin, and
-      its whole subtree goes with it; hosts above ``depth`` go to the first node;
+    * ``subtree``: hosts above ``depth`` (0: the roots) go to the first node; every host at
+      ``depth`` takes the next node round robin (from the second node when ``depth`` > 0),
+      and its whole subtree goes with it;
     * ``labels``: each host goes to a node whose labels include those of the first entry of
       ``labels`` whose selector matches it, round robin among such nodes; a host no entry
       matches goes with its parent (a root: to the first node).
