@@ -58,6 +58,9 @@ def remove_labelled(client: docker.DockerClient, filters: Dict[str, Any]) -> Lis
             removed.append(network.name)
         except docker.errors.NotFound:
             pass
+        except docker.errors.APIError as exc:
+            if "not a swarm manager" not in str(exc):
+                raise  # a swarm worker sees the overlays; only a manager removes them
     return removed
 
 

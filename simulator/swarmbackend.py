@@ -63,7 +63,7 @@ from simulator.containerbackend import (
 )
 from simulator.dockerd import DockerdError, engine_client, ensure_dockerd
 from simulator.faults import Bandwidth, Fault, Kill, Loss, Partition, SshdDown
-from simulator.ownership import LABEL_OWNER, LABEL_RUN
+from simulator.ownership import LABEL_OWNER, LABEL_RUN, remove_labelled
 from simulator.relay import RelayControl, RelayControlError
 from simulator.segments import Segment
 from simulator.state import owner_alive
@@ -85,6 +85,7 @@ __all__ = [
 LABEL_ENGINE = images.LABEL_PREFIX + "engine"
 LABEL_SWARM = images.LABEL_PREFIX + "swarm"
 GATEWAY_NAME = "gateway"
+NETWORK_REMOVE_WAIT = 20.0
 GWBRIDGE = "docker_gwbridge"
 #: The internal docker_gwbridge of a swarm the simulator makes (no container uses it: every
 #: overlay is internal); outside the default supernet.
@@ -378,6 +379,8 @@ class SwarmBackend(ContainerBackend):
         self._tags: Dict[str, str] = {}
         self._gateway: Any = None
         self._swarm_use: Optional[SwarmUse] = None
+        #: Overlays destroy could not remove: held by a swarm node that is down.
+        self.left: List[str] = []
 
     # -- engines and nodes ---------------------------------------------------------------------
 
@@ -469,16 +472,45 @@ class SwarmBackend(ContainerBackend):
         return self._node_client(self._host_nodes[host.id])
 
     def _remove_run(self) -> List[str]:
-        """As the base, but an engine that is gone (a killed node) is skipped, not fatal."""
+        """Containers on every node that answers (a killed node holds nothing any more), then
+        the overlays on the manager. The swarm frees an overlay only once every node has
+        detached from it: retried, bounded. An overlay that a node which is *down* still holds
+        (its attachment outlives it until the node returns or is removed from the swarm, which
+        is the swarm owner's call, not ours) is recorded in :attr:`left` and the timeline."""
+        label = {"label": f"{LABEL_RUN}={self._run}"}
+        removed = []
         for node_id, client in list(self._node_clients.items()):
             try:
                 client.ping()
-            except Exception:
+            except Exception:  # a dead node: nothing to remove there
                 self.timeline.record("shutdown", step="node_unreachable", node=node_id)
-                client.close()
-                del self._node_clients[node_id]
-        removed = super()._remove_run()
+                if client is not self._client:
+                    client.close()
+                    del self._node_clients[node_id]
+                continue
+            for container in client.containers.list(all=True, filters=label):
+                removed += remove_labelled(client, {"id": container.id})
         self._gateway = None
+        deadline = time.monotonic() + NETWORK_REMOVE_WAIT
+        while True:
+            networks = self.client.networks.list(filters=label)
+            held = []
+            for network in networks:
+                try:
+                    network.remove()
+                    removed.append(network.name)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as exc:
+                    if "in use" not in str(exc):
+                        raise
+                    held.append((network.name, str(exc)))
+            if not held or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # the swarm detaches nodes asynchronously: polled, bounded
+        self.left = [name for name, _ in held]
+        for name, why in held:
+            self.timeline.record("shutdown", step="network_left", network=name, reason=why)
         return removed
 
     def _close_engines(self) -> None:

@@ -198,9 +198,9 @@ def test_a_tree_over_three_nodes_survives_faults_there_and_a_node_killed():
             for host in topology.hosts:  # every hop crosses or stays on a node as placed
                 assert backend.context(host.id).call(probes.identity, host.id) == host.id
             # Faults where the container runs: an iptables rule on w1's own node.
-            handle = backend.apply(Loss("gate/west/w1", fraction=0.05))
+            handle = backend.apply(Loss("gate/west/w1", fraction=0.1))
             rules = backend.network_namespace("gate/west/w1").run([["iptables", "-S"]])
-            assert "--probability 0.05000" in rules
+            assert "--probability 0.10000" in rules
             backend.heal(handle)
             handle = backend.apply(Pause("gate/east/e2"))
             recv = backend.context("gate/east/e2").call_async(probes.identity, 1)
@@ -238,9 +238,15 @@ def test_a_tree_over_three_nodes_survives_faults_there_and_a_node_killed():
                 assert backend.context(host).call(probes.identity, 7) == 7
         finally:
             backend.destroy()
-        deadline = time.monotonic() + 30
-        while any(_resources(lab, run).values()) and time.monotonic() < deadline:
-            time.sleep(0.2)  # overlays go asynchronously: polled
-        assert _resources(lab, run) == {1: [], **{i: [] for i in (2, 3) if i != victim}}
+        # No container is left on a live node; an overlay the dead node still holds (the
+        # swarm keeps its attachments until it returns or its owner removes it) is reported.
+        left = _resources(lab, run)
+        assert left.keys() == {1, 2, 3} - {victim}
+        assert all(name in backend.left for names in left.values() for name in names), left
+        assert all(name.startswith(f"msim-{run}-s") for name in backend.left)
+        events = backend.timeline.events(kinds=["shutdown"])
+        assert {e["network"] for e in events if e.get("step") == "network_left"} == \
+            set(backend.left)
         state = lab.clients[1].info()["Swarm"]
         assert state["LocalNodeState"] == "active" and state["ControlAvailable"]
+        assert len(lab.clients[1].nodes.list()) == 3  # the lab's swarm: not ours to change
