@@ -1,17 +1,17 @@
-"""The ``docker`` backend: one real Debian container per host, reached over real ssh and sudo.
+"""What the container backends share (``docker``: one engine; ``swarm``: many machines): one
+real Debian container per host, reached over real ssh and sudo. The subclasses say where the
+engines are, which networks carry the segments, how to get into a host's network namespace
+and how the runner reaches the roots (:class:`ContainerBackend`'s abstract hooks).
 
 Each host is a container of its suite's image (``simulator.images``) running sshd under
 docker-init (``init=True``, so orphans of ssh sessions are reaped). The runner reaches a root
 host directly; every deeper host is reached by ``ssh`` *from its parent's context*, so the ssh
 client runs inside the parent container, and accounts by ``sudo`` inside the host.
 
-Networks. Every network is ``--internal`` and carved from the topology's own supernet: the
-supernet is split into per-worker blocks (pytest-xdist workers and concurrent runs take
-different blocks), each block into one small subnet per *segment*. The root segment holds the
-roots and the runner (the bridge keeps its gateway address on the host: that is how the runner
-reaches them); every host with children gets a segment of its own with its children, created
-with ``inhibit_ipv4`` so the machine has no address on it. A container is on its parent's
-segment and on its own, and has no default route, so the tree is the only data path.
+Networks. Every network is ``--internal`` and carved from the topology's own supernet
+(:mod:`simulator.segments`): one small subnet per *segment*, a parent and its children; the
+root segment holds the roots and the runner's side. A container is on its parent's segment
+and on its own, and has no default route, so the tree is the only data path.
 Management (start, stop, exec, ps, diff) goes through the Docker API, never through the tree.
 
 Credentials. The session generates the topology's keys (``runner``...) and one ed25519 host
@@ -28,7 +28,7 @@ container) as ``ProxyCommand``, run by the parent's interpreter (on the runner f
 steady latency, jitter and bandwidth come from the topology, and latency/bandwidth/stream
 faults are set through its control socket, reached from the runner through
 ``/proc/<pid>/root``. Packet loss and partitions are iptables rules inside the child
-container's network namespace (``nsenter -t PID -n``), aimed at the parent's address: this
+container's network namespace (:mod:`simulator.netns`), aimed at the parent's address: this
 kernel has no netem.
 
 =========================  ================================================================
@@ -58,7 +58,7 @@ backend records a ``keepalive`` event for it in the timeline.
 Cleanup. Every container and network carries the labels ``mitogen-sim.run`` (this run's id),
 ``mitogen-sim.owner`` (the runner's pid and start time). ``destroy`` removes them; a detached
 reaper process removes them if the runner dies without doing so (SIGKILL); and ``create``
-sweeps resources of runs whose owner is gone.
+sweeps resources of runs whose owner is gone (:mod:`simulator.ownership`).
 """
 
 from __future__ import annotations

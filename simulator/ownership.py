@@ -6,7 +6,8 @@ and ``mitogen-sim.owner`` (the runner's pid and start time). A run's private key
 0700 directory with the owner tag inside. Three things remove what a run leaves: the backend's
 ``destroy``; a detached reaper process (``python -m simulator.ownership reap``) that waits for
 the runner to end and removes the run from every engine it was given; and the sweep that the
-next run (or ``python -m simulator down``) does of runs whose owner is gone.
+next run (or ``python -m simulator down``, or ``python -m simulator.ownership sweep``) does of
+runs whose owner is gone.
 """
 
 from __future__ import annotations
@@ -170,7 +171,11 @@ def reap(owner: str, run: str, keys_dir: Optional[str] = None,
 def _clients(engines: Sequence[str]) -> List[docker.DockerClient]:
     """Clients of ``engines`` that answer (none given: the environment's engine)."""
     clients = []
+    from simulator.dockerd import socket_accepts
+
     for url in list(engines) or [""]:
+        if url and not socket_accepts(url):  # first: the SDK leaks a socket that fails
+            continue
         try:
             client = (docker.DockerClient(base_url=url, timeout=120) if url
                       else docker.from_env(timeout=120))
@@ -215,8 +220,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd.add_argument("--keys-dir")
     cmd.add_argument("--engine", action="append", default=[],
                      help="a Docker engine URL to clean (repeat; default: the environment's)")
+    sub.add_parser("sweep", help="remove resources of runs whose runner is gone (this "
+                                 "machine's engine and keys directories)")
     args = parser.parse_args(argv)
-    return reap(args.owner, args.run, args.keys_dir, args.engine)
+    if args.command == "reap":
+        return reap(args.owner, args.run, args.keys_dir, args.engine)
+    from simulator.dockerd import engine_client
+
+    client = engine_client()
+    try:
+        for name in sweep_stale(client):
+            print(f"removed {name}")
+    finally:
+        client.close()
+    return 0
 
 
 if __name__ == "__main__":

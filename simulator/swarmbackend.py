@@ -61,7 +61,7 @@ from simulator.containerbackend import (
     build_hint,
     missing_images,
 )
-from simulator.dockerd import DockerdError, engine_client, ensure_dockerd
+from simulator.dockerd import DockerdError, engine_client, ensure_dockerd, socket_accepts
 from simulator.faults import Bandwidth, Fault, Kill, Loss, Partition, SshdDown
 from simulator.ownership import LABEL_OWNER, LABEL_RUN, remove_labelled
 from simulator.relay import RelayControl, RelayControlError
@@ -354,6 +354,8 @@ def swarm_unavailable(suites: Sequence[str] = (), engine: Optional[str] = None
 def _client(engine: Optional[str], timeout: float = 300.0) -> docker.DockerClient:
     if engine is None:
         return engine_client(client_timeout=timeout)
+    if not socket_accepts(engine):  # first: the SDK leaks its socket when a connect fails
+        raise DockerdError(f"no Docker engine answers at {engine}")
     client = docker.DockerClient(base_url=engine, timeout=timeout)
     try:
         client.ping()
@@ -450,6 +452,9 @@ class SwarmBackend(ContainerBackend):
                                  reason=f"no {LABEL_ENGINE} label: their engine is unknown")
         return nodes
 
+    def _engine_url_of(self, node_id: str) -> Optional[str]:
+        return next((n.engine for n in self._nodes if n.id == node_id), None)
+
     def _node_client(self, node_id: str) -> docker.DockerClient:
         if node_id not in self._node_clients:
             node = next(n for n in self._nodes if n.id == node_id)
@@ -480,7 +485,10 @@ class SwarmBackend(ContainerBackend):
         label = {"label": f"{LABEL_RUN}={self._run}"}
         removed = []
         for node_id, client in list(self._node_clients.items()):
+            url = self._engine_url_of(node_id)
             try:
+                if url is not None and not socket_accepts(url):
+                    raise ConnectionError(f"nothing listens at {url}")
                 client.ping()
             except Exception:  # a dead node: nothing to remove there
                 self.timeline.record("shutdown", step="node_unreachable", node=node_id)

@@ -16,7 +16,8 @@ containerd, their shims (found by the node's exec root on their command line) an
 container process (found in the node's cgroup parent).
 
 ``close`` leaves the swarm, stops the engines, and removes the namespaces, mounts, cgroups and
-directories: nothing stays. Needs root, ``ip``, ``nsenter`` and ``dockerd``.
+directories: nothing stays. A lab whose runner was killed first is closed by the next lab's
+start (:func:`sweep_stale_labs`). Needs root, ``ip``, ``nsenter`` and ``dockerd``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import docker
 import docker.errors
 
 from simulator import images
+from simulator.state import owner_alive, owner_tag
 from simulator.swarmbackend import LABEL_ENGINE, make_internal_gwbridge, remove_ingress
 
-__all__ = ["LABEL_LAB", "SwarmLab", "lab_unavailable"]
+__all__ = ["LABEL_LAB", "SwarmLab", "lab_unavailable", "sweep_stale_labs"]
 
 LABEL_LAB = images.LABEL_PREFIX + "lab"
 LAB_ROOT = Path("/var/lib/mitogen-sim-lab")
@@ -57,6 +59,20 @@ def lab_unavailable() -> Optional[str]:
     return None
 
 
+def sweep_stale_labs() -> List[str]:
+    """Close the labs whose runner is gone (killed before its ``close``); returns their ids."""
+    closed = []
+    for path in sorted(LAB_ROOT.glob("*/owner")) if LAB_ROOT.is_dir() else ():
+        try:
+            owner, size = path.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if not owner_alive(owner):
+            SwarmLab(int(size), lab_id=path.parent.name).close()
+            closed.append(path.parent.name)
+    return closed
+
+
 def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=False)
     if check and done.returncode != 0:
@@ -68,10 +84,11 @@ class SwarmLab:
     """``nodes`` engines in namespaces, joined into one swarm. Use as a context manager."""
 
     def __init__(self, nodes: int, labels: Optional[Mapping[int, Mapping[str, str]]] = None,
-                 subnet_octet: Optional[int] = None) -> None:
+                 subnet_octet: Optional[int] = None, lab_id: Optional[str] = None) -> None:
+        """``lab_id``: an existing lab's id, to close what a dead runner left."""
         if not 1 <= nodes <= 8:
             raise ValueError(f"a lab has 1 to 8 nodes, not {nodes}")
-        self.id = uuid.uuid4().hex[:6]
+        self.id = lab_id or uuid.uuid4().hex[:6]
         self.size = nodes
         self.labels = {i: dict((labels or {}).get(i, {})) for i in range(1, nodes + 1)}
         # 10.250.X.0/24 on the lab's own link, X from the lab id: concurrent labs differ.
@@ -123,6 +140,9 @@ class SwarmLab:
         self.close()
 
     def start(self) -> None:
+        sweep_stale_labs()
+        self.dir.mkdir(parents=True)
+        (self.dir / "owner").write_text(f"{owner_tag()} {self.size}\n")
         _run(["ip", "netns", "add", self.hub])
         _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
@@ -287,6 +307,8 @@ class SwarmLab:
         for i in sorted(self._daemons):
             self._stop_daemon(i)
         self._daemons.clear()
+        for i in range(1, self.size + 1):
+            self._kill_processes(i)  # a lab whose runner died: found by exec root and cgroup
         for log in self._logs.values():
             log.close()  # type: ignore[attr-defined]
         self._logs.clear()
