@@ -718,8 +718,7 @@ class _ThreadWaker:
             self.poller.poll(_poll_ms(timeout))
             return
         deadline = None if timeout is None else now() + timeout
-        poller = select.poll()
-        poller.register(self.rfd, select.POLLIN)
+        poller = self.poller
         poller.register(lease.fd, select.POLLIN)
         try:
             while lease.active:
@@ -731,6 +730,7 @@ class _ThreadWaker:
                 if self.woke_itself:
                     return
         finally:
+            poller.unregister(lease.fd)
             lease.end()
         remaining = None if deadline is None else deadline - now()
         self.poller.poll(_poll_ms(remaining))
