@@ -150,6 +150,9 @@ BYTECODE_MAGIC = importlib._bootstrap_external.MAGIC_NUMBER.hex()
 
 now = time.monotonic
 
+#: If set, called in every new child process just before it execs (mitogen.parent).
+_preexec_hook = None
+
 
 class Error(Exception):
     """Base for every error this package raises; the message is %-formatted from the args."""
@@ -157,6 +160,8 @@ class Error(Exception):
     def __init__(self, fmt=None, *args):
         if args:
             fmt %= args
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode('utf-8', 'replace')
         if fmt is None:
             Exception.__init__(self)
         else:
@@ -244,7 +249,13 @@ class Secret(str):
 
 
 class Kwargs(dict):
-    """Keyword arguments of a call; a plain dict that is allowed through the unpickler."""
+    """Keyword arguments of a call; a plain dict that is allowed through the unpickler.
+    Bytes keys become text, so that they can be passed as keyword arguments."""
+
+    def __init__(self, dct=()):
+        dict.__init__(self, dct)
+        for k in [k for k in self if type(k) is bytes]:
+            self[k.decode()] = self.pop(k)
 
     def __repr__(self):
         return 'Kwargs(%s)' % dict.__repr__(self)
@@ -289,14 +300,17 @@ class _Unpickler(_pickle.Unpickler):
     it is looked up, is what keeps a compromised context from running code in its peers.
     """
 
-    def __init__(self, data, router):
+    def __init__(self, data, router, find=None):
         # BytesIO shares a bytes object's buffer; a big body arrives as a bytearray, which
         # it would copy.
         reader = io.BytesIO(data) if isinstance(data, bytes) else _Reader(data)
         _pickle.Unpickler.__init__(self, reader)
         self._router = router
+        self._find = find
 
     def find_class(self, module, name):
+        if self._find:  # the caller's own policy (Message.unpickle(find_class=...))
+            return self._find(module, name)
         if module == 'mitogen.core':
             if name in ('CallError', 'Blob', 'Secret', 'Kwargs'):
                 return globals()[name]
@@ -363,7 +377,9 @@ class Message:
         self.oversize = 0
         self._unpickled = _NOT_UNPICKLED
         for name, value in kwargs.items():
-            setattr(self, name, value)
+            setattr(self, name, value)  # AttributeError for a field that does not exist
+        if not isinstance(self.data, (bytes, bytearray)) or self.enc not in _ENCODINGS:
+            raise TypeError('Message data must be bytes and enc an ENC_* value')
 
     def __repr__(self):
         return 'Message(%r, %r, %r, %r, %r, %d bytes)' % (
@@ -427,8 +443,10 @@ class Message:
         """The body: raw bytes for ENC_BIN, otherwise the unpickled object."""
         return self.unpickle(throw=throw, throw_dead=throw_dead)
 
-    def unpickle(self, throw=True, throw_dead=True):
-        """Deserialize the body; raise CallError/ChannelError when it says so."""
+    def unpickle(self, throw=True, throw_dead=True, find_class=None):
+        """Deserialize the body; raise CallError/ChannelError when it says so.
+        `find_class(module, name)`, if given, decides which globals may be rebuilt,
+        instead of the default that allows only plain types and this module's own."""
         if throw_dead and self.is_dead:
             raise ChannelError(self._dead_reason())
         obj = self._unpickled
@@ -437,7 +455,7 @@ class Message:
                 obj = bytes(self.data)
             else:
                 try:
-                    obj = _Unpickler(self.data, self.router).load()
+                    obj = _Unpickler(self.data, self.router, find_class).load()
                 except StreamError:
                     raise
                 except Exception as e:
@@ -696,21 +714,25 @@ class Latch:
     woken for an item another thread then steals.
     """
 
+    notify = None
+
     def __init__(self):
         self._lock = threading.Lock()
         self._queue = []
         self._sleeping = []
         self._waking = 0
         self.closed = False
-        self.notify = None
 
     def __repr__(self):
         return 'Latch(%#x, size=%d)' % (id(self), len(self._queue))
 
     def empty(self):
-        return not self._queue
+        return not self.size()
 
     def size(self):
+        """Items queued now; LatchError once the latch is closed."""
+        if self.closed:
+            raise LatchError('the latch is closed')
         return len(self._queue)
 
     def close(self):
@@ -867,6 +889,10 @@ class Receiver:
             raise ChannelError(msg._dead_reason())
         return msg
 
+    def __aiter__(self):
+        import mitogen.aio  # async for msg in receiver: asyncio's face, fetched on use
+        return mitogen.aio.iterate(self)
+
     def __iter__(self):
         """Yield messages until the channel is closed."""
         while True:
@@ -892,8 +918,8 @@ class Sender:
     def __reduce__(self):
         return (_unpickle_sender, (self.context.context_id, self.dst_handle))
 
-    def send(self, data):
-        self.context.send(Message.pickled(data, handle=self.dst_handle))
+    def send(self, data, enc=ENC_PKL):
+        self.context.send(Message.encoded(data, enc, handle=self.dst_handle))
 
     def close(self):
         """Tell the receiver nothing more will come."""
@@ -2273,6 +2299,17 @@ class Importer:
         entry = self._cache.get(fullname)
         return entry is not None and entry[0] is not None
 
+    # importlib.resources and pkgutil.get_data() read the files of a package served by the
+    # master from the master too, with mitogen.resources, fetched on first use.
+
+    def get_resource_reader(self, fullname):
+        import mitogen.resources
+        return mitogen.resources.reader(self, fullname)
+
+    def get_data(self, path):
+        import mitogen.resources
+        return mitogen.resources.get_data(self, path)
+
 
 # ---------------------------------------------------------------------------------------------
 # 9. Logging and stdio forwarding
@@ -2595,3 +2632,12 @@ class ExternalContext:
             self._main_done.set()
             self.broker.shutdown()
             self.broker.join()
+
+
+def __getattr__(name):
+    """Names that exist only for compatibility with Mitogen live in mitogen.parity, which
+    is loaded (fetched, in a child) the first time one is used."""
+    if name[0] == '_':
+        raise AttributeError(name)
+    import mitogen.parity
+    return mitogen.parity.lookup(__name__, name)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import mitogen
 import mitogen.core
 import mitogen.parent
+import mitogen.resources
 from mitogen.core import (
     ALLOCATE_ID,
     FORWARD_LOG,
@@ -35,7 +36,7 @@ from mitogen.core import (
 )
 
 __all__ = ["Broker", "IdAllocator", "LogForwarder", "ModuleFinder", "ModuleResponder",
-           "Router"]
+           "ResourceResponder", "Router"]
 
 LOG = logging.getLogger("mitogen")
 
@@ -685,6 +686,82 @@ class ModuleResponder:
                         handle=mitogen.core.FORWARD_MODULE))
 
 
+class ResourceResponder:
+    """Answers GET_RESOURCE (:mod:`mitogen.resources`): a listing or the bytes of a file
+    inside a package the master can serve, for a child's ``importlib.resources`` or
+    ``pkgutil.get_data()``.
+
+    The import policy applies as it does to modules; the path is resolved inside the
+    package's own directory (or its loader's resource reader, for a zipped package), never
+    above it; a file too large for one message is refused with its size.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        router.add_handler(self._on_get_resource, mitogen.resources.GET_RESOURCE)
+
+    def __repr__(self) -> str:
+        return "ResourceResponder"
+
+    def _on_get_resource(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        try:
+            fullname, relpath = msg.unpickle()
+            reply = self.answer(fullname, relpath)
+        except (mitogen.core.StreamError, ValueError, TypeError) as e:
+            reply = ("missing", "malformed GET_RESOURCE request: %s" % (e,))
+        msg.reply(reply)
+
+    def answer(self, fullname: str, relpath: str) -> tuple:
+        """``('dir', names)``, ``('file', bytes)`` or ``('missing', why)``."""
+        if not isinstance(fullname, str) or not isinstance(relpath, str):
+            raise TypeError("package and path must be str")
+        parts = mitogen.resources.split_path(relpath)
+        refusal = self._router.responder._policy_refusal(fullname)
+        if refusal:
+            return ("missing", refusal)
+        root = self._root(fullname)
+        if isinstance(root, str):
+            return ("missing", root)
+        target = root.joinpath(*parts) if parts else root
+        where = "%s/%s" % (fullname, relpath)
+        if target.is_dir():
+            return ("dir", sorted(child.name for child in target.iterdir()))
+        if not target.is_file():
+            return ("missing", "%s does not exist in the master" % (where,))
+        data = target.read_bytes()
+        if len(data) + 1024 > self._router.max_message_size:
+            return ("missing", "%s is too large to send (%d bytes; max_message_size is %d)"
+                    % (where, len(data), self._router.max_message_size))
+        return ("file", data)
+
+    @staticmethod
+    def _root(fullname: str) -> Any:
+        """The directory of package `fullname` (of a plain module: the one it is in), as
+        a Traversable, without importing anything that is not imported already."""
+        module = sys.modules.get(fullname)
+        spec = getattr(module, "__spec__", None) if module is not None else None
+        try:
+            spec = spec or importlib.util.find_spec(fullname)
+        except (ImportError, ValueError) as e:
+            return "cannot find %s: %s" % (fullname, e)
+        if spec is None:
+            return "%s does not exist in the master" % (fullname,)
+        get_reader = getattr(spec.loader, "get_resource_reader", None)
+        reader = get_reader(fullname) if get_reader and spec.submodule_search_locations \
+            is not None else None
+        if reader is not None and hasattr(reader, "files"):
+            return reader.files()
+        import pathlib
+
+        if spec.submodule_search_locations:
+            return pathlib.Path(next(iter(spec.submodule_search_locations)))
+        if spec.origin and os.path.isfile(spec.origin):
+            return pathlib.Path(os.path.dirname(spec.origin))
+        return "%s has no directory in the master" % (fullname,)
+
+
 class Router(mitogen.parent.Router):
     """The master's router; also a context manager that shuts the broker down on exit."""
 
@@ -698,6 +775,7 @@ class Router(mitogen.parent.Router):
         super().__init__(broker)
         self.id_allocator = IdAllocator(self)
         self.responder = ModuleResponder(self)
+        self.resource_responder = ResourceResponder(self)
         self.log_forwarder = LogForwarder(self)
 
     def __enter__(self) -> Router:

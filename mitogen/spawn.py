@@ -11,19 +11,23 @@ from stdin, so a child that may prompt gets a pseudo-terminal as its controlling
 
 The child is started with ``posix_spawn``: ``setsid`` then opening the terminal by name makes
 it the controlling terminal, without running any Python between fork and exec (which is not
-safe in a threaded master). Prompts are recognised in many languages and formats, and a
-second prompt after a password was sent means the password was refused, whatever the
-language of the message in between.
+safe in a threaded master). Only when ``mitogen.core._preexec_hook`` is set, which must run
+between fork and exec, is it started by fork and exec instead.
+
+Prompts are recognised in many languages and formats, and a second prompt after a password
+was sent means the password was refused, whatever the language of the message in between.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
 import socket
 import termios
+import threading
 import tty
 from typing import Any
 
@@ -164,20 +168,34 @@ def open_pty() -> tuple[int, int]:
     return master, slave
 
 
-def _disable_echo(fd: int) -> None:
+def disable_echo(fd: int) -> None:
     """Answers typed into a hybrid PTY must never come back as output (into logs)."""
     attrs = termios.tcgetattr(fd)
     attrs[3] &= ~(termios.ECHO | termios.ECHONL)
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
-def _spawn(args: list, actions: list) -> int:
+def _spawn(args: list, actions: list, stdio: tuple) -> int:
+    """Start `args` in a new session whose controlling terminal is the PTY: posix_spawn
+    with `actions`, or, when mitogen.core._preexec_hook is set, fork and exec with `stdio`
+    (the descriptors for 0, 1, 2; the PTY is 2) and the hook run just before exec."""
     try:
-        return os.posix_spawnp(args[0], args, dict(os.environ), file_actions=actions,
-                               setsid=True)
+        if mitogen.core._preexec_hook is None:
+            return os.posix_spawnp(args[0], args, dict(os.environ), file_actions=actions,
+                                   setsid=True)
+        proc = mitogen.parent.popen(args=args, stdin=stdio[0], stdout=stdio[1],
+                                    stderr=stdio[2], close_fds=True, start_new_session=True,
+                                    preexec_fn=_take_terminal)
     except OSError as e:
         raise StreamError("cannot start %s: %s (check the method's *_path option)"
                           % (args[0], e.strerror)) from None
+    proc.returncode = 0  # the Reaper reaps it, not subprocess
+    return proc.pid
+
+
+def _take_terminal() -> None:
+    """In the new child, after setsid(): make the PTY on stderr its controlling terminal."""
+    fcntl.ioctl(2, termios.TIOCSCTTY, 0)
 
 
 def spawn_with_pty(args: list, full: bool) -> tuple[Process, int]:
@@ -192,15 +210,15 @@ def spawn_with_pty(args: list, full: bool) -> tuple[Process, int]:
             tty.setraw(slave)
             actions = [(os.POSIX_SPAWN_OPEN, 0, name, os.O_RDWR, 0),
                        (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
-            pid = _spawn(args, actions)
+            pid = _spawn(args, actions, (slave, slave, slave))
             return Process(pid, master, os.dup(master), None), master
-        _disable_echo(slave)
+        disable_echo(slave)
         ours, theirs = socket.socketpair()
         try:
             actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
                        (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1),
                        (os.POSIX_SPAWN_OPEN, 2, name, os.O_RDWR, 0)]
-            pid = _spawn(args, actions)
+            pid = _spawn(args, actions, (theirs.fileno(), theirs.fileno(), slave))
         except BaseException:
             ours.close()
             raise
@@ -222,6 +240,8 @@ class PromptStream(StderrStream):
     def __init__(self, fd: int, conn: PtyConnection) -> None:
         StderrStream.__init__(self, fd, conn.stream_name)
         self.conn = conn
+        #: Set once no process holds the terminal open any more (reads fail with EIO).
+        self.let_go = threading.Event()
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
         data = mitogen.core.read_chunk(self.rfd)  # EIO: every holder of the tty has gone
@@ -231,6 +251,10 @@ class PromptStream(StderrStream):
             if self._partial:
                 self._lines([self._partial])
             self._partial = b""
+            stream = self.conn.stream
+            if stream is not None and not stream.closed:
+                self._keep_until(stream, broker)
+                return
             self.on_disconnect(broker)
             return
         lines = (self._partial + data).split(b"\n")
@@ -239,6 +263,16 @@ class PromptStream(StderrStream):
         if self._partial and self.conn.on_partial_output(self._partial, None):
             self._add([self._partial])
             self._partial = b""
+
+    def _keep_until(self, stream: mitogen.core.MessageStream,
+                    broker: mitogen.core.Broker) -> None:
+        """The booted child let go of its terminal, but it may still be the terminal's
+        session leader (a launcher that exec'd Python itself leaves nothing else holding
+        it): closing our end now would hang the terminal up and kill the child with SIGHUP.
+        Stop reading it, and close it once the child's stream is gone."""
+        broker.stop_receive(self)
+        self.let_go.set()
+        mitogen.core.listen(stream, "disconnect", lambda: self.on_disconnect(broker))
 
     def _lines(self, lines: list[bytes]) -> None:
         self._add(lines)
@@ -270,9 +304,11 @@ class PtyConnection(mitogen.parent.Connection):
     def wants_pty(self) -> bool:
         return self.tty_mode is not None
 
-    def start_child(self, args: list) -> Process:
+    def start_child(self, args: list | None = None) -> Process:
         if not self.wants_pty():
             return super().start_child(args)
+        if args is None:
+            args = self.get_boot_command()
         proc, self.pty_master = spawn_with_pty(args, full=self.tty_mode == "full")
         return proc
 
