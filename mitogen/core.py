@@ -252,10 +252,9 @@ class Kwargs(dict):
     """Keyword arguments of a call; a plain dict that is allowed through the unpickler.
     Bytes keys become text, so that they can be passed as keyword arguments."""
 
-    def __init__(self, dct=()):
-        dict.__init__(self, dct)
-        for k in [k for k in self if type(k) is bytes]:
-            self[k.decode()] = self.pop(k)
+    def __init__(self, dct=(), **kwargs):
+        for k, v in dict(dct, **kwargs).items():
+            self[k.decode() if type(k) is bytes else k] = v
 
     def __repr__(self):
         return 'Kwargs(%s)' % dict.__repr__(self)

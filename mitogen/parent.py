@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import mitogen
 import mitogen.core
-from mitogen.call import CallChain
+from mitogen.call import CallChain, CallSpec
 from mitogen.core import (
     ADD_ROUTE,
     ALLOCATE_ID,
@@ -60,6 +60,7 @@ __all__ = [
     "SIGNAL_BY_NUM",
     "Argv",
     "CallChain",
+    "CallSpec",
     "CancelledError",
     "Connection",
     "Context",
@@ -107,7 +108,7 @@ class CancelledError(StreamError):
 
 
 #: The text of the CancelledError that a connect() gets when the broker shuts down first.
-BROKER_SHUTDOWN_MSG = "connection cancelled: the broker is shutting down"
+BROKER_SHUTDOWN_MSG = "connection cancelled: the broker was shut down"
 
 #: Logged once when sys.executable cannot start children (see get_sys_executable()).
 SYS_EXECUTABLE_MSG = ("sys.executable is %s, so children are started with %s (pass "

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import pickle
+import shlex
 import socket
 import threading
 import time
@@ -244,6 +245,68 @@ def _log_handler_class() -> type:
 
 
 # ---------------------------------------------------------------------------------------------
+# Terminal flags (mitogen.parent)
+# ---------------------------------------------------------------------------------------------
+
+
+def flags(names: str) -> int:
+    """The termios flags named in the space-separated `names`, or-ed together (names this
+    platform lacks count as 0)."""
+    import termios
+
+    value = 0
+    for name in names.split():
+        value |= getattr(termios, name, 0)
+    return value
+
+
+def cfmakeraw(tflags: list) -> list:
+    """termios attributes (as termios.tcgetattr() returns them) changed to raw mode: no
+    echo, no line editing, no signals from keys, no translation, 8-bit characters."""
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = tflags
+    iflag &= ~flags("IGNBRK BRKINT PARMRK ISTRIP INLCR IGNCR ICRNL IXON IXOFF IMAXBEL")
+    oflag &= ~flags("OPOST")
+    lflag &= ~flags("ECHO ECHOE ECHOK ECHONL ICANON ISIG IEXTEN NOFLSH TOSTOP PENDIN")
+    cflag = (cflag & ~flags("CSIZE PARENB")) | flags("CS8 CREAD")
+    return [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]
+
+
+def _selinux_enabled() -> bool:
+    try:
+        with open("/sys/fs/selinux/enforce", "rb") as f:
+            return f.read(1) == b"1"
+    except OSError:
+        return False
+
+
+def _parent_pollers() -> dict:
+    core = mitogen.core
+    return {
+        "EpollPoller": core.EpollPoller,
+        "PollPoller": core.PollPoller,
+        "POLLERS": (core.EpollPoller, core.PollPoller),
+        "PREFERRED_POLLER": core.Broker.poller_class,
+        "Timer": core.Timer,
+    }
+
+
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def setns(kind: str, fd: int) -> None:
+    """Move the calling thread into the namespace open on `fd` (a /proc/PID/ns/`kind`).
+    mitogen.setns never calls this in the master: its helper process does it."""
+    import ctypes
+
+    if _libc().setns(int(fd), 0) == -1:
+        errno_ = ctypes.get_errno()
+        raise OSError(errno_, "setns(%s, %s): %s" % (fd, kind, os.strerror(errno_)))
+
+
+# ---------------------------------------------------------------------------------------------
 # Class attributes of mitogen.core's classes
 # ---------------------------------------------------------------------------------------------
 
@@ -279,6 +342,13 @@ _CLASS_ATTRIBUTES: dict[type, dict[str, Any]] = {
     },
     mitogen.core.Receiver: {
         "closed_msg": mitogen.core.ChannelError.local_msg,
+        "raise_channelerror": True,  # unused by Mitogen too: get() always raises
+    },
+    mitogen.core.Timer: {
+        "active": True,
+    },
+    mitogen.core.Waker: {
+        "broker_shutdown_msg": "the broker has shut down: it cannot run %r",
     },
     mitogen.core.Sender: {
         "explicit_close_msg": "the sender closed the channel",
@@ -365,6 +435,45 @@ _NAMES: dict[str, dict[str, Any]] = {
         "enable_debug_logging": enable_debug_logging,
         "enable_profiling": enable_profiling,
     },
+    "mitogen.parent": {
+        "b": str.encode,
+        "bytes_partition": bytes.partition,
+        "itervalues": dict.values,
+        "next": builtins.next,
+        "IOLOG": IOLOG,
+        "IM_SELF_ATTR": "__self__",
+        "closure_attr": "__closure__",
+        "IS_LINUX": os.uname().sysname == "Linux",
+        "IS_SOLARIS": os.uname().sysname == "SunOS",
+        "LINUX_TIOCGPTN": 0x80045430,
+        "LINUX_TIOCSPTLCK": 0x40045431,
+        "OPENPTY_MSG": "cannot allocate a pseudo-terminal: %s",
+        "flags": flags,
+        "cfmakeraw": cfmakeraw,
+    },
+    "mitogen.master": {
+        "IOLOG": IOLOG,
+        "RLOG": logging.getLogger("mitogen.ctx"),
+        "SPECIAL_FILE_PATHS": {"__synthetic__", "<ansible_synthetic_collection_package>"},
+        "any": builtins.any,
+        "b": str.encode,
+        "str_partition": str.partition,
+        "str_rpartition": str.rpartition,
+        "to_text": to_text,
+    },
+    "mitogen.utils": {
+        "iteritems": dict.items,
+    },
+    "mitogen.fork": {
+        "b": str.encode,
+    },
+    "mitogen.ssh": {
+        "b": str.encode,
+        "shlex_quote": shlex.quote,
+    },
+    "mitogen.setns": {
+        "setns": setns,
+    },
 }
 
 
@@ -375,6 +484,19 @@ def _lazy(module: str, name: str, factory: Callable[[], Any]) -> None:
 
 _LAZY: dict[str, dict[str, Callable[[], Any]]] = {}
 _lazy("mitogen.core", "LogHandler", _log_handler_class)
+_lazy("mitogen.core", "LOAD_RESOURCE", lambda: 113)
+for _name in ("EpollPoller", "PollPoller", "POLLERS", "PREFERRED_POLLER", "Timer"):
+    _lazy("mitogen.parent", _name, lambda name=_name: _parent_pollers()[name])
+_lazy("mitogen.parent", "SC_OPEN_MAX", lambda: os.sysconf("SC_OPEN_MAX"))
+_lazy("mitogen.parent", "SELINUX_ENABLED", _selinux_enabled)
+_lazy("mitogen.setns", "LIBC", _libc)
+_lazy("mitogen.setns", "LIBC__strerror", lambda: _libc().strerror)
+_lazy("mitogen.utils", "PASSTHROUGH", lambda: (
+    int, float, bool, type(None), mitogen.core.Context, mitogen.core.CallError,
+    mitogen.core.Blob, mitogen.core.Secret))
+for _module in ("ssh", "sudo", "su", "doas", "docker", "podman", "buildah", "setns"):
+    _lazy("mitogen." + _module, "LOG",
+          lambda name="mitogen." + _module: logging.getLogger(name))
 
 
 def _resources_name(name: str) -> Callable[[], Any]:
@@ -386,7 +508,7 @@ def _resources_name(name: str) -> Callable[[], Any]:
     return load
 
 
-for _name in ("GET_RESOURCE", "LOAD_RESOURCE", "ResourceReader", "ResourceRequester"):
+for _name in ("GET_RESOURCE", "ResourceReader", "ResourceRequester"):
     _lazy("mitogen.core", _name, _resources_name(_name))
 
 

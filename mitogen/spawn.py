@@ -37,6 +37,7 @@ from mitogen.core import Secret, StreamError
 from mitogen.parent import Process, StderrStream
 
 __all__ = [
+    "PASSWORD_PROMPT_PATTERN",
     "HostKeyError",
     "PasswordError",
     "PromptStream",
@@ -74,7 +75,7 @@ _PASSWORD_WORDS = (
     "lozinku", "slaptažodis", "parole", "κωδικός", "סיסמה", "كلمة المرور", "mật khẩu",
     "密码", "密碼", "口令", "パスワード", "암호", "비밀번호", "รหัสผ่าน",
 )
-_PROMPT_RE = re.compile(
+PASSWORD_PROMPT_PATTERN = re.compile(
     r"(?:%s)[^\n]*[:\uff1a]\s*$" % "|".join(re.escape(w) for w in _PASSWORD_WORDS),
     re.IGNORECASE,
 )
@@ -97,7 +98,7 @@ def is_password_prompt(text: str) -> bool:
     Leading ``pwfeedback`` asterisks from an earlier answer are ignored.
     """
     text = _FEEDBACK_RE.sub("", text.replace("\r", ""))
-    return bool(_PROMPT_RE.search(text))
+    return bool(PASSWORD_PROMPT_PATTERN.search(text))
 
 
 def is_refusal(text: str) -> bool:
@@ -117,6 +118,14 @@ def to_secret(value: Any, option: str = "password") -> Secret | None:
 class BecomeOptions(mitogen.parent.Options):
     """Options shared by the methods that become another user on a terminal (su, doas):
     whom to become, the password, and how to recognise its prompts."""
+
+    username = "root"
+    password: str | None = None
+    #: A substring of the prompt to answer (case-insensitive); None: any password prompt
+    #: (in the languages mitogen.spawn knows).
+    password_prompt: str | None = None
+    #: Extra substrings that mean the password was refused.
+    incorrect_prompts: tuple = ()
 
     def __init__(
         self,
@@ -369,12 +378,15 @@ class PtyConnection(mitogen.parent.Connection):
         if self.password_sent:
             self._boot_failed(PasswordError, self.refused_message())
         elif password is None:
-            self._boot_failed(PasswordError, "%s asked for a password but none was given: "
-                              "pass password=..." % (self.program,))
+            self._boot_failed(PasswordError, self.missing_password_message())
         else:
             LOG.debug("%s: answering the password prompt", self.stream_name)
             self.password_sent = True
             self.answer(password)
+
+    def missing_password_message(self) -> str:
+        return "%s asked for a password but none was given: pass password=..." % (
+            self.program,)
 
     def refused_message(self) -> str:
         return ("%s refused the password: check the password= given (and the account, "

@@ -126,10 +126,15 @@ class Listed:
         return False
 
 
-def signature_problems(ref: list | None, mine: list | None) -> list[str]:
-    """Why a call that works on Mitogen's signature `ref` could fail on `mine`."""
+def signature_problems(ref: list | None, mine: list | None,
+                       by_position: bool = False) -> list[str]:
+    """Why a call that works on Mitogen's signature `ref` could fail on `mine`. With
+    `by_position` (``__exit__`` and other methods only Python calls), names do not count."""
     if ref is None or mine is None:
         return []
+    if by_position:
+        ref = [[p[0], "POSITIONAL_ONLY" if p[1] == "POSITIONAL_OR_KEYWORD" else p[1], p[2]]
+               for p in ref]
     problems = []
     positional = [p for p in mine if p[1] in ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD")]
     by_name = {p[0]: p for p in mine}
@@ -183,8 +188,10 @@ def compare(ref: dict, mine: dict | None, where: str) -> list[str]:
         return problems
     # A class's own signature is its constructor's: reported (and listed) as __init__.
     call_where = where + ".__init__" if ref["kind"] == "class" else where
+    last = where.rpartition(".")[2]
     problems += ["%s: %s" % (call_where, p) for p in signature_problems(
-        ref.get("signature"), mine.get("signature"))]
+        ref.get("signature"), mine.get("signature"),
+        by_position=last.startswith("__") and last.endswith("__"))]
     if ref.get("value") is not None and not mine.get("descriptor") and \
             mine.get("value") != ref["value"]:
         problems.append("%s: value %r, Mitogen's is %r" % (where, mine.get("value"),

@@ -48,8 +48,8 @@ def installed_handlers() -> List[logging.Handler]:
 
 def test_public_names() -> None:
     assert sorted(mitogen.utils.__all__) == [
-        "cast", "disable_site_packages", "log_to_file", "run_with_router", "setup_gil",
-        "with_router",
+        "cast", "disable_site_packages", "log_get_formatter", "log_levels_configure",
+        "log_to_file", "run_with_router", "setup_gil", "with_router",
     ]
 
 
@@ -202,17 +202,25 @@ def assert_plain(obj: Any) -> None:
 def test_cast_plain_values_come_back_unchanged() -> None:
     for value in ["text", b"bytes", 7, 2.5, True, None]:
         assert cast(value) is value
-    value = {"a": [1, (2, "x")], b"k": None}
+    value = {"a": [1, [2, "x"]], b"k": None, (1, "t"): 0.5}
     assert cast(value) == value
     assert_plain(cast(value))
+
+
+def test_cast_turns_tuples_into_lists_as_mitogen_does() -> None:
+    assert cast((1, (2, [3, (4,)]))) == [1, [2, [3, [4]]]]
+    # A tuple used as a dict key stays a tuple (a list cannot be a key).
+    result = cast({(1, (2, 3)): (4, 5)})
+    assert result == {(1, (2, 3)): [4, 5]}
+    assert type(next(iter(result))) is tuple
 
 
 @pytest.mark.parametrize(("given", "expected"), [
     (MyStr("abc"), "abc"),
     (MyBytes(b"abc"), b"abc"),
     (MyList([1, 2]), [1, 2]),
-    (MyTuple((1, 2)), (1, 2)),
-    (Point(1, 2), (1, 2)),
+    (MyTuple((1, 2)), [1, 2]),
+    (Point(1, 2), [1, 2]),
     (collections.OrderedDict(a=1), {"a": 1}),
     (collections.defaultdict(list, a=[1]), {"a": [1]}),
     (Colour.RED, 1),
@@ -230,7 +238,7 @@ def test_cast_is_recursive_keys_included() -> None:
         ((MyStr("t"), 1), None),
     ])
     result = cast(given)
-    assert result == {"k": [(1, 2), {b"b": (1, "s")}], ("t", 1): None}
+    assert result == {"k": [[1, 2], {b"b": [1, "s"]}], ("t", 1): None}
     assert_plain(result)
 
 
@@ -309,7 +317,7 @@ def test_cast_with_the_real_mitogen_core() -> None:
     secret = mitogen.core.Secret("pw")
     result = cast(mitogen.core.Kwargs(password=secret, names=Point(1, 2)))
     assert type(result) is mitogen.core.Kwargs
-    assert result["password"] is secret and type(result["names"]) is tuple
+    assert result["password"] is secret and type(result["names"]) is list
 
 
 # -- process set-up -----------------------------------------------------------------------------
