@@ -138,8 +138,8 @@ def cast(obj: Any) -> Any:
     library. This converts, recursively: dict subclasses to dict, lists and tuples (and
     their subclasses: a namedtuple's class is a global the receiver refuses) to lists, as
     Mitogen's does (tuples in dict keys stay tuples), str and bytes subclasses to str and
-    bytes, int and float subclasses (``IntEnum``) to int and float. The underlying value is kept even if the subclass overrides
-    ``__str__`` or ``__bytes__``. ``mitogen.core``'s ``Blob``, ``Secret``, ``Context``,
+    bytes, int and float subclasses (``IntEnum``) to int and float. The underlying value is
+    kept even if the subclass overrides ``__str__`` or ``__bytes__``. ``mitogen.core``'s ``Blob``, ``Secret``, ``Context``,
     ``Sender`` and ``CallError`` pass unchanged, and a ``Kwargs`` stays a ``Kwargs`` with its
     values cast. Any other type raises :class:`TypeError`; a container that holds itself
     raises :class:`ValueError`.
