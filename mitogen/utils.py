@@ -135,14 +135,14 @@ def cast(obj: Any) -> Any:
 
     The receiving unpickler refuses every class it does not know, which includes harmless
     subclasses such as ``OrderedDict``, a ``namedtuple`` or a ``str`` subclass from some
-    library. This converts, recursively: dict subclasses to dict, lists and tuples (and
+    library. This converts, recursively: dict subclasses to dict; lists and tuples (and
     their subclasses: a namedtuple's class is a global the receiver refuses) to lists, as
-    Mitogen's does (tuples in dict keys stay tuples), str and bytes subclasses to str and
-    bytes, int and float subclasses (``IntEnum``) to int and float. The underlying value is
-    kept even if the subclass overrides ``__str__`` or ``__bytes__``. ``mitogen.core``'s ``Blob``, ``Secret``, ``Context``,
-    ``Sender`` and ``CallError`` pass unchanged, and a ``Kwargs`` stays a ``Kwargs`` with its
-    values cast. Any other type raises :class:`TypeError`; a container that holds itself
-    raises :class:`ValueError`.
+    Mitogen's does, except tuples in dict keys, which stay tuples; str and bytes subclasses
+    to str and bytes; int and float subclasses (``IntEnum``) to int and float. The
+    underlying value is kept even if the subclass overrides ``__str__`` or ``__bytes__``.
+    ``mitogen.core``'s ``Blob``, ``Secret``, ``Context``, ``Sender`` and ``CallError`` pass
+    unchanged, and a ``Kwargs`` stays a ``Kwargs`` with its values cast. Any other type
+    raises :class:`TypeError`; a container that holds itself raises :class:`ValueError`.
     """
     passthrough, kwargs_type = _core_types()
     return _Caster(passthrough, kwargs_type).cast(obj)
