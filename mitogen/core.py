@@ -2621,6 +2621,9 @@ class ExternalContext:
         sys.path[:] = [p for p in sys.path if p]
         rfd, wfd, core_src = self._setup_fds()
         self._start_router(rfd, wfd, core_src)
+        if sys.version_info < (3, 10):  # its resources.files() never asks the loader
+            sys.meta_path.insert(0, _AfterImport('importlib._common', lambda m: __import__(  # noqa: PLW0108
+                'mitogen.resources').resources.fix_files(m)))
         self._setup_logging()
         if self.config.get('stdio', True):
             self._setup_stdio()

@@ -82,7 +82,7 @@ while 1:
   try:child(ast.literal_eval(data.decode()),fds[0])
   except BaseException:
    import traceback;traceback.print_exc();os._exit(1)
-  os._exit(0)
+  import atexit;atexit._run_exitfuncs();os._exit(0)
  os.close(fds[0])
  ctl.sendall(b'%%d\\n'%%pid)
 """ % (BOOT_START + BOOT_DONE,)

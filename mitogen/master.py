@@ -839,6 +839,7 @@ class ResourceResponder:
 
     def __init__(self, router: Router) -> None:
         self._router = router
+        self.get_resource_count = 0
         router.add_handler(self._on_get_resource, mitogen.resources.GET_RESOURCE)
 
     def __repr__(self) -> str:
@@ -847,6 +848,7 @@ class ResourceResponder:
     def _on_get_resource(self, msg: Message) -> None:
         if msg.is_dead:
             return
+        self.get_resource_count += 1
         try:
             fullname, relpath = msg.unpickle()
             reply = self.answer(fullname, relpath)
@@ -907,6 +909,9 @@ class Router(mitogen.parent.Router):
     """The master's router; also a context manager that shuts the broker down on exit."""
 
     broker_class = Broker
+    #: Profile this router's broker thread, and by default every child (see
+    #: mitogen.profiling); also set by the ``MITOGEN_PROFILING`` environment variable.
+    profiling = os.environ.get("MITOGEN_PROFILING") is not None
 
     def __init__(self, broker: Broker | None = None, max_message_size: int | None = None):
         if broker is None:
@@ -918,6 +923,10 @@ class Router(mitogen.parent.Router):
         self.responder = ModuleResponder(self)
         self.resource_responder = ResourceResponder(self)
         self.log_forwarder = LogForwarder(self)
+        if self.profiling:
+            import mitogen.profiling
+
+            mitogen.profiling.start(self.broker, this_thread=False)
 
     def __enter__(self) -> Router:
         return self
@@ -939,6 +948,7 @@ class Router(mitogen.parent.Router):
             "good_load_module_count": responder.good_load_module_count,
             "good_load_module_size": responder.good_load_module_size,
             "bad_load_module_count": responder.bad_load_module_count,
+            "get_resource_count": self.resource_responder.get_resource_count,
             "dropped_message_count": self.dropped_count,
         }
 

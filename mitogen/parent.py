@@ -1027,6 +1027,10 @@ class Connection:
         if not ok:
             self.exception = value
             raise value
+        if self.options.profiling:
+            import mitogen.profiling
+
+            context.call(mitogen.profiling.start_in_child)
 
     def _write_early(self) -> None:
         try:
@@ -1114,7 +1118,9 @@ class Connection:
             self._timer.cancel()
         self._boot.release(self.broker)
         unlisten(self.broker, "shutdown", self._on_broker_shutdown)
-        stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
+        stream_class = IoLoggingChildStream if IOLOG.isEnabledFor(logging.DEBUG) \
+            else ChildStream
+        stream = stream_class(self.router, self.proc.stdout, self.proc.stdin,
                              self.stream_name, remote_id=self.context.context_id)
         stream.conn = self
         self.stream = stream
@@ -1167,6 +1173,45 @@ class ChildStream(MessageStream):
     def on_shutdown(self, broker: mitogen.core.Broker) -> None:
         if not self.closed:
             self.send(Message(dst_id=self.remote_id, handle=SHUTDOWN))
+
+
+#: Logs every read and write of the streams to children (``log_to_file(level="IO")``).
+IOLOG = logging.getLogger("mitogen.io")
+
+#: How many bytes of each read or write an IO record shows.
+IO_LOG_BYTES = 64
+
+
+class IoLoggingChildStream(ChildStream):
+    """A ChildStream that logs each read and write, with its first bytes, on ``mitogen.io``
+    at DEBUG: the stream a child gets while that logger is enabled for DEBUG. (Chosen per
+    stream, so that other streams pay nothing for it.)"""
+
+    def _read_into_decoder(self) -> int | None:
+        target = self.decoder.read_target()
+        n = super()._read_into_decoder()
+        if n:
+            head = b"" if target is not None else \
+                bytes(mitogen.core._read_buffer()[:min(n, IO_LOG_BYTES)])
+            IOLOG.debug("%s: read %d bytes: %r", self.name, n, head)
+        return n
+
+    def _write_now(self, header: bytes, data: Any) -> str | None:
+        before = self.tx_bytes
+        failed = super()._write_now(header, data)
+        self._log_write(before, bytes(header) + bytes(data[:IO_LOG_BYTES]))
+        return failed
+
+    def on_writable(self, broker: mitogen.core.Broker) -> None:
+        before = self.tx_bytes
+        head = bytes(self._out[0][:IO_LOG_BYTES]) if self._out else b""
+        super().on_writable(broker)
+        self._log_write(before, head)
+
+    def _log_write(self, before: int, head: bytes) -> None:
+        written = self.tx_bytes - before
+        if written:
+            IOLOG.debug("%s: wrote %d bytes: %r", self.name, written, head[:written])
 
 
 class Context(mitogen.core.Context):

@@ -193,6 +193,22 @@ class ResourceReader:
         return list(value) if kind == "dir" else []
 
 
+def fix_files(common: Any) -> None:
+    """Python 3.9's ``importlib.resources.files()`` (``importlib._common.from_package``)
+    never asks a package's loader: it returns the directory of the package's ``__file__``,
+    which is the master's path, not a directory of this host. Make it ask our loader for
+    the packages it loaded. (Run by the child when it imports ``importlib._common``.)"""
+    original = common.from_package
+
+    def from_package(package: Any) -> Any:
+        spec = package.__spec__
+        if isinstance(spec.loader, mitogen.core.Importer):
+            return spec.loader.get_resource_reader(spec.name).files()
+        return original(package)
+
+    common.from_package = from_package
+
+
 def reader(importer: mitogen.core.Importer, fullname: str) -> ResourceReader:
     """The reader for `fullname`, a module `importer` loaded."""
     return ResourceReader(requester_for(importer._router), fullname)

@@ -7,7 +7,7 @@ message from whichever receiver is first in line. Nothing is copied and no threa
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import mitogen.core
 
@@ -70,6 +70,12 @@ class Select:
     def __iter__(self) -> Iterator[Any]:
         while self._receivers:
             yield self.get()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for msg in select``: as ``for``, from an asyncio loop (mitogen.aio)."""
+        import mitogen.aio
+
+        return mitogen.aio.iterate(self)
 
     def iter_data(self) -> Iterator[Any]:
         while self._receivers:

@@ -251,3 +251,39 @@ def corrupt_parent_stream(router=None):
     """Write bytes that are not a frame onto the link to the parent."""
     os.write(router.parent_stream.wfd, b"\x00" * 64)
     return True
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+def resources_of(package, name, subdir):
+    """What importlib.resources and pkgutil give for the files of `package` here."""
+    import importlib.resources
+    import pkgutil
+    import warnings
+
+    root = importlib.resources.files(package)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy API, on 3.11+
+        legacy = importlib.resources.read_binary(package, name)
+    return {
+        "type": type(root).__name__,
+        "text": root.joinpath(name).read_text(),
+        "listing": sorted(c.name for c in root.iterdir() if c.name != "__pycache__"),
+        "nested": (root / subdir / "deep.bin").read_bytes(),
+        "is_dir": (root / subdir).is_dir(),
+        "is_file": root.joinpath(name).is_file(),
+        "get_data": pkgutil.get_data(package, name),
+        "get_data_nested": pkgutil.get_data(package, subdir + "/deep.bin"),
+        "legacy": legacy,
+    }
+
+
+def missing_resource(package, name):
+    import importlib.resources
+
+    try:
+        importlib.resources.files(package).joinpath(name).read_bytes()
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "ok", None
