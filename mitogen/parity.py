@@ -1,12 +1,16 @@
-"""Names that Mitogen 0.3.54 publishes and that this package's own design has no use for.
+"""Names that Mitogen 0.3.54 publishes and that this package's own design has no use for,
+and the parts of Mitogen's behaviour that the bootstrap has no room for.
 
 Programs written for Mitogen reach for them (``mitogen.core.b``, ``to_text``,
 ``Router.refused_msg``, ``mitogen.sudo.PASSWORD_PROMPT_RE``, ...), so they exist, but apart
-from the code that runs: a module's ``__getattr__`` finds its names here the first time one
-is used (a child fetches this module only then, so the bootstrap does not grow), and
-importing this module gives the classes of :mod:`mitogen.core` the class attributes that
-Mitogen's have. The differences that remain, and why, are listed in ``mitogen/COMPAT.md``;
-``tests/mitogen/test_parity.py`` checks both against Mitogen itself.
+from the code every context runs: a module's ``__getattr__`` finds its names here the first
+time one is used (a child fetches this module only then, so the 16 KiB bootstrap does not
+grow), and importing this module gives the classes of :mod:`mitogen.core` what Mitogen's
+have besides: class attributes, ``Message()`` checking its arguments, ``Kwargs`` turning
+bytes keys into text, ``Message.unpickle(find_class=...)``, and ``async for`` over a
+``Receiver``. The master imports this module at once (:mod:`mitogen.master`); a child, the
+first time it uses one of these names. The differences that remain, and why, are listed in
+``mitogen/COMPAT.md``; ``tests/mitogen/test_parity.py`` checks both against Mitogen itself.
 """
 
 from __future__ import annotations
@@ -280,11 +284,13 @@ def _selinux_enabled() -> bool:
 
 
 def _parent_pollers() -> dict:
+    import mitogen.master
+
     core = mitogen.core
     return {
         "EpollPoller": core.EpollPoller,
-        "PollPoller": core.PollPoller,
-        "POLLERS": (core.EpollPoller, core.PollPoller),
+        "PollPoller": mitogen.master.PollPoller,
+        "POLLERS": (core.EpollPoller, mitogen.master.PollPoller),
         "PREFERRED_POLLER": core.Broker.poller_class,
         "Timer": core.Timer,
     }
@@ -311,6 +317,59 @@ def setns(kind: str, fd: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: The fields a Message has (its other slots are private).
+_MESSAGE_FIELDS = frozenset(["dst_id", "src_id", "auth_id", "handle", "reply_to", "data",
+                             "enc", "router", "receiver"])
+_core_message_init = mitogen.core.Message.__init__
+_core_unpickle = mitogen.core.Message.unpickle
+
+
+def _message_init(self: mitogen.core.Message, **kwargs: Any) -> None:
+    """Message(**fields), refusing fields that do not exist, a body that is not bytes and an
+    encoding that is not one of ENC_*: a mistake then fails here, not on some stream."""
+    unknown = sorted(set(kwargs) - _MESSAGE_FIELDS)
+    if unknown:
+        raise TypeError("Message() has no field %s (fields: %s)"
+                        % (", ".join(unknown), ", ".join(sorted(_MESSAGE_FIELDS))))
+    _core_message_init(self, **kwargs)
+    if type(self.data) not in (bytes, bytearray):
+        raise TypeError("Message data must be bytes or bytearray, not %s"
+                        % (type(self.data).__name__,))
+    if self.enc not in (mitogen.core.ENC_LEGACY, mitogen.core.ENC_PKL, mitogen.core.ENC_BIN):
+        raise ValueError("Message enc must be ENC_PKL, ENC_BIN or ENC_MGC, not %r"
+                         % (self.enc,))
+
+
+def _unpickle(self: mitogen.core.Message, throw: bool = True, throw_dead: bool = True,
+              find_class: Callable[[str, str], Any] | None = None) -> Any:
+    """Message.unpickle(); `find_class(module, name)`, if given, decides which globals the
+    body may name, instead of the default that allows plain types and mitogen.core's own.
+    (Checked as any pickle from a context without parent authority first.)"""
+    if find_class is None:
+        return _core_unpickle(self, throw, throw_dead)
+    if throw_dead and self.is_dead:
+        raise mitogen.core.ChannelError(self._dead_reason())
+    if self.enc == mitogen.core.ENC_BIN:
+        return bytes(self.data)
+    if not mitogen.core.has_parent_authority(self):
+        importlib.import_module("mitogen.guard").check_pickle(self.data)
+    obj = Unpickler(io.BytesIO(bytes(self.data)), find_class).load()
+    if throw and isinstance(obj, mitogen.core.CallError):
+        raise obj
+    return obj
+
+
+def _kwargs_init(self: mitogen.core.Kwargs, dct: Any = (), **kwargs: Any) -> None:
+    """Kwargs(dict): bytes keys (from a Python 2 peer, in Mitogen) become text."""
+    dict.__init__(self, {k.decode() if type(k) is bytes else k: v
+                         for k, v in dict(dct, **kwargs).items()})
+
+
+def _receiver_aiter(self: mitogen.core.Receiver) -> Any:
+    """``async for msg in receiver``: see mitogen.aio."""
+    return importlib.import_module("mitogen.aio").iterate(self)
+
+
 def _importer_get_filename(self: mitogen.core.Importer, fullname: str) -> str | None:
     """Where the parent found `fullname` (the module's ``__file__``)."""
     entry = self.get_cached(fullname)
@@ -328,6 +387,11 @@ _CLASS_ATTRIBUTES: dict[type, dict[str, Any]] = {
         "HEADER_LEN": mitogen.core.HEADER_LEN,
         "HEADER_MAGIC": mitogen.core.ENC_LEGACY,
         "unpickle_iter": _unpickle_iter,
+        "__init__": _message_init,
+        "unpickle": _unpickle,
+    },
+    mitogen.core.Kwargs: {
+        "__init__": _kwargs_init,
     },
     mitogen.core.Router: {
         "duplicate_handle_msg": "the handle is already in use",
@@ -343,6 +407,7 @@ _CLASS_ATTRIBUTES: dict[type, dict[str, Any]] = {
     mitogen.core.Receiver: {
         "closed_msg": mitogen.core.ChannelError.local_msg,
         "raise_channelerror": True,  # unused by Mitogen too: get() always raises
+        "__aiter__": _receiver_aiter,
     },
     mitogen.core.Timer: {
         "active": True,
@@ -365,10 +430,14 @@ _CLASS_ATTRIBUTES: dict[type, dict[str, Any]] = {
 }
 
 
+#: What replaces a method the bootstrap already defines.
+_REPLACED = {"__init__", "unpickle"}
+
+
 def _install_class_attributes() -> None:
     for cls, attributes in _CLASS_ATTRIBUTES.items():
         for name, value in attributes.items():
-            if name not in vars(cls):
+            if name not in vars(cls) or name in _REPLACED:
                 setattr(cls, name, value)
 
 

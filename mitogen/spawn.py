@@ -189,7 +189,7 @@ def _spawn(args: list, actions: list, stdio: tuple) -> int:
     with `actions`, or, when mitogen.core._preexec_hook is set, fork and exec with `stdio`
     (the descriptors for 0, 1, 2; the PTY is 2) and the hook run just before exec."""
     try:
-        if mitogen.core._preexec_hook is None:
+        if mitogen.parent.preexec_hook() is None:
             return os.posix_spawnp(args[0], args, dict(os.environ), file_actions=actions,
                                    setsid=True)
         proc = mitogen.parent.popen(args=args, stdin=stdio[0], stdout=stdio[1],
