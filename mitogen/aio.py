@@ -10,7 +10,9 @@ Nothing blocks and no thread waits: the object waited on (a :class:`mitogen.core
 thread queued a message for it (the broker, usually), which only schedules a wake-up on the
 loop (``call_soon_threadsafe``); the coroutine then takes the message without blocking.
 Cancelling a waiting coroutine closes its receiver: the reply, when it comes, is dropped.
-Mitogen has no such face (its issue #452).
+Closing a receiver (``recv.close()``) while a coroutine waits on it ends the wait with
+ChannelError, as it does for a thread in ``recv.get()``. Mitogen has no such face (its
+issue #452).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ __all__ = ["call", "get", "iterate"]
 
 
 class _Wakeups:
-    """Turns a source's ``notify`` callbacks, on any thread, into wake-ups on `loop`."""
+    """Turns a source's ``notify`` callbacks, on any thread, into wake-ups on `loop`; and
+    its ``close()`` too, which queues nothing (so calls no ``notify``) but must end a wait."""
 
     def __init__(self, source: Any, loop: asyncio.AbstractEventLoop) -> None:
         if source.notify is not None:
@@ -33,7 +36,15 @@ class _Wakeups:
         self.source = source
         self.loop = loop
         self._future: asyncio.Future | None = None
+        self._close = source.close
         source.notify = self._notified
+        source.close = self._closed
+
+    def _closed(self) -> None:
+        try:
+            self._close()
+        finally:
+            self._notified(self.source)
 
     def _notified(self, _source: Any) -> None:
         try:
@@ -63,6 +74,8 @@ class _Wakeups:
     def close(self) -> None:
         if self.source.notify == self._notified:
             self.source.notify = None
+        if vars(self.source).get("close") == self._closed:
+            del self.source.close
 
 
 async def get(recv: mitogen.core.Receiver, throw_dead: bool = True) -> mitogen.core.Message:

@@ -432,3 +432,31 @@ def test_run_with_router_with_the_real_master() -> None:
         return router.myself().context_id
 
     assert run_with_router(context_id_of_master) == 0
+
+
+def test_log_level_io_logs_the_bytes_of_each_read_and_write(tmp_path: Any) -> None:
+    import mitogen.master
+    from tests.support import funcs
+
+    path = tmp_path / "io.log"
+    log_to_file(str(path), level="IO")
+    with mitogen.master.Router() as router:
+        child = router.local(name="io-child")
+        assert child.call(funcs.add, 20, 22) == 42
+    records = [line for line in path.read_text().splitlines() if " mitogen.io: " in line]
+    assert all(LINE_FORMAT.match(line) for line in records)
+    wrote = [r for r in records if re.search(r"mitogen\.io: local\.\d+: wrote \d+ bytes: b'MJ", r)]
+    read = [r for r in records if re.search(r"mitogen\.io: local\.\d+: read \d+ bytes: b'MJ", r)]
+    assert wrote and read, records
+    assert any("tests.support.funcs" in r for r in wrote)  # the call, as its bytes show it
+
+
+def test_without_io_level_nothing_is_logged_on_mitogen_io(tmp_path: Any) -> None:
+    import mitogen.master
+    from tests.support import funcs
+
+    path = tmp_path / "debug.log"
+    log_to_file(str(path), level="DEBUG")
+    with mitogen.master.Router() as router:
+        router.local(name="quiet-child").call(funcs.add, 1, 1)
+    assert " mitogen.io: " not in path.read_text()

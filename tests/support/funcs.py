@@ -287,3 +287,77 @@ def missing_resource(package, name):
     except Exception as e:
         return type(e).__name__, str(e)
     return "ok", None
+
+
+# --- the child's process state -----------------------------------------------------------
+
+
+def open_fds():
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+
+
+def child_processes():
+    """(pid, state) of every process whose parent is this one (zombies included)."""
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found.append((int(name), fields[0]))
+    return found
+
+
+@mitogen.core.takes_router
+def print_then_wait(sender, marker, router=None):
+    """Print `marker` without flushing, then wait for the master's go-ahead: a line-buffered
+    stdout has already sent it by then, a block-buffered one has not."""
+    recv = mitogen.core.Receiver(router)
+    sender.send(recv.to_sender())
+    print(marker)
+    try:
+        return recv.get(timeout=30).unpickle()
+    finally:
+        recv.close()
+
+
+@mitogen.core.takes_router
+def channel_doubler(handle, router=None):
+    """Open a Channel to the master's `handle`, tell it ours, then answer every number it
+    sends with its double until the master closes the channel; return how many."""
+    chan = mitogen.core.Channel(router, router.context_by_id(0), handle)
+    chan.send(chan.handle)
+    count = 0
+    for msg in chan:
+        chan.send(msg.unpickle() * 2)
+        count += 1
+    chan.close()
+    return count
+
+
+def c_extension_import():
+    """Import PyYAML and say whether its C extension loaded, and from where."""
+    import yaml
+
+    return yaml.__with_libyaml__, type(yaml._yaml.__loader__).__name__, yaml._yaml.__file__
+
+
+def module_file(name):
+    import importlib
+
+    module = importlib.import_module(name)
+    return type(module.__loader__).__name__, module.__file__
+
+
+def cwd_and_env(name):
+    return os.getcwd(), os.environ.get(name)
+
+
+def sleep_then_return(seconds, value):
+    time.sleep(seconds)
+    return value
