@@ -3,9 +3,7 @@ nothing of ours installed there and nothing written to their disks."""
 
 from __future__ import annotations
 
-import importlib
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -45,7 +43,7 @@ def container(request):
 
 @pytest.mark.parametrize("container", sorted(SUITES), indirect=True)
 def test_child_in_container_runs_calls_and_imports_without_writing(container, router, package,
-                                                                   tmp_path, monkeypatch):
+                                                                   data_package):
     suite, name = container
     baseline = set(_docker("diff", name).splitlines())  # what Docker itself adds (--init)
     child = router.local(python_path=["docker", "exec", "-i", name, "python3"],
@@ -53,19 +51,12 @@ def test_child_in_container_runs_calls_and_imports_without_writing(container, ro
     assert child.call(funcs.python_version)[:2] == SUITES[suite]
     assert child.call(package[0].run) == packages.expected_sum()
     # A package's data files come from the master too: its directory exists only there.
-    data = packages.unique_name("datapkg")
-    packages.make_data_package(tmp_path / "data", data)
-    monkeypatch.syspath_prepend(str(tmp_path / "data"))
-    try:
-        greeting = importlib.import_module(data + ".use").greeting
-        assert child.call(greeting) == packages.DATA_TEXT
-        found = child.call(funcs.resources_of, data, "greeting.txt", "data")
-        assert (found["type"], found["nested"], found["get_data"], found["legacy"]) == (
-            "RemoteTraversable", packages.DATA_BYTES, packages.DATA_TEXT.encode(),
-            packages.DATA_TEXT.encode())
-    finally:
-        for module in (data, data + ".use"):
-            sys.modules.pop(module, None)
+    data, use, _ = data_package
+    assert child.call(use.greeting) == packages.DATA_TEXT
+    found = child.call(funcs.resources_of, data, "greeting.txt", "data")
+    assert (found["type"], found["nested"], found["get_data"], found["legacy"]) == (
+        "RemoteTraversable", packages.DATA_BYTES, packages.DATA_TEXT.encode(),
+        packages.DATA_TEXT.encode())
     child.shutdown(wait=True)
     changes = set(_docker("diff", name).splitlines()) - baseline
     assert not changes, sorted(changes)

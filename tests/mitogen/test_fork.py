@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import sys
 import threading
 import time
@@ -15,18 +14,7 @@ import pytest
 import mitogen.fork
 import mitogen.master
 from tests.support import funcs, remote
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    """Wait for `pid` to exit, on its pidfd (the real event), within `timeout`."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
+from tests.support.procs import wait_gone
 
 
 def test_fork_from_a_threaded_master(router):
@@ -50,7 +38,7 @@ def test_fork_from_a_threaded_master(router):
         assert context.call(os.getppid) == router._fork_zygote.proc.pid
         context.shutdown(wait=True)
         second.shutdown(wait=True)
-        assert _wait_gone(pid)
+        assert wait_gone(pid)
     finally:
         stop.set()
         for t in busy:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pstats
-import select
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import mitogen.master
 import mitogen.profiling
 from tests.support import funcs
+from tests.support.procs import wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,17 +23,6 @@ def profile_fmt(tmp_path, monkeypatch):
     monkeypatch.setenv("MITOGEN_PROFILE_FMT",
                        str(tmp_path / "stats.%(pid)s.%(identity)s.%(now)s.%(ext)s"))
     return tmp_path
-
-
-def _wait_gone(pid: int) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        assert select.select([fd], [], [], 30)[0], "child %d did not exit" % pid
-    finally:
-        os.close(fd)
 
 
 def _profiles(directory, pid) -> dict:
@@ -55,7 +44,7 @@ def test_child_writes_a_profile_per_thread(router, profile_fmt):
     pid = child.call(os.getpid)
     assert child.call(funcs.add, 2, 3) == 5
     child.shutdown(wait=True)
-    _wait_gone(pid)  # profiles are written as the child exits
+    assert wait_gone(pid, 30)  # profiles are written as the child exits
     found = _profiles(profile_fmt, pid)
     if mitogen.profiling.PROCESS_WIDE:  # Python 3.12+: one profiler per process
         assert set(found) == {"all"}
@@ -86,7 +75,7 @@ def test_router_profiling_profiles_the_masters_broker_and_its_children(profile_f
     done = subprocess.run([sys.executable, "-c", MASTER], capture_output=True, text=True,
                           timeout=60, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     master_pid, child_pid = map(int, done.stdout.split())
-    _wait_gone(child_pid)
+    assert wait_gone(child_pid, 30)
     master = _profiles(profile_fmt, master_pid)
     assert _profiles(profile_fmt, child_pid), "the child was not profiled"
     identity = "all" if mitogen.profiling.PROCESS_WIDE else "mitogen.broker"

@@ -4,26 +4,12 @@ test_container_pythons.py)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 
 import mitogen.core
 import mitogen.resources
 from tests.mitogen.test_versions import VERSIONS, find_python
 from tests.support import funcs, packages
-
-
-@pytest.fixture
-def data_package(tmp_path, monkeypatch):
-    name = packages.unique_name("datapkg")
-    names = packages.make_data_package(tmp_path, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module(name + ".use")
-    yield name, module, tmp_path
-    for fullname in names:
-        sys.modules.pop(fullname, None)
 
 
 def _resources(router, child, name):
