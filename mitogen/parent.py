@@ -443,6 +443,8 @@ class Options:
         keepalive_interval: float | None = None,
         keepalive_count: int = 3,
     ) -> None:
+        # `old_router` is where Mitogen passes the router; a method that needs it (fork,
+        # there) takes it in its own Options.
         self.name = name
         if keepalive_interval is not None and keepalive_interval <= 0:
             raise ValueError("keepalive_interval must be a positive number of seconds")
@@ -638,11 +640,12 @@ def tty_create_child(args: list) -> Process:
 
 
 def hybrid_tty_create_child(args: list, escalates_privilege: bool = False) -> Process:
-    """Start `args` with stdin/stdout on a socketpair and a new PTY as its controlling
-    terminal and stderr (where prompts appear); ``Process.stderr`` is the PTY master."""
+    """Start `args` with stdin/stdout on a socketpair (two pipes if it
+    `escalates_privilege`) and a new PTY as its controlling terminal and stderr (where
+    prompts appear); ``Process.stderr`` is the PTY master."""
     import mitogen.spawn
 
-    return mitogen.spawn.spawn_with_pty(args, full=False)[0]
+    return mitogen.spawn.spawn_with_pty(args, full=False, pipes=escalates_privilege)[0]
 
 
 class Reaper(Stream):

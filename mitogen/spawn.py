@@ -207,10 +207,12 @@ def _take_terminal() -> None:
     fcntl.ioctl(2, termios.TIOCSCTTY, 0)
 
 
-def spawn_with_pty(args: list, full: bool) -> tuple[Process, int]:
+def spawn_with_pty(args: list, full: bool, pipes: bool = False) -> tuple[Process, int]:
     """Start `args` in a new session whose controlling terminal is a new PTY.
 
-    Returns the process and the PTY master, on which prompts are answered.
+    Returns the process and the PTY master, on which prompts are answered. A hybrid child
+    (not `full`) talks on a socketpair, or on two pipes with `pipes` (for a child that
+    escalates privilege, as SELinux may refuse to hand a UNIX socket to the new user).
     """
     master, slave = open_pty()
     try:
@@ -222,19 +224,28 @@ def spawn_with_pty(args: list, full: bool) -> tuple[Process, int]:
             pid = _spawn(args, actions, (slave, slave, slave))
             return Process(pid, master, os.dup(master), None), master
         disable_echo(slave)
-        ours, theirs = socket.socketpair()
+        if pipes:
+            child_in, ours_in = os.pipe()
+            ours_out, child_out = os.pipe()
+        else:
+            ours, theirs = socket.socketpair()
+            ours_in = ours_out = ours.detach()
+            child_in = child_out = theirs.detach()
         try:
-            actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
-                       (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1),
+            actions = [(os.POSIX_SPAWN_DUP2, child_in, 0),
+                       (os.POSIX_SPAWN_DUP2, child_out, 1),
                        (os.POSIX_SPAWN_OPEN, 2, name, os.O_RDWR, 0)]
-            pid = _spawn(args, actions, (theirs.fileno(), theirs.fileno(), slave))
+            pid = _spawn(args, actions, (child_in, child_out, slave))
         except BaseException:
-            ours.close()
+            for fd in {ours_in, ours_out}:
+                os.close(fd)
             raise
         finally:
-            theirs.close()
-        data = ours.detach()
-        return Process(pid, data, os.dup(data), master), master
+            for fd in {child_in, child_out}:
+                os.close(fd)
+        if not pipes:
+            ours_out = os.dup(ours_in)
+        return Process(pid, ours_in, ours_out, master), master
     except BaseException:
         os.close(master)
         raise

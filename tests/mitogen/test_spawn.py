@@ -137,3 +137,21 @@ def test_preexec_hook_runs_in_a_child_started_on_a_pty(router, exec_launcher, mo
     assert context.call(funcs.cwd_and_env, "MITOGEN_PREEXEC_TEST")[1] == "pid %d" % pid
     conn = router.stream_by_id(context.context_id).conn
     assert conn.pty_master is not None and os.getsid(pid) == pid
+
+
+@pytest.mark.parametrize("escalates_privilege", [False, True])
+def test_hybrid_tty_create_child_on_a_socketpair_or_pipes(escalates_privilege):
+    import mitogen.parent
+
+    proc = mitogen.parent.hybrid_tty_create_child(
+        [sys.executable, "-c", "import os,sys; os.write(1, sys.stdin.readline().upper().encode()); "
+         "os.write(2, os.ttyname(2).encode())"], escalates_privilege=escalates_privilege)
+    try:
+        assert (proc.stdin == proc.stdout) is False  # two descriptors either way
+        os.write(proc.stdin, b"hello\n")
+        assert os.read(proc.stdout, 100) == b"HELLO\n"
+        assert os.read(proc.stderr, 100).startswith(b"/dev/pts/")  # the PTY is stderr
+        assert os.waitpid(proc.pid, 0)[1] == 0
+    finally:
+        for fd in {proc.stdin, proc.stdout, proc.stderr}:
+            os.close(fd)
