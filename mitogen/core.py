@@ -1212,7 +1212,6 @@ class Router:
         self._stream_by_id = {}
         self._context_by_id = {}
         self._handle_map = {}
-        self._handles_by_respondent = {}
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
         self._drop_second = self._drop_logged = self._drop_quiet = 0
@@ -1258,6 +1257,7 @@ class Router:
 
     def _forget_context(self, context_id):
         """A context is gone: tell whoever waits on it, and keep nothing of it."""
+        self._on_respondent_disconnect(context_id)
         context = self._context_by_id.pop(context_id, None)
         if context is not None:
             context.on_disconnect()
@@ -1270,7 +1270,6 @@ class Router:
         """Route `context` through `stream`, a stream connected directly to it."""
         self._context_by_id[context.context_id] = context
         self.add_route(context.context_id, stream)
-        listen(stream, 'disconnect', lambda: self._on_stream_disconnect(stream))
 
     def _on_stream_disconnect(self, stream):
         for target_id in sorted(stream.routes):
@@ -1305,27 +1304,20 @@ class Router:
         if not overwrite and handle in self._handle_map:
             raise Error('%r: handle %r is already in use', self, handle)
         self._handle_map[handle] = (persist, fn, policy, respondent)
-        if respondent is not None:
-            handles = self._handles_by_respondent.get(respondent)
-            if handles is None:
-                handles = self._handles_by_respondent[respondent] = set()
-                listen(respondent, 'disconnect',
-                       lambda: self._on_respondent_disconnect(respondent))
-            handles.add(handle)
         return handle
 
     def del_handler(self, handle):
-        entry = self._handle_map.pop(handle, None)
-        respondent = entry and entry[3]
-        if respondent is not None:
-            self._handles_by_respondent.get(respondent, set()).discard(handle)
+        self._handle_map.pop(handle, None)
 
-    def _on_respondent_disconnect(self, context):
-        for handle in list(self._handles_by_respondent.pop(context, ())):
-            entry = self._handle_map.get(handle)
-            if entry is not None:
-                msg = Message.dead('the respondent %r disconnected' % (context,),
-                                   handle=handle, src_id=context.context_id,
+    def _on_respondent_disconnect(self, context_id):
+        """Context `context_id` is gone: every handle waiting for it gets a dead message
+        now. The handles are found by a scan, not kept per context: a few per disconnect
+        beats a set and a listener per context for as long as it lives."""
+        for handle, entry in list(self._handle_map.items()):
+            respondent = entry[3]
+            if respondent is not None and respondent.context_id == context_id:
+                msg = Message.dead('the respondent %r disconnected' % (respondent,),
+                                   handle=handle, src_id=context_id,
                                    dst_id=mitogen.context_id)
                 self.broker.defer(self._invoke, msg, None)
 
@@ -1481,23 +1473,21 @@ class EpollPoller:
 
     def __init__(self):
         self._epoll = select.epoll()
-        self._masks = {}
 
     def close(self):
         self._epoll.close()
 
     def set_mask(self, fd, mask):
-        old = self._masks.get(fd)
-        if not mask:
-            if old is not None:
-                del self._masks[fd]
+        """Watch `fd` for `mask`, or not at all when it is 0. The kernel knows what is
+        registered: a table of masks here would cost every stream a dict entry."""
+        try:
+            if mask:
+                self._epoll.modify(fd, mask)
+            else:
                 self._epoll.unregister(fd)
-        elif old is None:
-            self._masks[fd] = mask
-            self._epoll.register(fd, mask)
-        elif old != mask:
-            self._masks[fd] = mask
-            self._epoll.modify(fd, mask)
+        except FileNotFoundError:  # not registered yet (or any more)
+            if mask:
+                self._epoll.register(fd, mask)
 
     def poll(self, timeout):
         return self._epoll.poll(-1 if timeout is None else timeout)
@@ -1645,7 +1635,7 @@ class MessageStream(Stream):
         self.routes = set()
         self.egress_ids = set()
         self.conn = None
-        self._out = collections.deque()
+        self._out = []  # a list: a deque costs 600 bytes per stream, empty or not
         self._out_lock = threading.Lock()
         self._read_lock = threading.Lock()  # held by whichever thread reads rfd
         self.lent = False  # a waiting thread reads rfd instead of the broker (see lease())
@@ -1787,7 +1777,7 @@ class MessageStream(Stream):
             full = self._queued >= self.max_queued
             while self._out:
                 try:
-                    written = os.writev(self.wfd, list(itertools.islice(self._out, 64)))
+                    written = os.writev(self.wfd, self._out[:64])
                 except BlockingIOError:
                     break
                 except OSError as e:
@@ -1795,14 +1785,13 @@ class MessageStream(Stream):
                     break
                 self.tx_bytes += written
                 self._queued -= written
-                while written:
-                    head = self._out[0]
-                    if written >= len(head):
-                        written -= len(head)
-                        self._out.popleft()
-                    else:
-                        self._out[0] = head[written:]
-                        written = 0
+                done = 0
+                while written and written >= len(self._out[done]):
+                    written -= len(self._out[done])
+                    done += 1
+                del self._out[:done]
+                if written:
+                    self._out[0] = self._out[0][written:]
             if not self._out:
                 broker._stop_transmit(self)
             if full and self._queued < self.max_queued:
@@ -1956,6 +1945,8 @@ class MessageStream(Stream):
         for stream in resume:
             self._resume(stream)
         self._gone(broker)
+        self.router._on_stream_disconnect(self)  # called, not listened for: no per-stream
+        # listener to keep
 
     def _close_fds(self, broker):
         keep = None

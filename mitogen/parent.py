@@ -609,7 +609,9 @@ def create_child(args: list, merge_stdio: bool = False, stderr_pipe: bool = Fals
     proc.returncode = 0
     if err_w is not None:
         os.close(err_w)
-    stdin, stdout = os.dup(parent_w.fileno()), os.dup(parent_r.fileno())
+    stdin = os.dup(parent_w.fileno())
+    # A socketpair: one descriptor both ways.
+    stdout = stdin if parent_r is parent_w else os.dup(parent_r.fileno())
     for f in ends:
         f.close()
     return Process(proc.pid, stdin, stdout, err_r)
@@ -718,6 +720,9 @@ class Reaper(Stream):
         Stream.on_disconnect(self, broker)
 
 
+_STDERR_LOG = logging.getLogger("mitogen.stderr")
+
+
 class StderrStream(Stream):
     """Logs what a child prints on stderr before it takes over its own stdio, and keeps the
     last lines for the error message if the bootstrap fails."""
@@ -729,7 +734,7 @@ class StderrStream(Stream):
         mitogen.core.set_cloexec(fd)
         self.lines: list[str] = []
         self._partial = b""
-        self._log = logging.getLogger("mitogen.stderr." + name)
+        self._name = name
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
         data = mitogen.core.read_chunk(self.rfd)
@@ -748,7 +753,7 @@ class StderrStream(Stream):
         for raw in lines:
             line = raw.decode("utf-8", "replace").rstrip("\r")
             self.lines.append(line)
-            self._log.debug("%s", line)
+            _STDERR_LOG.debug("%s: %s", self._name, line)  # one logger, not one per child
         del self.lines[:-ERROR_LINES]
 
 
@@ -1049,6 +1054,7 @@ class Connection:
             except Error:
                 pass  # the broker has exited: it failed the boot as it did
             ok, value = self._latch.get()
+        self._latch = None  # done with: a connected child's state is kept small
         if not ok:
             self.exception = value
             raise value
@@ -1143,6 +1149,8 @@ class Connection:
             self._timer.cancel()
         self.payload = b""  # 15 KiB a child, of no more use
         self._boot.release(self.broker)
+        self._boot = None
+        self._stderr = None  # the broker reads it until the child lets go of it
         unlisten(self.broker, "shutdown", self._on_broker_shutdown)
         stream_class = IoLoggingChildStream if IOLOG.isEnabledFor(logging.DEBUG) \
             else ChildStream
@@ -1152,7 +1160,6 @@ class Connection:
         self.stream = stream
         if leftover:
             stream.decoder.feed(leftover)
-        listen(stream, "disconnect", self._on_stream_disconnect)
         if self.context.name is None:
             self.context.name = self.stream_name
         self.router.register(self.context, stream)
@@ -1229,7 +1236,13 @@ class ChildIdAllocator:
 
 
 class ChildStream(MessageStream):
-    """The parent's end of the stream to a child: asks it to shut down with the broker."""
+    """The parent's end of the stream to a child: asks it to shut down with the broker, and
+    tells its Connection when it is gone."""
+
+    def _gone(self, broker: mitogen.core.Broker) -> None:
+        super()._gone(broker)
+        if self.conn is not None:
+            self.conn._on_stream_disconnect()
 
     def on_shutdown(self, broker: mitogen.core.Broker) -> None:
         if not self.closed:

@@ -317,6 +317,9 @@ class PtyConnection(mitogen.parent.Connection):
     def __init__(self, options: Any, router: Any) -> None:
         super().__init__(options, router)
         self.pty_master: int | None = None
+        #: The PromptStream reading pty_master: kept after the boot too, as it holds the
+        #: terminal open for the child (see PromptStream._keep_until()).
+        self.pty_stream: PromptStream | None = None
         self.password_sent = False
 
     # --- spawning
@@ -334,7 +337,8 @@ class PtyConnection(mitogen.parent.Connection):
 
     def make_stderr_stream(self, fd: int) -> StderrStream:
         if fd == self.pty_master:
-            return PromptStream(fd, self)
+            self.pty_stream = PromptStream(fd, self)
+            return self.pty_stream
         return super().make_stderr_stream(fd)
 
     # --- prompts

@@ -95,7 +95,7 @@ def test_child_survives_its_terminal_when_the_launcher_execd_python(router, exec
     conn = router.stream_by_id(context.context_id).conn
     assert os.getsid(pid) == pid  # the launcher's session: Python leads it now
     # Once the child has replaced its stdio, no process holds the terminal open any more.
-    assert conn.stderr_stream.let_go.wait(30)
+    assert conn.pty_stream.let_go.wait(30)
     # Its master side stays open (closing it would SIGHUP the child), unread.
     os.fstat(conn.pty_master)
     assert context.call(os.getpid) == pid
