@@ -669,7 +669,10 @@ class Reaper(Stream):
         self.proc = proc
         self.kill = kill
         self.keep_alive = wait_on_shutdown
-        self.rfd = os.pidfd_open(proc.pid) if hasattr(os, "pidfd_open") else None
+        try:
+            self.rfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # Linux < 5.3, a seccomp filter, valgrind: poll
+            self.rfd = None
         self._timers: list = []
         self._interval = 0.005
 
@@ -678,6 +681,8 @@ class Reaper(Stream):
             mitogen.core.set_cloexec(self.rfd)
             self.broker.start_receive(self)
         else:
+            # Not watched, so not among the streams the broker ends as it exits: told then.
+            listen(self.broker, "exit", lambda: self.on_disconnect(self.broker))
             self._poll_later()
 
     def _poll_later(self) -> None:
@@ -1074,6 +1079,13 @@ class Connection:
             self.payload = self.payload[written:]
 
     def _start_boot(self) -> None:
+        try:
+            self._watch_boot()
+        except Exception as e:
+            LOG.exception("%s: cannot watch the new child", self.stream_name)
+            self._boot_failed(StreamError, "cannot watch the new child: %s" % (e,))
+
+    def _watch_boot(self) -> None:
         proc = self.proc
         self._reaper = Reaper(self.broker, proc, name=self.stream_name)
         self._reaper.start()
@@ -1085,6 +1097,12 @@ class Connection:
         mitogen.core.set_nonblock(proc.stdin)
         self.broker.start_receive(self._boot)
         listen(self.broker, "shutdown", self._on_broker_shutdown)
+
+    def _stop_listening(self) -> None:
+        try:
+            unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        except ValueError:
+            pass  # the boot failed before it was listening
 
     def _on_broker_shutdown(self) -> None:
         if not self._done:
@@ -1121,7 +1139,7 @@ class Connection:
         self._done = True
         if self._timer is not None:
             self._timer.cancel()
-        unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        self._stop_listening()
         lines = list(self._boot.output if self._boot else [])
         if self._stderr is not None:
             self._stderr.on_readable(self.broker)
@@ -1137,9 +1155,25 @@ class Connection:
             self._boot.on_disconnect(self.broker)
         if self._stderr is not None:
             self._stderr.on_disconnect(self.broker)
+        if self._boot is None or self._stderr is None:
+            # Failed before the streams that own them existed: close what is left.
+            self._close_unowned_fds()
         if self._reaper is not None:
             self._reaper.on_disconnect(self.broker)
+        else:
+            self.proc.kill_and_reap()
         self._latch.put((False, exc_class(text)))
+
+    def _close_unowned_fds(self) -> None:
+        proc = self.proc
+        fds = set() if self._boot is not None else {proc.stdin, proc.stdout}
+        if self._stderr is None and proc.stderr is not None:
+            fds.add(proc.stderr)
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _boot_succeeded(self, leftover: bytes) -> None:
         if self._done:
@@ -1151,7 +1185,7 @@ class Connection:
         self._boot.release(self.broker)
         self._boot = None
         self._stderr = None  # the broker reads it until the child lets go of it
-        unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        self._stop_listening()
         stream_class = IoLoggingChildStream if IOLOG.isEnabledFor(logging.DEBUG) \
             else ChildStream
         stream = stream_class(self.router, self.proc.stdout, self.proc.stdin,
@@ -1499,7 +1533,8 @@ class Router(mitogen.core.Router):
         if importer is not None:
             self.forwarder = ModuleForwarder(self, parent, importer)
 
-    def connect(self, method_name: str, name: str | None = None, **kwargs: Any) -> Context:
+    def connect(self, method_name: str, name: str | None = None,
+                **kwargs: Any) -> mitogen.core.Context:
         """Start a child with `method_name` (``local``, ``ssh``, ...) and return its Context.
 
         With ``via=context`` the child is started by that context instead of this one.
@@ -1528,7 +1563,7 @@ class Router(mitogen.core.Router):
             self._propagate_up(ADD_ROUTE, (context.context_id, context.name))
 
     def proxy_connect(self, via_context: Context, method_name: str, name: str | None = None,
-                      **kwargs: Any) -> Context:
+                      **kwargs: Any) -> mitogen.core.Context:
         responder = getattr(self, "responder", None)
         if responder is not None:
             # What the via context will import to start the child travels ahead of the call,
@@ -1577,49 +1612,49 @@ class Router(mitogen.core.Router):
 
     # --- the connection methods, as Mitogen names them
 
-    def local(self, **kwargs: Any) -> Context:
+    def local(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("local", **kwargs)
 
-    def fork(self, **kwargs: Any) -> Context:
+    def fork(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("fork", **kwargs)
 
-    def ssh(self, **kwargs: Any) -> Context:
+    def ssh(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("ssh", **kwargs)
 
-    def sudo(self, **kwargs: Any) -> Context:
+    def sudo(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("sudo", **kwargs)
 
-    def su(self, **kwargs: Any) -> Context:
+    def su(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("su", **kwargs)
 
-    def doas(self, **kwargs: Any) -> Context:
+    def doas(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("doas", **kwargs)
 
-    def docker(self, **kwargs: Any) -> Context:
+    def docker(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("docker", **kwargs)
 
-    def podman(self, **kwargs: Any) -> Context:
+    def podman(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("podman", **kwargs)
 
-    def buildah(self, **kwargs: Any) -> Context:
+    def buildah(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("buildah", **kwargs)
 
-    def kubectl(self, **kwargs: Any) -> Context:
+    def kubectl(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("kubectl", **kwargs)
 
-    def lxc(self, **kwargs: Any) -> Context:
+    def lxc(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("lxc", **kwargs)
 
-    def lxd(self, **kwargs: Any) -> Context:
+    def lxd(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("lxd", **kwargs)
 
-    def incus(self, **kwargs: Any) -> Context:
+    def incus(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("incus", **kwargs)
 
-    def jail(self, **kwargs: Any) -> Context:
+    def jail(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("jail", **kwargs)
 
-    def setns(self, **kwargs: Any) -> Context:
+    def setns(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("setns", **kwargs)
 
 
