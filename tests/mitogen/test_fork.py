@@ -93,7 +93,7 @@ def test_forked_child_has_the_masters_current_path_environment_and_cwd(
     monkeypatch.setenv("MITOGEN_FORK_TEST", "from the master")
     monkeypatch.chdir(tmp_path)
     context = router.fork()  # the zygote may already exist: what counts is now
-    loader, path = context.call(funcs.module_file, "only_on_a_runtime_path")
+    loader, path = context.call(funcs.module_loader_and_file, "only_on_a_runtime_path")
     assert (loader, path) == ("SourceFileLoader", str(tmp_path / "only_on_a_runtime_path.py"))
     assert context.call(funcs.cwd_and_env, "MITOGEN_FORK_TEST") == (
         str(tmp_path), "from the master")
