@@ -175,6 +175,8 @@ class Error(Exception):
     def __init__(self, fmt=None, *args):
         if args:
             fmt %= args
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode('utf-8', 'replace')
         if fmt is None:
             Exception.__init__(self)
         else:
@@ -799,21 +801,25 @@ class Latch:
     woken for an item another thread then steals.
     """
 
+    notify = None
+
     def __init__(self):
         self._lock = threading.Lock()
         self._queue = []
         self._sleeping = []
         self._waking = 0
         self.closed = False
-        self.notify = None
 
     def __repr__(self):
         return 'Latch(%#x, size=%d)' % (id(self), len(self._queue))
 
     def empty(self):
-        return not self._queue
+        return not self.size()
 
     def size(self):
+        """Items queued now; LatchError once the latch is closed."""
+        if self.closed:
+            raise LatchError('the latch is closed')
         return len(self._queue)
 
     def close(self):
@@ -995,8 +1001,8 @@ class Sender:
     def __reduce__(self):
         return (_unpickle_sender, (self.context.context_id, self.dst_handle))
 
-    def send(self, data):
-        self.context.send(Message.pickled(data, handle=self.dst_handle))
+    def send(self, data, enc=ENC_PKL):
+        self.context.send(Message.encoded(data, enc, handle=self.dst_handle))
 
     def close(self):
         """Tell the receiver nothing more will come."""
@@ -2507,6 +2513,15 @@ class Importer:
         entry = self._cache.get(fullname)
         return entry is not None and entry[0] is not None
 
+    # importlib.resources and pkgutil.get_data() read the files of a package served by the
+    # master from the master too, with mitogen.resources, fetched on first use.
+
+    def get_resource_reader(self, fullname):
+        return importlib.import_module('mitogen.resources').reader(self, fullname)
+
+    def get_data(self, path):
+        return importlib.import_module('mitogen.resources').get_data(self, path)
+
 
 # ---------------------------------------------------------------------------------------------
 # 9. Logging and stdio forwarding
@@ -2809,6 +2824,9 @@ class ExternalContext:
         sys.path[:] = [p for p in sys.path if p]
         rfd, wfd, core_src = self._setup_fds()
         self._start_router(rfd, wfd, core_src)
+        if sys.version_info < (3, 10):  # its resources.files() never asks the loader
+            sys.meta_path.insert(0, _AfterImport('importlib._common', lambda m: importlib.
+                                                 import_module('mitogen.resources').fix_files(m)))
         self._setup_logging()
         if self.config.get('stdio', True):
             self._setup_stdio()
@@ -2819,3 +2837,11 @@ class ExternalContext:
             self._main_done.set()
             self.broker.shutdown()
             self.broker.join()
+
+
+def __getattr__(name):
+    """Names that exist only for compatibility with Mitogen live in mitogen.parity, which
+    is loaded (fetched, in a child) the first time one is used."""
+    if name[0] == '_':
+        raise AttributeError(name)
+    return importlib.import_module('mitogen.parity').lookup(__name__, name)
