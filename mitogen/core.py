@@ -2528,43 +2528,6 @@ class Importer:
 # ---------------------------------------------------------------------------------------------
 
 
-_LogHandler = None
-
-
-def make_log_handler(context):
-    """A ``logging.Handler`` that forwards records to `context`'s FORWARD_LOG handle.
-
-    Records logged while forwarding (by the router or a stream) are dropped, otherwise a
-    broken link would log about itself forever. The class is made on first use, because
-    defining it needs the logging module, which a child imports only when something logs.
-    """
-    global _LogHandler
-    if _LogHandler is None:
-        import logging
-
-        class LogHandler(logging.Handler):
-            def __init__(self, context):
-                logging.Handler.__init__(self)
-                self.context = context
-                self._local = threading.local()
-
-            def emit(self, record):
-                if getattr(self._local, 'busy', False) or record.name == 'mitogen.io':
-                    return
-                self._local.busy = True
-                try:
-                    text = self.format(record)
-                    self.context.send(Message.pickled((record.name, record.levelno, text),
-                                                      handle=FORWARD_LOG))
-                except Exception:
-                    pass
-                finally:
-                    self._local.busy = False
-
-        _LogHandler = LogHandler
-    return _LogHandler(context)
-
-
 class _AfterImport:
     """Calls `callback(module)` as soon as this interpreter has imported `fullname` itself,
     then leaves ``sys.meta_path``.
@@ -2755,14 +2718,15 @@ class ExternalContext:
             self._master.send(Message.pickled((name, level, text), handle=FORWARD_LOG))
 
     def _forward_logging(self, logging):
+        """logging is here: install mitogen.logforward's handler (fetched now). Until it is
+        in place the core's own records keep going straight to the master."""
+        try:
+            importlib.import_module('mitogen.logforward').install(
+                self._master, self.config.get('log_level', _INFO), self.config.get('debug'))
+        except ImportError as e:  # imported on the broker thread, or the parent is gone
+            LOG.error('cannot forward log records: %s', e)
+            return
         _Logger.direct = None
-        root = logging.getLogger()
-        root.setLevel(self.config.get('log_level', _INFO))
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        root.addHandler(make_log_handler(self._master))
-        if self.config.get('debug'):
-            logging.getLogger('mitogen').setLevel(logging.DEBUG)
 
     def _setup_stdio(self):
         enabled = self.config.get('log_level', _INFO) <= _INFO

@@ -245,7 +245,9 @@ def enable_profiling(econtext: Any = None) -> None:
 
 
 def _log_handler_class() -> type:
-    return type(mitogen.core.make_log_handler(None))
+    import mitogen.logforward
+
+    return mitogen.logforward.LogHandler
 
 
 # ---------------------------------------------------------------------------------------------
