@@ -1544,9 +1544,10 @@ class Stream:
     """
 
     keep_alive = False
-    rfd = wfd = None
+    rfd = None  # type: int | None
+    wfd = None  # type: int | None
     #: The stream whose full output queue this one waits for before it is read again.
-    paused = None
+    paused = None  # type: Stream | None
 
     def __init__(self, name='stream'):
         self.name = name

@@ -32,6 +32,7 @@ class Options(mitogen.spawn.BecomeOptions):
 
 class Connection(mitogen.spawn.PtyConnection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "doas"
     program = "doas"
     child_is_immediate_subprocess = False

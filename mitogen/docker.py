@@ -41,6 +41,7 @@ class Options(mitogen.parent.Options):
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "docker"
     child_is_immediate_subprocess = False
     eager_payload = False
@@ -58,7 +59,7 @@ class Connection(mitogen.parent.Connection):
         if opts.container:
             argv = [opts.docker_path, "exec", *flags, opts.container]
         else:
-            argv = [opts.docker_path, "run", *flags, "--rm", opts.image]
+            argv = [opts.docker_path, "run", *flags, "--rm", str(opts.image)]
         return argv + super().get_boot_command()
 
 

@@ -105,8 +105,10 @@ class Zygote:
             theirs.close()
         self.control = ours
         self._lock = threading.Lock()
-        self.proc.stdin.write(mitogen.parent.get_core_source())
-        self.proc.stdin.close()
+        stdin = self.proc.stdin  # a pipe (stdin=PIPE above)
+        if stdin is not None:
+            stdin.write(mitogen.parent.get_core_source())
+            stdin.close()
         mitogen.core.listen(broker, "exit", self.close)
 
     def fork(self, config: dict, fd: int) -> int:
@@ -193,7 +195,7 @@ def _function_name(func: Callable | None, option: str) -> tuple | None:
 
 
 #: Mitogen's name for the process class of a forked child.
-Process = ForkedProcess
+Process = ForkedProcess  # type: ignore[misc]  # replaces the name imported from parent
 
 
 class Options(mitogen.parent.Options):
@@ -233,6 +235,7 @@ def _run_hooks(on_fork: tuple | None, on_start: tuple | None, econtext: Any = No
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "fork"
     eager_payload = False
 

@@ -33,6 +33,7 @@ class Options(mitogen.parent.Options):
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "kubectl"
     child_is_immediate_subprocess = True
     eager_payload = False
@@ -44,5 +45,5 @@ class Connection(mitogen.parent.Connection):
         """``kubectl [kubectl_args] exec -it POD -- python ...``, as Mitogen runs it. The
         child's stdin is a socket, not a terminal, so kubectl allocates no TTY for -t."""
         opts = self.options
-        return [opts.kubectl_path, *opts.kubectl_args, "exec", "-it", opts.pod, "--",
+        return [opts.kubectl_path, *(opts.kubectl_args or ()), "exec", "-it", opts.pod, "--",
                 *super().get_boot_command()]

@@ -374,7 +374,7 @@ class ModuleFinder:
         locations = spec.submodule_search_locations
         is_pkg = locations is not None
         if spec.loader is None or spec.origin in (None, "namespace"):
-            if is_pkg:  # PEP 420 namespace package: no source of its own
+            if locations is not None:  # PEP 420 namespace package: no source of its own
                 path = os.path.join(next(iter(locations)), "__init__.py")
                 return path, "", self._submodules(fullname, locations)
             return "%s has no loader in the master" % (fullname,)
@@ -397,7 +397,7 @@ class ModuleFinder:
         if not path:
             raise ImportError("__main__ has no file (interactive session?): define the "
                               "function in a module instead")
-        loader = getattr(main, "__loader__", None)
+        loader: Any = getattr(main, "__loader__", None)
         source = loader.get_source("__main__") if hasattr(loader, "get_source") else None
         if source is None:
             with open(path, encoding="utf-8") as f:
@@ -431,7 +431,7 @@ class ModuleFinder:
         return self._codes[fullname]
 
     def _cached_code(self, fullname: str, path: str) -> types.CodeType | None:
-        loader = self._loaders.get(fullname)
+        loader: Any = self._loaders.get(fullname)
         if fullname == "__main__" or not hasattr(loader, "get_code") or not _has_bytecode(
                 path, loader):
             return None

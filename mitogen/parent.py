@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import zlib
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import mitogen
 import mitogen.core
@@ -785,7 +785,7 @@ class Keepalive:
         self.count = count
         self._last_rx = -1
         self._silent = 0
-        handle = getattr(router, "_keepalive_handle", None)
+        handle = router._keepalive_handle
         if handle is None:
             handle = router._keepalive_handle = router.add_handler(lambda msg: None)
         self.reply_handle = handle
@@ -819,6 +819,8 @@ class BootStream(Stream):
     MessageStream. Runs on the broker thread."""
 
     keep_alive = True
+    rfd: int
+    wfd: int
 
     def __init__(self, conn: Connection) -> None:
         Stream.__init__(self, "boot:" + conn.stream_name)
@@ -917,7 +919,8 @@ class Connection:
     command line wrapped in ssh, sudo, docker exec, ...
     """
 
-    options_class = Options
+    options_class: Callable[..., Options] = Options
+    options: Options
     name_prefix = "local"
     #: Whether the payload may be written before MITO000 arrives, saving a round trip
     #: (it then waits in the socket until the first stage reads it). Only where nothing but
@@ -936,8 +939,8 @@ class Connection:
     eof_error_hint: str | None = None
     #: Why a boot failed, when the child closed its output and is still running.
     eof_error_msg = "the child closed its output during bootstrap"
-    #: The process started, once connect() has started it.
-    proc: Process | None = None
+    #: The process started, once connect() has started it (None before).
+    proc: Process = None  # type: ignore[assignment]
     #: Whether the child detached (ExternalContext.detach()): it outlives its stream.
     detached = False
     #: The exception connect() raised, if it failed.
@@ -947,9 +950,10 @@ class Connection:
         self.options = options
         self.router = router
         self.broker = router.broker
-        self.proc: Process | None = None
+        # proc and context are set by connect(), before anything else uses them.
+        self.proc = None  # type: ignore[assignment]
         self.stream: MessageStream | None = None
-        self.context: Context | None = None
+        self.context: Context = None  # type: ignore[assignment]
         self.payload = b""
         self.payload_sent_early = False
         self._latch = Latch()
@@ -985,7 +989,8 @@ class Connection:
         return self.router._child_config(self.context, self.options)
 
     def get_python_argv(self) -> list:
-        return list(self.options.python_path)
+        path = self.options.python_path  # a list once Options() has run
+        return [path] if isinstance(path, str) else list(path or ())
 
     def get_boot_command(self) -> list:
         name = self.remote_name()
@@ -1044,8 +1049,9 @@ class Connection:
         try:
             self.broker.defer(self._start_boot)
         except Error:  # the broker exited meanwhile
-            for fd in {self.proc.stdin, self.proc.stdout, self.proc.stderr} - {None}:
-                os.close(fd)
+            for fd in {self.proc.stdin, self.proc.stdout, self.proc.stderr}:
+                if fd is not None:
+                    os.close(fd)
             self.proc.kill_and_reap()
             raise CancelledError(BROKER_SHUTDOWN_MSG) from None
         try:
@@ -1059,7 +1065,7 @@ class Connection:
             except Error:
                 pass  # the broker has exited: it failed the boot as it did
             ok, value = self._latch.get()
-        self._latch = None  # done with: a connected child's state is kept small
+        self._latch = None  # type: ignore[assignment]  # done with: keep a child small
         if not ok:
             self.exception = value
             raise value
@@ -1182,8 +1188,9 @@ class Connection:
         if self._timer is not None:
             self._timer.cancel()
         self.payload = b""  # 15 KiB a child, of no more use
-        self._boot.release(self.broker)
-        self._boot = None
+        if self._boot is not None:
+            self._boot.release(self.broker)
+            self._boot = None
         self._stderr = None  # the broker reads it until the child lets go of it
         self._stop_listening()
         stream_class = IoLoggingChildStream if IOLOG.isEnabledFor(logging.DEBUG) \
@@ -1346,6 +1353,8 @@ class Router(mitogen.core.Router):
     """A router that can start children and forward routes for them."""
 
     context_class = Context
+    #: The handle keepalive answers arrive on (made by the first Keepalive).
+    _keepalive_handle: int | None = None
     debug = False
     #: Default for the `profiling` option of every connection method.
     profiling = False
@@ -1742,7 +1751,7 @@ def upgrade_router(econtext: Any) -> Router:
     return router
 
 
-def get_connection_class(name: str) -> type:
+def get_connection_class(name: str) -> type[Connection]:
     """The Connection class of connection method `name` (``local``, ``ssh``, ...)."""
     if name == "local":
         return Connection

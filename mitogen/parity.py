@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import functools
 import importlib
 import io
 import logging
@@ -145,7 +146,7 @@ class Pickler(pickle.Pickler):
 def _unpickle_iter(self: mitogen.core.Message, throw: bool = True, throw_dead: bool = True,
                    find_class: Callable[[str, str], Any] | None = None) -> Iterator[Any]:
     """Every object in the message's body: here a body always holds exactly one."""
-    yield self.unpickle(throw, throw_dead, find_class)
+    yield _unpickle(self, throw, throw_dead, find_class)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class ImportPolicy:
         return "ImportPolicy(overrides=%r, blocks=%r)" % (sorted(self.overrides),
                                                           sorted(self.blocks))
 
-    def denied(self, fullname: str) -> type | bool:
+    def denied(self, fullname: str) -> Any:
         """The error class refusing `fullname`, or False when it may be served."""
         lineage = set(module_lineage(fullname))
         if self.overrides and not (self.overrides & lineage):
@@ -210,7 +211,7 @@ class PidfulStreamHandler(logging.StreamHandler):
     template = "/tmp/mitogen.%s.%s.log"
 
     def _reopen(self) -> None:
-        with self.lock:
+        with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
             if self.open_pid == os.getpid():
                 return
             path = self.template % (os.getpid(), time.strftime("%Y%m%d_%H%M%S"))
@@ -557,7 +558,8 @@ _LAZY: dict[str, dict[str, Callable[[], Any]]] = {}
 _lazy("mitogen.core", "LogHandler", _log_handler_class)
 _lazy("mitogen.core", "LOAD_RESOURCE", lambda: 113)
 for _name in ("EpollPoller", "PollPoller", "POLLERS", "PREFERRED_POLLER", "Timer"):
-    _lazy("mitogen.parent", _name, lambda name=_name: _parent_pollers()[name])
+    _lazy("mitogen.parent", _name, functools.partial(lambda name: _parent_pollers()[name],
+                                                     _name))
 _lazy("mitogen.parent", "SC_OPEN_MAX", lambda: os.sysconf("SC_OPEN_MAX"))
 _lazy("mitogen.parent", "SELINUX_ENABLED", _selinux_enabled)
 _lazy("mitogen.setns", "LIBC", _libc)
@@ -566,8 +568,7 @@ _lazy("mitogen.utils", "PASSTHROUGH", lambda: (
     int, float, bool, type(None), mitogen.core.Context, mitogen.core.CallError,
     mitogen.core.Blob, mitogen.core.Secret))
 for _module in ("ssh", "sudo", "su", "doas", "docker", "podman", "buildah", "setns"):
-    _lazy("mitogen." + _module, "LOG",
-          lambda name="mitogen." + _module: logging.getLogger(name))
+    _lazy("mitogen." + _module, "LOG", functools.partial(logging.getLogger, "mitogen." + _module))
 
 
 def _resources_name(name: str) -> Callable[[], Any]:

@@ -33,6 +33,7 @@ class Options(mitogen.parent.Options):
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "podman"
     child_is_immediate_subprocess = False
     eager_payload = False

@@ -16,8 +16,10 @@ cached by the child; file contents are not (they may be large, and are read rare
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import threading
+import weakref
 from typing import Any, Iterator
 
 import mitogen.core
@@ -78,14 +80,15 @@ class ResourceRequester:
 
 
 _requester_lock = threading.Lock()
+_requesters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def requester_for(router: mitogen.core.Router) -> ResourceRequester:
     with _requester_lock:
-        found = getattr(router, "_resource_requester", None)
+        found = _requesters.get(router)
         if found is None:
             master = router.context_by_id(0, name="master")
-            found = router._resource_requester = ResourceRequester(router, master)
+            found = _requesters[router] = ResourceRequester(router, master)
         return found
 
 
@@ -134,13 +137,13 @@ class RemoteTraversable(Traversable):
         for name in value:
             yield self.joinpath(name)
 
-    def joinpath(self, *descendants: str) -> RemoteTraversable:
+    def joinpath(self, *descendants: str | os.PathLike) -> RemoteTraversable:
         parts = list(self._parts)
         for descendant in descendants:
             parts += split_path(str(descendant))
         return RemoteTraversable(self._requester, self._fullname, "/".join(parts))
 
-    def __truediv__(self, child: str) -> RemoteTraversable:
+    def __truediv__(self, child: str | os.PathLike) -> RemoteTraversable:
         return self.joinpath(child)
 
     def read_bytes(self) -> bytes:

@@ -142,12 +142,13 @@ GET_LEADER_BY_KIND = {
 
 def leader_pid(options: Options) -> int:
     """The host PID of the container's first process, asked of the container tool."""
-    attribute, ask = GET_LEADER_BY_KIND[options.kind]
-    return ask(getattr(options, attribute), options.container)
+    attribute, ask = GET_LEADER_BY_KIND[str(options.kind)]
+    return ask(getattr(options, attribute), str(options.container))
 
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "setns"
     child_is_immediate_subprocess = False
     NS_ORDER = NS_ORDER

@@ -386,7 +386,8 @@ class PtyConnection(mitogen.parent.Connection):
 
     def answer(self, text: str) -> None:
         """Type `text` and Enter on the child's terminal."""
-        os.write(self.pty_master, text.encode("utf-8") + b"\n")
+        if self.pty_master is not None:
+            os.write(self.pty_master, text.encode("utf-8") + b"\n")
 
     def answer_password(self) -> None:
         password = getattr(self.options, "password", None)

@@ -112,11 +112,12 @@ class Options(mitogen.parent.Options):
         self.keepalive_enabled = keepalive_enabled
         self.keepalive_count = keepalive_count
         self.keepalive_interval = keepalive_interval
-        self.ssh_debug_level = ssh_debug_level
+        self.ssh_debug_level = ssh_debug_level or 0
 
 
 class Connection(mitogen.spawn.PtyConnection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "ssh"
     program = "ssh"
     child_is_immediate_subprocess = False
@@ -158,7 +159,7 @@ class Connection(mitogen.spawn.PtyConnection):
         the first value it sees for an option, so the caller's choices win over these
         defaults."""
         opts = self.options
-        argv = [opts.ssh_path, *opts.ssh_args]
+        argv = [opts.ssh_path, *(opts.ssh_args or ())]
         if opts.ssh_debug_level:
             argv.append("-" + "v" * opts.ssh_debug_level)
         if opts.username:
@@ -169,7 +170,7 @@ class Connection(mitogen.spawn.PtyConnection):
         argv += self._host_key_options()
         argv += ["-o", "Compression=%s" % ("yes" if opts.compression else "no")]
         if opts.keepalive_enabled:
-            argv += ["-o", "ServerAliveInterval=%d" % opts.keepalive_interval,
+            argv += ["-o", "ServerAliveInterval=%d" % (opts.keepalive_interval or 15),
                      "-o", "ServerAliveCountMax=%d" % opts.keepalive_count]
         argv += ["-o", "ConnectTimeout=%d" % max(1, int(opts.connect_timeout))]
         return argv

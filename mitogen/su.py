@@ -33,6 +33,7 @@ class Options(mitogen.spawn.BecomeOptions):
 
 class Connection(mitogen.spawn.PtyConnection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "su"
     program = "su"
     tty_mode = "full"

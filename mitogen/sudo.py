@@ -10,7 +10,7 @@ from __future__ import annotations
 import optparse
 import re
 import shlex
-from typing import Any
+from typing import Any, NoReturn
 
 import mitogen.parent
 import mitogen.spawn
@@ -54,10 +54,10 @@ class OptionParser(optparse.OptionParser):
     def help(self) -> None:
         self.exit()
 
-    def error(self, msg: str) -> None:
+    def error(self, msg: str) -> NoReturn:
         self.exit(msg=msg)
 
-    def exit(self, status: int = 0, msg: str | None = None) -> None:
+    def exit(self, status: int = 0, msg: str | None = None) -> NoReturn:
         raise StreamError("sudo_args: %s; supported: %s" % (
             (msg or "unsupported option").strip(),
             " ".join(short for _, _, _, short in SUDO_OPTIONS)))
@@ -137,6 +137,7 @@ class Options(mitogen.parent.Options):
 
 class Connection(mitogen.spawn.PtyConnection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "sudo"
     program = "sudo"
     child_is_immediate_subprocess = False
