@@ -2793,6 +2793,7 @@ class ExternalContext:
             sys.meta_path.insert(0, _AfterImport('importlib._common', lambda m: importlib.
                                                  import_module('mitogen.resources').fix_files(m)))
         self._setup_logging()
+        LOG.debug('context %d started under %r', mitogen.context_id, mitogen.parent_ids)
         if self.config.get('stdio', True):
             self._setup_stdio()
         try:

@@ -133,6 +133,11 @@ def send_numbered(sender, count, size):
     return count
 
 
+def receive_numbered_or_value(handle, count, timeout=30.0):
+    """The next `count` values sent to the receiver `handle`."""
+    return [_receivers[handle].get(timeout=timeout).unpickle() for _ in range(count)]
+
+
 def receive_numbered(handle, count, timeout=30.0):
     """The numbers of the next `count` messages sent to the receiver `handle`."""
     return [_receivers[handle].get(timeout=timeout).unpickle()[0] for _ in range(count)]
