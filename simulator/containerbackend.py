@@ -66,12 +66,9 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
-import io
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import threading
 import time
 import uuid
@@ -92,7 +89,7 @@ import docker.errors
 
 import mitogen.core
 import mitogen.master
-from simulator import images, netns
+from simulator import hostcontainer, images, netns
 from simulator.backend import (
     Backend,
     BackendError,
@@ -145,7 +142,6 @@ RELAY_SOCKET_DIR = "/dev/shm"
 RELAY_LINGER = 1.0
 CONTROL_TIMEOUT = 5.0
 DISCONNECT_WAIT = 15.0
-READY_TIMEOUT = 60.0
 #: Every fault kind a container backend can apply when the node has iptables and tc.
 CONTAINER_FAULTS = frozenset({"kill", "restart", "pause", "signal", "sshd_down", "partition",
                               "latency", "bandwidth", "loss", "stream"})
@@ -165,35 +161,6 @@ def missing_images(client: docker.DockerClient, suites: Sequence[str]) -> List[s
 def build_hint(suites: Sequence[str]) -> str:
     return (f"build them first, as root: python -m simulator images build "
             f"{' '.join(sorted(set(suites)))} (about 2.5 minutes each; .ci/run does it)")
-
-
-# --------------------------------------------------------------------------------------------
-# Keys, files for the containers
-# --------------------------------------------------------------------------------------------
-
-
-def _keygen(path: str, comment: str) -> Tuple[str, str]:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path],
-                   check=True, capture_output=True, timeout=30)
-    with open(path) as private, open(path + ".pub") as public:
-        return private.read(), public.read().strip()
-
-
-def _tar(entries: Sequence[Tuple[str, bytes, int, int]], dirs: Sequence[Tuple[str, int]] = ()
-         ) -> bytes:
-    """A tar of (name, data, mode, uid) files and (name, mode) directories."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, mode in dirs:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, int(time.time())
-            tar.addfile(info)
-        for name, data, mode, uid in entries:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.uid, info.gid = len(data), mode, uid, uid
-            info.mtime = int(time.time())
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,12 +415,13 @@ class ContainerBackend(Backend):
     def _make_keys(self) -> None:
         assert self._dir is not None
         for spec in self.topology.keys:
-            self._keys[spec.name] = _keygen(os.path.join(self._dir, f"id_{spec.name}"),
-                                            f"{spec.name}@mitogen-sim")
+            self._keys[spec.name] = hostcontainer.keygen(
+                os.path.join(self._dir, f"id_{spec.name}"), f"{spec.name}@mitogen-sim")
         lines = []
         self._host_keys: Dict[str, str] = {}
         for index, host in enumerate(self.topology.hosts):
-            private, public = _keygen(os.path.join(self._dir, f"host{index}"), host.name)
+            private, public = hostcontainer.keygen(os.path.join(self._dir, f"host{index}"),
+                                                   host.name)
             self._host_keys[host.id] = private
             kind, blob = public.split()[:2]
             lines.append(f"{self._alias(host)} {kind} {blob}\n")
@@ -517,7 +485,7 @@ class ContainerBackend(Backend):
                 a.name for a in host.accounts].index(host.login)
             for name, (private, _public) in self._keys.items():
                 entries.append((f"{top}/id_{name}", private.encode(), 0o600, login_uid))
-        return _tar(entries, dirs=[(top, 0o755)])
+        return hostcontainer.tar(entries, dirs=[(top, 0o755)])
 
     def _make_containers(self, tags: Dict[str, str]) -> None:
         def make(index_host: Tuple[int, Host]) -> None:
@@ -561,13 +529,7 @@ class ContainerBackend(Backend):
 
     def _start_containers(self, host_ids: Sequence[str]) -> None:
         def start(host_id: str) -> None:
-            state = self._states[host_id]
-            since = time.time()
-            state.container.start()
-            try:
-                images.wait_node_ready(state.container, timeout=READY_TIMEOUT, since=since)
-            except images.ImageBuildError as exc:
-                raise BackendError(f"host {host_id!r}: {exc}") from None
+            hostcontainer.start_ready(self._states[host_id].container, host_id)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(start, host_ids))
@@ -825,28 +787,19 @@ class ContainerBackend(Backend):
              timeout: float = 30.0) -> ExecResult:
         """``docker exec``, bounded by coreutils' ``timeout`` inside the container."""
         state = self.state(host)
-        bounded = ["timeout", "-s", "KILL", f"{timeout:g}", *argv]
         try:
-            code, (out, err) = state.container.exec_run(bounded, user=user or "root",
-                                                        demux=True)
-        except docker.errors.APIError as exc:
-            raise BackendError(f"exec on {state.host.id!r}: {exc}") from None
+            return hostcontainer.exec_bounded(state.container, state.host.id, argv, user,
+                                              timeout)
         finally:
             self._release()
-        return ExecResult(code, out or b"", err or b"")
 
     def processes(self, host: str) -> Tuple[ProcessInfo, ...]:
         """Every process of the container but ``ps`` itself and its ``timeout`` wrapper."""
-        done = self.exec(host, ["ps", "-eo", "pid=,user:32=,args="])
-        if done.returncode != 0:
-            raise BackendError(f"ps on {host!r} failed: {done.stderr.decode(errors='replace')}")
-        found = []
-        for line in done.stdout.decode(errors="replace").splitlines():
-            pid, user, command = ([*line.split(None, 2), "", ""])[:3]
-            if command.startswith(("ps -eo", "timeout -s KILL")):
-                continue
-            found.append(ProcessInfo(int(pid), user, command))
-        return tuple(found)
+        state = self.state(host)
+        try:
+            return hostcontainer.processes(state.container, state.host.id)
+        finally:
+            self._release()
 
     def network_namespace(self, host: str) -> netns.Netns:
         """Runs commands in ``host``'s network namespace, where its container runs (for
@@ -915,7 +868,8 @@ class ContainerBackend(Backend):
             since = time.time()
             state.container.restart(timeout=int(fault.grace))
             self._wait_down(target)
-            images.wait_node_ready(state.container, timeout=READY_TIMEOUT, since=since)
+            images.wait_node_ready(state.container, timeout=hostcontainer.READY_TIMEOUT,
+                                   since=since)
             self._apply_steady_loss(state)
             self.revive(target)
             return _Handle(fault, target, ())

@@ -28,7 +28,7 @@ import docker.errors
 from simulator.backend import BackendError
 
 __all__ = ["SSHD_DOWN_RULES", "HelperNetns", "Netns", "NsenterNetns", "delete", "edge_rules",
-           "insert", "interface_with", "loss_rules", "probe_tools", "shape_downstream",
+           "insert", "interface_with", "loss_rules", "shape_downstream",
            "shape_upstream", "unshape"]
 
 Rule = Tuple[str, ...]
@@ -106,20 +106,6 @@ class HelperNetns:
                 return ""
             raise BackendError(f"helper for {self.label!r}'s network namespace: {exc}") from None
         return out.decode(errors="replace") if isinstance(out, bytes) else str(out)
-
-
-def probe_tools(netns: Netns) -> Dict[str, bool]:
-    """Which network fault tools work in ``netns``: ``iptables`` (partitions, loss, sshd_down,
-    power_off) and ``tc`` (bandwidth). Probed, not assumed: a node's kernel may lack them."""
-    found = {}
-    for tool, argv in (("iptables", ["iptables", "-w", "-S", "OUTPUT"]),
-                       ("tc", ["tc", "qdisc", "show"])):
-        try:
-            netns.run([argv])
-            found[tool] = True
-        except BackendError:
-            found[tool] = False
-    return found
 
 
 # --------------------------------------------------------------------------------------------

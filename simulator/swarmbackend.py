@@ -553,12 +553,9 @@ class SwarmBackend(ContainerBackend):
         """Stream each missing image from the manager into the node: no registry needed."""
         client = self._node_client(node_id)
         for tag in tags:
-            if images.image_present(client, tag):
-                continue
-            self._progress(f"loading {tag} into swarm node {node_id[:12]}")
-            client.api.load_image(self.client.images.get(tag).save(named=True))
             if not images.image_present(client, tag):
-                raise BackendError(f"swarm node {node_id[:12]}: {tag} did not load")
+                self._progress(f"loading {tag} into swarm node {node_id[:12]}")
+                images.copy_image(self.client, client, tag)
 
     def _probe_nodes(self, node_ids: Sequence[str], tag: str) -> None:
         """Which network fault tools work on each node (in a throwaway namespace)."""

@@ -241,8 +241,7 @@ class SwarmLab:
         try:
             for i in nodes or range(1, self.size + 1):
                 for tag in tags:
-                    if not images.image_present(self.clients[i], tag):
-                        self.clients[i].api.load_image(src.images.get(tag).save(named=True))
+                    images.copy_image(src, self.clients[i], tag)
         finally:
             if source is None:
                 src.close()
@@ -318,7 +317,7 @@ class SwarmLab:
         _run(["ip", "netns", "del", self.hub], check=False)
         for path in (self.run_dir, self.dir):
             if path.exists():
-                images._remove_tree(path)
+                images.remove_tree(path)
 
     def _leave(self, client: docker.DockerClient) -> None:
         try:
