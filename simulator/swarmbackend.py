@@ -410,16 +410,21 @@ class SwarmBackend(ContainerBackend):
     def _join_or_make_swarm(self, client: docker.DockerClient) -> None:
         state = _swarm_state(client)
         if state.get("LocalNodeState") == "inactive" or _made_by_us(client, state):
+            # Shared while we use it: nobody leaves it under us. Making it needs the lock
+            # alone (flock converts by dropping first, so two makers cannot deadlock).
             use = SwarmUse()
-            use.exclusive()
             try:
+                use.shared()
                 if _swarm_state(client).get("LocalNodeState") == "inactive":
-                    _make_swarm(client)
-                    self.timeline.record("build", action="swarm_init", advertise="127.0.0.1")
+                    use.exclusive()
+                    if _swarm_state(client).get("LocalNodeState") == "inactive":
+                        _make_swarm(client)
+                        self.timeline.record("build", action="swarm_init",
+                                             advertise="127.0.0.1")
+                    use.shared()
             except BaseException:
                 use.release()
                 raise
-            use.shared()
             self._swarm_use = use
             state = _swarm_state(client)
         if state.get("LocalNodeState") != "active" or not state.get("ControlAvailable"):
