@@ -403,6 +403,7 @@ class SwarmBackend(ContainerBackend):
                                         f"{build_hint(suites)}")
             self._nodes = self._usable_nodes(client)
         except BaseException:
+            self._release_swarm(client)
             client.close()
             raise
         return client
@@ -526,17 +527,30 @@ class SwarmBackend(ContainerBackend):
             self.timeline.record("shutdown", step="network_left", network=name, reason=why)
         return removed
 
+    def _release_swarm(self, client: Optional[docker.DockerClient]) -> None:
+        """Drop our shared hold on a simulator-made swarm; the last run out leaves it."""
+        if self._swarm_use is None:
+            return
+        self._swarm_use.release()
+        self._swarm_use = None
+        if client is not None:
+            try:
+                if leave_made_swarm(client, self._run):
+                    self.timeline.record("shutdown", step="swarm_left")
+            except docker.errors.APIError as exc:
+                self.timeline.record("shutdown", step="swarm_leave_failed", error=str(exc))
+
     def _close_engines(self) -> None:
-        if self._swarm_use is not None:
-            self._swarm_use.release()  # our shared hold: the last run out leaves
-            self._swarm_use = None
-            if self._client is not None:
-                try:
-                    if leave_made_swarm(self._client, self._run):
-                        self.timeline.record("shutdown", step="swarm_left")
-                except docker.errors.APIError as exc:
-                    self.timeline.record("shutdown", step="swarm_leave_failed", error=str(exc))
+        self._release_swarm(self._client)
         super()._close_engines()
+
+    def keep(self) -> str:
+        """As the docker backend's; a swarm the simulator made stays too (``down`` leaves
+        it once nothing of a live run is on it)."""
+        if self._swarm_use is not None:
+            self._swarm_use.release()
+            self._swarm_use = None
+        return super().keep()
         self._node_clients.clear()
 
     # -- images, placement ---------------------------------------------------------------------
