@@ -1033,6 +1033,16 @@ class Context:
     def call_no_reply(self, fn, *args, **kwargs):
         self.default_call_chain.call_no_reply(fn, *args, **kwargs)
 
+    def call_service_async(self, service_name, method_name, **kwargs):
+        """Call a method of a service (a Service class or its dotted name) in this context;
+        returns the Receiver of the reply. mitogen.service is fetched on first use."""
+        import mitogen.service
+        return mitogen.service.send_call(self, service_name, method_name, kwargs)
+
+    def call_service(self, service_name, method_name, **kwargs):
+        import mitogen.service
+        return mitogen.service.send_call(self, service_name, method_name, kwargs, True)
+
     def shutdown(self, wait=False):
         """Ask the context to exit. Returns a Latch that receives None once it has
         disconnected; with ``wait=True``, waits for that first."""
@@ -1054,6 +1064,35 @@ class Dispatcher:
                              policy=has_parent_authority)
         self.recv.via_stream = econtext.router.parent_stream
         listen(econtext.broker, 'shutdown', self.recv.close)
+        self._services = None  # CALL_SERVICE messages queued for a pool being started
+        econtext.router.add_handler(self._on_call_service, CALL_SERVICE)
+
+    def _on_call_service(self, msg):
+        """CALL_SERVICE while no service pool runs here. From a parent: start one (on a
+        thread of its own, as the main thread may be busy) and queue the call for it; the
+        pool then takes the handle over. From anyone else: refuse."""
+        if msg.is_dead:
+            return
+        if self._services is None:
+            if not has_parent_authority(msg):
+                msg.reply(CallError('no service pool runs in context %d, and only a parent '
+                                    'may start one', mitogen.context_id))
+                return
+            self._services = Latch()
+            threading.Thread(target=self._start_pool, daemon=True).start()
+        self._services.put(msg)
+
+    def _start_pool(self):
+        try:
+            importlib.import_module('mitogen.service').get_or_create_pool(
+                router=self.econtext.router, recv=self._services)
+        except Exception as e:
+            self.econtext.broker.defer(self._pool_failed, CallError(e))
+
+    def _pool_failed(self, error):
+        latch, self._services = self._services, None
+        while latch.size():
+            latch.get().reply(error)
 
     @staticmethod
     @takes_econtext
@@ -1535,7 +1574,6 @@ class MessageStream(Stream):
     """
 
     keep_alive = True
-
     def __init__(self, router, rfd, wfd, name, remote_id=None):
         Stream.__init__(self, name)
         self.router = router
