@@ -1383,6 +1383,8 @@ class Router:
                 self._drop(msg, stream, 'id %r cannot arrive on this stream' % (claimed,))
                 return False
         stream.egress_ids.add(msg.dst_id)
+        if stream.auth_id is not None and msg.auth_id == stream.remote_id:
+            msg.auth_id = stream.auth_id
         return True
 
 
@@ -1574,6 +1576,10 @@ class MessageStream(Stream):
     """
 
     keep_alive = True
+    #: Set where the peer acts with this context's authority (a unix client, see
+    #: mitogen.unix): the peer's own messages then carry this auth_id once verified.
+    auth_id = None
+
     def __init__(self, router, rfd, wfd, name, remote_id=None):
         Stream.__init__(self, name)
         self.router = router
