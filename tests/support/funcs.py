@@ -251,3 +251,8 @@ def corrupt_parent_stream(router=None):
     """Write bytes that are not a frame onto the link to the parent."""
     os.write(router.parent_stream.wfd, b"\x00" * 64)
     return True
+
+
+def module_loaded(name):
+    """Whether this context has imported `name`."""
+    return name in sys.modules
