@@ -256,3 +256,19 @@ def corrupt_parent_stream(router=None):
 def module_loaded(name):
     """Whether this context has imported `name`."""
     return name in sys.modules
+
+
+_disconnected: dict = {}
+
+
+@mitogen.core.takes_router
+def watch_disconnect(context_id, router=None):
+    """Start noticing when the context `context_id` disconnects (DEL_ROUTE reaches us)."""
+    latch = _disconnected[context_id] = mitogen.core.Latch()
+    context = router.context_by_id(context_id)
+    mitogen.core.listen(context, "disconnect", lambda: latch.put(True))
+
+
+def wait_disconnect(context_id, timeout):
+    """True once the context watched with watch_disconnect() has disconnected."""
+    return _disconnected.pop(context_id).get(timeout=timeout)
