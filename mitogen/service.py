@@ -416,10 +416,12 @@ class Activator:
 class Pool:
     """Threads that receive ``CALL_SERVICE`` messages and run them on the named services.
 
-    Every thread waits on one Select, so threads are shared by all services. `recv`, a
-    Receiver or Latch already holding calls (the child's stub queues them while this module is
-    fetched), is drained too. :meth:`stop` refuses the calls still queued with a CallError,
-    as it does any call arriving later, and lets running calls finish.
+    Every thread takes work from one queue (calls, functions given to :meth:`defer`, messages
+    for the receivers in a service's ``select``), so threads are shared by all services and
+    a call costs one hand-over from the thread that read it. `recv`, a Receiver or Latch
+    already holding calls (a child's stub queues them there while this module is fetched),
+    is drained too. :meth:`stop` refuses the calls still queued with a CallError, as it does
+    any call arriving later, and lets running calls finish.
     """
 
     activator_class = Activator
@@ -430,20 +432,12 @@ class Pool:
         self.closed = False
         self._activator = self.activator_class()
         self._lock = threading.Lock()  # activation
-        self._state_lock = threading.Lock()  # closed vs. queueing a call
+        self._state_lock = threading.Lock()  # closed vs. queueing work
         self._invoker_by_name: dict[str, Invoker] = {}
-        self._calls = Latch()
-        self._ipc_latch = Latch()
-        self._select = mitogen.select.Select(oneshot=False)
-        self._func_by_source: dict[Any, Callable] = {
-            self._calls: self._on_call_event,
-            self._ipc_latch: self._on_ipc_event,
-        }
+        self._work = Latch()  # (function, argument) pairs
         self._inherited: list = []
         for service in services:
             self.add(service)
-        self._select.add(self._calls)
-        self._select.add(self._ipc_latch)
         if recv is not None:
             self._adopt(recv)
         router.add_handler(self._on_call, CALL_SERVICE, overwrite=overwrite)
@@ -468,16 +462,31 @@ class Pool:
             if name in self._invoker_by_name:
                 raise Error("service named %r already registered" % (name,))
             self._invoker_by_name[name] = service.invoker_class(service=service)
-            self._func_by_source[service.select] = service.on_message
-        self._select.add(service.select)
+        self._watch(service.select, lambda select: self._on_select(service, select))
 
     def _adopt(self, recv: Any) -> None:
         """Also run the calls queued in `recv`, a Receiver or Latch (a child's stub queues
         calls there while this module is fetched)."""
-        recv.notify = None
         self._inherited.append(recv)
-        self._func_by_source[recv] = self._on_call_event
-        self._select.add(recv)
+        self._watch(recv, self._take_call)
+
+    def _watch(self, source: Any, func: Callable) -> None:
+        """Queue ``func(source)`` for each item `source` (a Latch, Receiver or Select) gets,
+        including those it holds already (a spurious one finds nothing and does nothing)."""
+
+        def notify(_: Any) -> None:
+            self._queue(func, source)
+
+        source.notify = notify
+        for _ in range(source.size()):
+            self._queue(func, source)
+
+    def _queue(self, func: Callable, arg: Any) -> bool:
+        with self._state_lock:
+            if self.closed:
+                return False
+            self._work.put((func, arg))
+            return True
 
     def get_invoker(self, name: str, msg: Message | None) -> Invoker:
         invoker = self._invoker_by_name.get(name)
@@ -494,29 +503,39 @@ class Pool:
 
     def defer(self, func: Callable, *args: Any, **kwargs: Any) -> None:
         """Run ``func(*args, **kwargs)`` on a pool thread."""
-        self._ipc_latch.put((func, args, kwargs))
+        if not self._queue(_call, (func, args, kwargs)):
+            raise Error("the pool has stopped: it cannot run %r" % (func,))
 
     # --- receiving calls
 
     def _on_call(self, msg: Message) -> None:
         """The CALL_SERVICE handler: queue the call, or refuse it once stopped."""
-        if msg.is_dead:
-            return
-        with self._state_lock:
-            if not self.closed:
-                self._calls.put(msg)
-                return
-        self._refuse(msg)
+        if not msg.is_dead and not self._queue(self._on_service_call, msg):
+            self._refuse(msg)
 
     _on_call.any_thread = True  # type: ignore[attr-defined]  # it only queues
+
+    def _take_call(self, source: Any) -> None:
+        try:
+            msg = source.get(block=False)
+        except (mitogen.core.TimeoutError, LatchError, ChannelError):
+            return
+        self._on_service_call(msg)
+
+    @staticmethod
+    def _on_select(service: Service, select: mitogen.select.Select) -> None:
+        try:
+            event = select.get_event(block=False)
+        except (mitogen.core.TimeoutError, LatchError, ChannelError, mitogen.select.Error):
+            return
+        service.on_message(event)
 
     def _refuse(self, msg: Message) -> None:
         if msg.reply_to and not msg.is_dead:
             msg.reply(CallError("the service pool of context %d has stopped",
                                 mitogen.context_id))
 
-    def _on_call_event(self, event: mitogen.select.Event) -> None:
-        msg = event.data
+    def _on_service_call(self, msg: Message) -> None:
         if msg.is_dead:
             return
         try:
@@ -543,23 +562,16 @@ class Pool:
                             "method_name, kwargs)")
         return body[0], body[1], dict(body[2])
 
-    def _on_ipc_event(self, event: mitogen.select.Event) -> None:
-        func, args, kwargs = event.data
-        func(*args, **kwargs)
-
     def _worker_main(self) -> None:
         while True:
             try:
-                event = self._select.get_event()
-            except (LatchError, ChannelError, mitogen.select.Error):
+                func, arg = self._work.get()
+            except LatchError:
                 return
-            func = self._func_by_source.get(event.source)
-            if func is None:
-                continue
             try:
-                func(event)
+                func(arg)
             except Exception:
-                LOG.exception("%r: handling %r failed", self, event.data)
+                LOG.exception("%r: %r failed", self, func)
 
     # --- stopping
 
@@ -579,13 +591,21 @@ class Pool:
             except ValueError:
                 pass
             self.router.del_handler(CALL_SERVICE)
-            for source in (self._calls, *self._inherited):
+            while not self._work.empty():
+                try:
+                    func, arg = self._work.get(block=False)
+                except mitogen.core.TimeoutError:
+                    break
+                if func == self._on_service_call:
+                    self._refuse(arg)
+            for recv in self._inherited:
+                recv.notify = None
                 while True:
                     try:
-                        self._refuse(source.get(block=False))
+                        self._refuse(recv.get(block=False))
                     except (mitogen.core.TimeoutError, LatchError, ChannelError):
                         break
-            self._select.close()
+            self._work.close()
         if join:
             self.join()
 
@@ -595,6 +615,11 @@ class Pool:
                 thread.join()
         for invoker in list(self._invoker_by_name.values()):
             invoker.service.on_shutdown()
+
+
+def _call(job: tuple) -> None:
+    func, args, kwargs = job
+    func(*args, **kwargs)
 
 
 _pool: Pool | None = None

@@ -154,18 +154,25 @@ def test_identical_concurrent_calls_share_one_execution(router):
 
 
 def test_a_serialized_invoker_runs_one_call_at_a_time(router):
-    class Serial(services.Greeter):
-        invoker_class = mitogen.service.SerializedInvoker
-
-    pool = mitogen.service.Pool(router, services=[Serial(router)], size=4)
+    services.Serial.started = mitogen.core.Latch()
+    services.Serial.opened.clear()
+    services.Serial.finished = False
+    pool = mitogen.service.Pool(router, services=[services.Serial(router),
+                                                  services.Greeter(router)], size=2)
+    me = router.myself()
     try:
-        me = router.myself()
-        name = Serial.name()
-        notes = [me.call_service_async(name, "note", text=str(i)) for i in range(20)]
-        assert me.call_service(name, "notes_seen") == [str(i) for i in range(20)]
-        for recv in notes:
-            recv.close()
+        held = me.call_service_async(services.Serial, "hold")
+        assert services.Serial.started.get(timeout=10) is True
+        second = me.call_service_async(services.Serial, "was_hold_finished")
+        # The pool's other thread took the second call (queued behind the first) before
+        # this one, which it answers: a plain Invoker would have run the second by now.
+        assert me.call_service(GREETER, "ping") == "pong"
+        assert second.empty()
+        services.Serial.opened.set()
+        assert held.get(timeout=10).unpickle() == "held"
+        assert second.get(timeout=10).unpickle() is True
     finally:
+        services.Serial.opened.set()
         pool.stop()
 
 

@@ -74,6 +74,27 @@ class Gate(mitogen.service.Service):
         return token
 
 
+class Serial(mitogen.service.Service):
+    """Calls run one at a time: the second sees the first finished."""
+
+    invoker_class = mitogen.service.SerializedInvoker
+    started = mitogen.core.Latch()
+    opened = threading.Event()
+    finished = False
+
+    @expose(policy=AllowAny())
+    def hold(self):
+        Serial.started.put(True)
+        if not Serial.opened.wait(60):
+            raise RuntimeError("the test never opened the gate")
+        Serial.finished = True
+        return "held"
+
+    @expose(policy=AllowAny())
+    def was_hold_finished(self):
+        return Serial.finished
+
+
 class _CountingDeduplicatingInvoker(mitogen.service.DeduplicatingInvoker):
     """Says when a call has become a waiter on another call's execution."""
 
