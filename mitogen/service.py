@@ -653,10 +653,10 @@ def get_or_create_pool(size: int | None = None, router: Any = None,
 
 #: Bytes per chunk message. Big enough that per-message costs vanish beside the copying, small
 #: enough that several fit in the window.
-FILE_CHUNK = 1048576
+FILE_CHUNK = 2 * 1048576
 
 #: Bytes a sender may have sent and not had acknowledged: what bounds memory on every side.
-FILE_WINDOW = 4 * 1048576
+FILE_WINDOW = 8 * 1048576
 
 
 def _send_chunk(context: Context, handle: int, data: Any, ack_handle: int) -> None:
@@ -699,7 +699,6 @@ class _Transfer:
         self.offset = 0
         self.unacked = 0
         self.acks = Receiver(router, respondent=sender.context)
-        self.acks.via_stream = stream
 
     def __repr__(self) -> str:
         return "_Transfer(%r to %r, %d/%d)" % (self.path, self.sender.context, self.offset,
@@ -726,7 +725,7 @@ class FileService(Service):
     classmethod :meth:`get`. The sender reads a chunk only when fewer than
     ``window_size_bytes`` are unacknowledged, so memory stays bounded on every side however
     large the file. Files queued for contexts behind the same stream are sent one after
-    another, by one thread per busy stream that reads the acknowledgements itself. A file
+    another, by one thread per busy stream (a pool thread is never held up). A file
     that changes or shrinks while it is sent fails the transfer: :meth:`get` returns
     ``ok=False`` and logs why.
     """
@@ -928,8 +927,9 @@ class FileService(Service):
         partial file to be discarded. Errors before anything was sent (an unregistered path)
         raise CallError."""
         router = context.router
+        # No via_stream: this thread reading the stream itself, message by message, costs
+        # more in handing the reading back and forth than the broker's wake-ups do.
         recv = Receiver(router, respondent=context)
-        recv.via_stream = router.stream_by_id(context.context_id)
         received = 0
         failure = None
         try:
