@@ -38,6 +38,7 @@ import importlib.machinery
 import io
 import itertools
 import marshal
+import mmap
 import os
 import select
 import sys
@@ -97,19 +98,38 @@ __all__ = [
 
 
 class _Logger:
-    """Stands for ``logging.getLogger(name)`` and imports logging on first use.
+    """Stands for ``logging.getLogger(name)`` without importing logging in a child.
 
     Importing logging (with re, traceback, string and weakref behind it) is about a third of
-    a child's start-up imports, and a child that runs without trouble never logs. The first
-    use imports it, which also installs the child's forwarding (see :class:`_AfterImport`).
+    a child's start-up imports, and a child that runs without trouble never logs. Until
+    something else imports it, a child's records go straight to the master through
+    `direct`, which :class:`ExternalContext` sets: importing it here could run on the broker
+    thread, which must never wait for an import lock that another thread may hold while it
+    waits for the broker.
     """
+
+    #: direct(name, level, text) while a child has not loaded logging; else None.
+    direct = None
 
     def __init__(self, name):
         self._name = name
 
     def __getattr__(self, attr):
-        import logging
-        return getattr(logging.getLogger(self._name), attr)
+        direct = _Logger.direct
+        if direct is None:
+            import logging
+            return getattr(logging.getLogger(self._name), attr)
+        level = _LEVELS.get(attr, _INFO)
+
+        def log(msg, *args, **kwargs):
+            if attr == 'exception':
+                msg = '%s: %r' % (msg, sys.exc_info()[1])
+            direct(self._name, level, msg % args if args else msg)
+        return log
+
+
+_LEVELS = {'debug': 10, 'info': 20, 'warning': 30, 'error': 40, 'exception': 40,
+           'critical': 50}
 
 
 LOG = _Logger('mitogen')
@@ -130,6 +150,9 @@ FORWARD_MODULE = 108
 DETACHING = 109
 CALL_SERVICE = 110
 STUB_CALL_SERVICE = 111
+
+#: Answered by every context, to its parents: the keepalive of a silent link.
+PING = 99
 
 #: In a message's ``reply_to``: the sender is gone, or the message could not be delivered.
 IS_DEAD = 999
@@ -253,9 +276,6 @@ class Kwargs(dict):
         return (Kwargs, (dict(self),))
 
 
-_BUILTINS_ALLOWED = frozenset(['bytearray', 'complex', 'frozenset', 'set', 'slice', 'range'])
-
-
 class _Reader:
     """A read-only file over a message body. Unlike io.BytesIO it never copies the body
     first, and a large bytes object inside the pickle is filled by one readinto()."""
@@ -286,34 +306,70 @@ class _Unpickler(_pickle.Unpickler):
     """Rebuilds only plain built-in types and this module's own message types.
 
     Anything else names a global that would be imported and called: refusing it here, before
-    it is looked up, is what keeps a compromised context from running code in its peers.
+    it is looked up, is what keeps a compromised context from running code in its peers. The
+    constructors it does allow take only the exact built-in type a real pickle of them holds
+    (``Blob(10**9)`` would make a gigabyte from a few bytes), and an argument bigger than a
+    few dozen bytes is taken once (a memoised megabyte named twice would be copied twice).
+    Pickles from contexts without parent authority are checked opcode by opcode before this
+    runs (see :mod:`mitogen.guard`).
     """
 
     def __init__(self, data, router):
-        # BytesIO shares a bytes object's buffer; a big body arrives as a bytearray, which
-        # it would copy.
+        # BytesIO shares a bytes object's buffer; a big body is a bytearray or a mapping,
+        # which it would copy.
         reader = io.BytesIO(data) if isinstance(data, bytes) else _Reader(data)
         _pickle.Unpickler.__init__(self, reader)
         self._router = router
+        self._taken = set()
 
     def find_class(self, module, name):
+        kind = _CONSTRUCTORS.get((module, name))
+        if kind is not None:
+            return lambda *args: self._build(kind, args)
         if module == 'mitogen.core':
-            if name in ('CallError', 'Blob', 'Secret', 'Kwargs'):
-                return globals()[name]
             if name == '_unpickle_context':
                 return self._context
             if name == '_unpickle_sender':
                 return self._sender
-        elif module == 'builtins' and name in _BUILTINS_ALLOWED:
-            return getattr(builtins, name)
         raise StreamError('refused to unpickle %s.%s: only plain built-in types and '
                           'mitogen.core message types may cross a stream', module, name)
+
+    def _build(self, kind, args):
+        cls, arg_types = kind
+        if len(args) != len(arg_types) or \
+                any(type(a) not in t for a, t in zip(args, arg_types)):
+            raise StreamError('refused to unpickle %s%r: unexpected arguments',
+                              cls.__name__, tuple(type(a).__name__ for a in args))
+        for arg in args:
+            if getattr(arg, '__len__', None) and len(arg) > 64:
+                if id(arg) in self._taken:
+                    raise StreamError('refused to unpickle %s: its argument is used twice',
+                                      cls.__name__)
+                self._taken.add(id(arg))
+        return cls(*args)
 
     def _context(self, context_id, name):
         return _unpickle_context(context_id, name, self._router)
 
     def _sender(self, context_id, dst_handle):
         return _unpickle_sender(context_id, dst_handle, self._router)
+
+
+_NUMBER = (int, float)
+#: What the unpickler may construct, and the exact types of the arguments of each.
+_CONSTRUCTORS = {
+    ('mitogen.core', 'Blob'): (Blob, ((bytes,),)),
+    ('mitogen.core', 'Secret'): (Secret, ((str,),)),
+    ('mitogen.core', 'Kwargs'): (Kwargs, ((dict,),)),
+    ('mitogen.core', 'CallError'): (CallError, ((str,),)),
+    ('builtins', 'bytearray'): (bytearray, ((bytes,),)),
+    ('builtins', 'complex'): (complex, (_NUMBER, _NUMBER)),
+    ('builtins', 'range'): (range, ((int,), (int,), (int,))),
+}
+
+
+def _refuse_state(self, state):
+    raise StreamError('refused to unpickle %s: its state cannot be set', type(self).__name__)
 
 
 def _unpickle_context(context_id, name, router=None):
@@ -381,11 +437,15 @@ class Message:
 
     @classmethod
     def pickled(cls, obj, **kwargs):
+        """A message carrying `obj`; if it cannot be pickled (a type we refuse, a reduce
+        that raises, nesting too deep), a CallError naming the type and why, instead."""
         msg = cls(**kwargs)
         try:
             msg.data = _pickle.dumps(obj, PICKLE_PROTOCOL)
-        except (_pickle.PicklingError, TypeError, AttributeError) as e:
-            msg.data = _pickle.dumps(CallError(e), PICKLE_PROTOCOL)
+        except Exception as e:
+            msg.data = _pickle.dumps(CallError('cannot pickle %s.%s: %s: %s' % (
+                type(obj).__module__, type(obj).__qualname__, type(e).__name__, e)),
+                PICKLE_PROTOCOL)
         return msg
 
     @classmethod
@@ -437,6 +497,10 @@ class Message:
                 obj = bytes(self.data)
             else:
                 try:
+                    if not (self.auth_id == mitogen.context_id or
+                            self.auth_id in mitogen.parent_ids):
+                        # Loaded at start by parents and the master.
+                        importlib.import_module('mitogen.guard').check_pickle(self.data)
                     obj = _Unpickler(self.data, self.router).load()
                 except StreamError:
                     raise
@@ -448,15 +512,22 @@ class Message:
         return obj
 
 
+def _anonymous(size):
+    """`size` bytes of private anonymous memory: pages cost nothing until written."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 class Decoder:
     """Turns the bytes of a stream into Messages. Does no IO, so it can be tested and fuzzed
     alone: ``feed(data)`` then ``next_message()`` until it returns None.
 
-    Large bodies are received into a buffer of their exact size, which the stream can read into
+    Large bodies are received into a buffer of their own, which the stream can read into
     directly (``read_target``/``advance``) so that a 64 MiB argument is not copied chunk by
-    chunk. A frame longer than ``max_message_size`` is skipped without being buffered and
-    returned as a Message with ``oversize`` set and no body, so that the stream can refuse it
-    and stay up. Bytes that are not a frame raise CorruptFrameError.
+    chunk. That buffer is anonymous memory that doubles as the bytes arrive (``mremap``, no
+    copy): a header that claims 128 MiB and then stalls costs what was really sent, not what
+    it claimed. A frame longer than ``max_message_size`` is skipped without being buffered
+    and returned as a Message with ``oversize`` set and no body, so that the stream can
+    refuse it and stay up. Bytes that are not a frame raise CorruptFrameError.
     """
 
     #: Bodies at least this long are received into a dedicated buffer.
@@ -480,22 +551,35 @@ class Decoder:
             take = min(self._skip, len(data))
             self._skip -= take
             data = data[take:]
-            if not data:
-                return
-        if self._body is not None:
-            room = len(self._body) - self._filled
-            self._body[self._filled:self._filled + min(room, len(data))] = data[:room]
-            self._filled += min(room, len(data))
-            data = data[room:]
-            if not data:
-                return
-        self._buf += data
+        while data and self._body is not None and self._filled < self._header[6]:
+            room = self.read_target()
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            room.release()
+            self._filled += n
+            data = data[n:]
+        if data:
+            self._buf += data
 
     def read_target(self):
         """A writable view of the unfilled part of a big body, or None."""
-        if self._body is None or self._buf:
+        body = self._body
+        if body is None or self._buf:
             return None
-        return memoryview(self._body)[self._filled:]
+        if self._filled == len(body):
+            body = self._grow(body)
+        return memoryview(body)[self._filled:]
+
+    def _grow(self, body):
+        size = min(self._header[6], 2 * len(body))
+        try:
+            body.resize(size)
+        except (BufferError, ValueError, SystemError, OSError):
+            new = _anonymous(size)  # no mremap here: one copy instead
+            new[:self._filled] = body[:self._filled]
+            body.close()
+            body = self._body = new
+        return body
 
     def advance(self, n):
         """Record that `n` bytes were written into the view read_target returned."""
@@ -520,8 +604,8 @@ class Decoder:
                 return self._make(header, b'', oversize=length)
             self._header = header
             if length >= self.BIG_BODY and len(self._buf) < length:
-                self._body = bytearray(length)
                 self._filled = len(self._buf)
+                self._body = _anonymous(min(length, max(self.BIG_BODY, 2 * self._filled)))
                 self._body[:self._filled] = self._buf
                 del self._buf[:]
         header = self._header
@@ -529,7 +613,7 @@ class Decoder:
         if self._body is not None:
             if self._filled < length:
                 return None
-            data = self._body  # a bytearray: copying 64 MiB again would buy nothing
+            data = self._body  # copying 64 MiB again would buy nothing
             self._body = None
         else:
             if len(self._buf) < length:
@@ -1054,6 +1138,10 @@ class Context:
         return latch
 
 
+for _cls in (Blob, Secret, Kwargs, CallError, Sender, Context):
+    _cls.__setstate__ = _refuse_state  # a pickle's BUILD must not rewrite these
+
+
 class Dispatcher:
     """Runs CALL_FUNCTION requests on the child's main thread, one at a time."""
 
@@ -1165,10 +1253,12 @@ class Router:
         self._handles_by_respondent = {}
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
+        self._drop_second = self._drop_logged = self._drop_quiet = 0
         #: When a list, every forwarded message appends (src_id, dst_id, from_id, to_id).
         self.route_trace = None
         listen(broker, 'exit', self._on_broker_exit)
-        self.add_handler(self._on_del_route, DEL_ROUTE)
+        self.add_handler(self._on_del_route, DEL_ROUTE, policy=has_parent_authority)
+        self.add_handler(self._on_ping, PING, policy=has_parent_authority)
 
     def __repr__(self):
         return 'Router(%r)' % (self.broker,)
@@ -1202,7 +1292,11 @@ class Router:
         stream = self._stream_by_id.pop(target_id, None)
         if stream is not None:
             stream.routes.discard(target_id)
-        context = self._context_by_id.get(target_id)
+        self._forget_context(target_id)
+
+    def _forget_context(self, context_id):
+        """A context is gone: tell whoever waits on it, and keep nothing of it."""
+        context = self._context_by_id.pop(context_id, None)
         if context is not None:
             context.on_disconnect()
 
@@ -1221,15 +1315,18 @@ class Router:
             if self._stream_by_id.get(target_id) is stream:
                 self.del_route(target_id)
 
+    @staticmethod
+    def _on_ping(msg):
+        if not msg.is_dead:
+            msg.reply(Message())  # any answer proves the link alive (see parent.Keepalive)
+
     def _on_del_route(self, msg):
         """DEL_ROUTE from our parent: a context elsewhere in the tree is gone."""
         if msg.is_dead:
             return
         target_id = int(msg.unpickle())
         if self._stream_by_id.get(target_id) is None:
-            context = self._context_by_id.get(target_id)
-            if context is not None:
-                context.on_disconnect()
+            self._forget_context(target_id)
 
     # --- handlers
 
@@ -1283,8 +1380,9 @@ class Router:
         try:
             persist, fn, policy, respondent = self._handle_map[msg.handle]
         except KeyError:
-            self._refuse(msg, 'no handler for handle %r in context %r'
-                         % (msg.handle, mitogen.context_id))
+            reason = 'no handler for handle %r in context %r' % (msg.handle, mitogen.context_id)
+            self._drop(msg, stream, reason)
+            self._refuse(msg, reason)
             return
         if respondent is not None and not msg.is_dead and \
                 msg.src_id != respondent.context_id:
@@ -1305,12 +1403,24 @@ class Router:
     # --- sending and forwarding
 
     def _drop(self, msg, stream, reason):
+        """Count a message that will not be delivered, and log it: at most ten lines a
+        second, so that a flood from a hostile context cannot flood the logs too."""
         self.dropped_count += 1
-        LOG.error('%r: dropped %r from %r: %s', self, msg, stream, reason)
+        second = int(now())
+        if second != self._drop_second:
+            if self._drop_quiet:
+                LOG.error('%r: %d more messages dropped', self, self._drop_quiet)
+            self._drop_second, self._drop_logged, self._drop_quiet = second, 0, 0
+        if self._drop_logged < 10:
+            self._drop_logged += 1
+            LOG.error('%r: dropped %r from %r: %s', self, msg, stream, reason)
+        else:
+            self._drop_quiet += 1
 
     def _refuse(self, msg, reason):
-        """Tell the sender its message will never be answered, unless it is itself dead."""
-        if msg.reply_to and not msg.is_dead:
+        """Tell the sender its message will never be answered, unless it is itself dead or
+        its reply_to names a standard handle (no reply ever goes to CALL_FUNCTION & co)."""
+        if (msg.reply_to or 0) >= 1000 and not msg.is_dead:
             dead = Message.dead(reason, dst_id=msg.src_id, handle=msg.reply_to)
             self.route(dead)
 
@@ -1331,6 +1441,14 @@ class Router:
     def _async_route(self, msg, in_stream=None):
         if in_stream is not None:
             if not self._verify_source(msg, in_stream):
+                return
+            if msg.oversize:
+                # Only now: a refusal goes to the verified source, never to whatever
+                # (context, handle) an unverified header names.
+                reason = 'message too large (%d bytes; max_message_size is %d)' % (
+                    msg.oversize, in_stream.decoder.max_message_size)
+                self._drop(msg, in_stream, reason)
+                self._refuse(msg, reason)
                 return
         elif len(msg.data) > self.max_message_size:
             reason = 'message too large (%d bytes; max_message_size is %d)' % (
@@ -1396,8 +1514,8 @@ class Router:
 class EpollPoller:
     """Waits for descriptors with epoll: cost independent of how many are watched."""
 
-    READ = select.EPOLLIN if hasattr(select, 'epoll') else 1
-    WRITE = select.EPOLLOUT if hasattr(select, 'epoll') else 4
+    READ = select.EPOLLIN
+    WRITE = select.EPOLLOUT
     #: Whether another thread may change masks while poll() waits (epoll: yes).
     thread_safe = True
 
@@ -1423,32 +1541,6 @@ class EpollPoller:
 
     def poll(self, timeout):
         return self._epoll.poll(-1 if timeout is None else timeout)
-
-
-class PollPoller(EpollPoller):
-    """select.poll: for systems without epoll."""
-
-    READ = select.POLLIN
-    WRITE = select.POLLOUT
-    thread_safe = False  # changes are only seen by the next poll()
-
-    def __init__(self):
-        self._poll = select.poll()
-        self._masks = {}
-
-    def close(self):
-        pass
-
-    def set_mask(self, fd, mask):
-        if mask:
-            self._masks[fd] = mask
-            self._poll.register(fd, mask)
-        elif self._masks.pop(fd, None) is not None:
-            self._poll.unregister(fd)
-
-    def poll(self, timeout):
-        ms = None if timeout is None else int(timeout * 1000 + 0.999)
-        return self._poll.poll(ms)
 
 
 class Timer:
@@ -1706,6 +1798,7 @@ class MessageStream(Stream):
         try:
             if target is not None:
                 n = os.readv(self.rfd, [target])
+                target.release()
                 decoder.advance(n)
             else:
                 buf = _read_buffer()
@@ -1785,12 +1878,7 @@ class MessageStream(Stream):
             self._deferred_out += 1
 
     def _route_received(self, msg):
-        if msg.oversize:
-            LOG.error('%r: refused a %d byte message (max_message_size is %d)',
-                      self, msg.oversize, self.decoder.max_message_size)
-            self.router._refuse(msg, 'message too large (%d bytes; max_message_size is %d)'
-                                % (msg.oversize, self.decoder.max_message_size))
-        elif not self.closed:
+        if not self.closed:
             self.router._async_route(msg, self)
 
     def _on_corrupt(self, error):
@@ -1809,12 +1897,6 @@ class MessageStream(Stream):
                 return
             if msg is None:
                 return
-            if msg.oversize:
-                LOG.error('%r: refused a %d byte message (max_message_size is %d)',
-                          self, msg.oversize, decoder.max_message_size)
-                self.router._refuse(msg, 'message too large (%d bytes; max_message_size is %d)'
-                                    % (msg.oversize, decoder.max_message_size))
-                continue
             msg.router = self.router
             route(msg, self)
 
@@ -1851,7 +1933,7 @@ class Broker:
     """
 
     shutdown_timeout = 3.0
-    poller_class = EpollPoller if hasattr(select, 'epoll') else PollPoller
+    poller_class = EpollPoller  # Linux; mitogen.master.PollPoller is the portable one
 
     def __init__(self, poller_class=None):
         self.poller = (poller_class or self.poller_class)()
@@ -2121,6 +2203,7 @@ class Importer:
         self.whitelist = list(whitelist)
         self.blacklist = list(blacklist)
         self.get_module_count = 0
+        self._lost = False
         if core_src is not None:
             self._cache['mitogen.core'] = (None, 'mitogen/core.py', core_src, [])
         router.add_handler(self._on_load_module, LOAD_MODULE, policy=self._from_parent)
@@ -2131,7 +2214,10 @@ class Importer:
 
     @staticmethod
     def _from_parent(msg, stream):
-        return stream is msg.router.parent_stream if msg.router else True
+        """Module code only from the parent stream, and only from a parent: a sibling's
+        LOAD_MODULE arrives on the parent stream too."""
+        return stream is not None and stream is stream.router.parent_stream and \
+            has_parent_authority(msg)
 
     # --- cache
 
@@ -2160,7 +2246,9 @@ class Importer:
             callback()
 
     def _abort_pending(self):
-        """The broker is gone: nothing will answer, so fail every waiting import."""
+        """The parent is gone: nothing will answer, so fail every waiting import now, and
+        every later one at once."""
+        self._lost = True
         for fullname in list(self._pending):
             self._store(fullname, None, 'the parent connection was lost while importing %s'
                         % (fullname,), None, None)
@@ -2175,6 +2263,9 @@ class Importer:
         being imported), so the parent can send it along with the package in one round trip.
         """
         with self._lock:
+            if self._lost and fullname not in self._cache:
+                self._cache[fullname] = 'the parent connection was lost before importing ' \
+                    + fullname
             if fullname in self._cache:
                 ready = True
             else:
@@ -2194,6 +2285,10 @@ class Importer:
 
     def _fetch(self, fullname):
         if fullname not in self._cache:
+            if threading.current_thread() is self._router.broker._thread:
+                # Only the broker reads the answer: waiting for it here would wait forever.
+                raise ImportError('%s cannot be fetched on the broker thread' % (fullname,),
+                                  name=fullname)
             latch = Latch()
             stream = self._router.parent_stream
             lease = stream.lease() if stream is not None else None
@@ -2235,9 +2330,9 @@ class Importer:
         return None
 
     def _is_ours(self, fullname):
-        """Decide whether this importer should serve `fullname`; may ask local Python."""
-        if fullname in self._cache:
-            return self._cache[fullname] is not None
+        """Decide whether this importer should serve `fullname`; may ask local Python, never
+        the parent. A top-level module this interpreter has is always its own ("local
+        first"), even when the parent sent a copy of it."""
         refusal = self._refused_by_policy(fullname)
         if refusal:
             if not self._found_locally(fullname):
@@ -2251,7 +2346,7 @@ class Importer:
             if parent not in self._cache:
                 return False
             entry = self._cache[parent]
-            return entry is not None and entry[0] is not None and fullname in entry[0]
+            return isinstance(entry, tuple) and fullname in (entry[0] or ())
         if fullname == '__main__':
             return True
         if fullname in getattr(sys, 'stdlib_module_names', ()):
@@ -2275,25 +2370,34 @@ class Importer:
             self._local.busy = False
 
     def find_spec(self, fullname, path=None, target=None):
+        """A spec when this importer will load `fullname`. Nothing is fetched here: Python
+        calls finders holding its global import lock, which would stop every other thread's
+        imports (the broker's included) for a round trip, or for ever if the parent died."""
         if getattr(self._local, 'busy', False) or not self._is_ours(fullname):
             return None
-        entry = self._fetch(fullname)
-        if entry is None:
-            return None
-        if isinstance(entry, str):
-            raise ImportError(entry, name=fullname)
-        pkg_present, origin = entry[:2]
-        spec = importlib.machinery.ModuleSpec(fullname, self, origin=origin,
-                                              is_package=pkg_present is not None)
-        spec.has_location = True
-        if pkg_present is not None:
-            spec.submodule_search_locations = [os.path.dirname(origin)]
+        spec = importlib.machinery.ModuleSpec(fullname, self)
+        entry = self._cache.get(fullname)
+        if isinstance(entry, tuple):
+            self._describe(spec, entry)
         return spec
+
+    @staticmethod
+    def _describe(spec, entry):
+        spec.origin = entry[1]
+        spec.has_location = True
+        if entry[0] is not None:
+            spec.submodule_search_locations = [os.path.dirname(entry[1])]
 
     # --- loader
 
     def create_module(self, spec):
-        return None
+        """Fetch the module (holding only its own import lock) and complete its spec."""
+        entry = self._fetch(spec.name)
+        if entry is None:
+            raise ModuleNotFoundError('No module named %r' % (spec.name,), name=spec.name)
+        if isinstance(entry, str):
+            raise ImportError(entry, name=spec.name)
+        self._describe(spec, entry)
 
     def exec_module(self, module):
         fullname = module.__name__
@@ -2542,9 +2646,15 @@ class ExternalContext:
             import logging
             self._forward_logging(logging)
         else:
+            _Logger.direct = self._log_direct
             sys.meta_path.insert(0, _AfterImport('logging', self._forward_logging))
 
+    def _log_direct(self, name, level, text):
+        if level >= self.config.get('log_level', _INFO):
+            self._master.send(Message.pickled((name, level, text), handle=FORWARD_LOG))
+
     def _forward_logging(self, logging):
+        _Logger.direct = None
         root = logging.getLogger()
         root.setLevel(self.config.get('log_level', _INFO))
         for handler in list(root.handlers):
@@ -2618,6 +2728,7 @@ class ExternalContext:
         self.importer = Importer(self.router, self.parent, core_src,
                                  config.get('whitelist', ()), config.get('blacklist', ()))
         sys.meta_path.insert(0, self.importer)
+        listen(stream, 'disconnect', self.importer._abort_pending)
         self.dispatcher = Dispatcher(self)
         self.broker.defer(self.broker.start_receive, stream)
 

@@ -16,6 +16,7 @@ import marshal
 import os
 import pkgutil
 import re
+import select
 import sys
 import threading
 import types
@@ -35,12 +36,9 @@ from mitogen.core import (
 )
 
 __all__ = ["Broker", "IdAllocator", "LogForwarder", "ModuleFinder", "ModuleResponder",
-           "Router"]
+           "PollPoller", "Router"]
 
 LOG = logging.getLogger("mitogen")
-
-#: Context IDs handed to a child that starts children of its own, per ALLOCATE_ID request.
-ID_BLOCK_SIZE = 1000
 
 
 class Broker(mitogen.core.Broker):
@@ -89,14 +87,43 @@ class Broker(mitogen.core.Broker):
         self.join()
 
 
+class PollPoller(mitogen.core.EpollPoller):
+    """select.poll, for a master on a system without epoll: its masks change only at the
+    next poll(), so streams are never lent to waiting threads (see MessageStream.lease)."""
+
+    READ = select.POLLIN
+    WRITE = select.POLLOUT
+    thread_safe = False  # changes are only seen by the next poll()
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._masks: dict[int, int] = {}
+
+    def close(self) -> None:
+        pass
+
+    def set_mask(self, fd: int, mask: int) -> None:
+        if mask:
+            self._masks[fd] = mask
+            self._poll.register(fd, mask)
+        elif self._masks.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
+    def poll(self, timeout: float | None) -> list:
+        ms = None if timeout is None else int(timeout * 1000 + 0.999)
+        return self._poll.poll(ms)
+
+
 class IdAllocator:
     """Allocates context IDs: one at a time for the master's own children, and blocks of
-    1000 to children that start children (so IDs match what Mitogen users see)."""
+    1000 to children that start children (so IDs match what Mitogen users see), recorded
+    against the stream they went down (see :meth:`mitogen.parent.Router.grant_ids`)."""
 
     def __init__(self, router: Router) -> None:
+        self.router = router
         self._lock = threading.Lock()
         self._next = 1
-        router.add_handler(self._on_allocate_id, ALLOCATE_ID)
+        router.add_handler(self._on_allocate_id, ALLOCATE_ID, overwrite=True)
 
     def allocate(self) -> int:
         with self._lock:
@@ -107,44 +134,63 @@ class IdAllocator:
     def allocate_block(self) -> tuple[int, int]:
         with self._lock:
             start = self._next
-            self._next += ID_BLOCK_SIZE
+            self._next += mitogen.parent.ID_BLOCK_SIZE
             return start, self._next
 
     def _on_allocate_id(self, msg: Message) -> None:
-        if not msg.is_dead:
-            start, end = self.allocate_block()
-            LOG.debug("allocated IDs %d..%d to context %d", start, end - 1, msg.src_id)
-            msg.reply((start, end))
+        if msg.is_dead:
+            return
+        stream = self.router.adjacent_stream(msg, "ALLOCATE_ID")
+        if stream is None or not self.router.may_grant(stream, msg):
+            return
+        start, end = self.allocate_block()
+        self.router.grant_ids(stream, start, end)
+        LOG.debug("allocated IDs %d..%d to %s", start, end - 1, stream.name)
+        msg.reply((start, end))
 
 
 class LogForwarder:
-    """Writes records forwarded by children into ``mitogen.ctx.<context name>`` loggers."""
+    """Writes records forwarded by children into ``mitogen.ctx.<context name>`` loggers.
+
+    Those loggers are never created here: a master starting thousands of children would
+    keep one Logger per child in the logging package for ever. A record goes to the logger
+    of its name if a program made one (to configure it), else to its nearest existing
+    ancestor, and carries its full name either way.
+    """
 
     def __init__(self, router: Router) -> None:
         self._router = router
-        self._loggers: dict[int, logging.Logger] = {}
         router.add_handler(self._on_forward_log, FORWARD_LOG)
 
-    def _logger_for(self, context_id: int) -> logging.Logger:
-        logger = self._loggers.get(context_id)
-        if logger is None:
-            context = self._router.context_by_id(context_id)
-            name = context.name or str(context_id)
-            logger = self._loggers[context_id] = logging.getLogger("mitogen.ctx." + name)
-        return logger
+    @staticmethod
+    def _logger_for(name: str) -> logging.Logger:
+        loggers = logging.Logger.manager.loggerDict
+        while True:
+            logger = loggers.get(name)
+            if isinstance(logger, logging.Logger):
+                return logger
+            name, _, _ = name.rpartition(".")
+            if name == "mitogen":
+                return logging.getLogger("mitogen.ctx")
 
     def _on_forward_log(self, msg: Message) -> None:
         if msg.is_dead:
             return
         try:
             name, level, text = msg.unpickle()
+            level = int(level)
         except (mitogen.core.StreamError, ValueError, TypeError):
             LOG.error("%r: malformed FORWARD_LOG from %d", self, msg.src_id)
             return
-        logger = self._logger_for(msg.src_id)
-        logger.log(int(level), "%s: %s", name, text,
-                   extra={"mitogen_name": name, "mitogen_context": msg.src_id,
-                          "mitogen_msg": text})
+        context = self._router.context_by_id(msg.src_id, create=False)
+        full_name = "mitogen.ctx.%s" % ((context and context.name) or msg.src_id,)
+        logger = self._logger_for(full_name)
+        if logger.isEnabledFor(level):
+            record = logger.makeRecord(
+                full_name, level, "(child)", 0, "%s: %s", (name, text), None,
+                extra={"mitogen_name": name, "mitogen_context": msg.src_id,
+                       "mitogen_msg": text})
+            logger.handle(record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,6 +752,10 @@ class Router(mitogen.parent.Router):
     def __exit__(self, *exc: Any) -> None:
         self.broker.shutdown()
         self.broker.join()
+
+    def _on_stream_disconnect(self, stream: mitogen.core.MessageStream) -> None:
+        super()._on_stream_disconnect(stream)
+        self.responder.forget_stream(stream)
 
     def enable_debug(self) -> None:
         """Log this package's own activity at DEBUG level in every context started later."""

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import mitogen
 import mitogen.core
+import mitogen.guard  # checks what children send: loaded before they send anything
 from mitogen.call import CallChain
 from mitogen.core import (
     ADD_ROUTE,
@@ -112,7 +113,7 @@ if os.fork():
  for f in R,W,r,w,Q,V:os.close(f)
  os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')')
 os.close(R);os.close(r);os.close(Q)
-P=b"import marshal,_pickle,_socket,select,_signal,heapq,_struct,fcntl,zlib,threading;"
+P=b"import marshal,_pickle,_socket,select,_signal,heapq,_struct,fcntl,zlib,threading,mmap;"
 os.write(W,P+b"exec(marshal.load(open(102,'rb')))");os.close(W)
 os.write(1,b'MITO000\\n')
 def G(n):
@@ -486,10 +487,10 @@ class Keepalive:
     """Notices a link that went silent (a partition that drops packets rather than closing
     the connection) and disconnects it, so routes are deleted and waiters fail.
 
-    Every `interval` seconds without data from the child, a message is sent to a handle the
-    child does not have, which makes its router answer with a dead message: any answer, or any
-    other traffic, proves the link alive. After `count` silent intervals the stream is
-    dropped, so detection takes at most ``interval * (count + 1)`` seconds.
+    Every `interval` seconds without data from the child, a PING is sent, which the child's
+    router answers: any answer, or any other traffic, proves the link alive. After `count`
+    silent intervals the stream is dropped, so detection takes at most
+    ``interval * (count + 1)`` seconds.
     """
 
     def __init__(self, router: Router, stream: MessageStream, interval: float,
@@ -522,13 +523,9 @@ class Keepalive:
                           stream, self.interval * self._silent)
                 stream.on_disconnect(self.router.broker)
                 return
-        stream.send(Message(dst_id=stream.remote_id, handle=KEEPALIVE_HANDLE,
+        stream.send(Message(dst_id=stream.remote_id, handle=mitogen.core.PING,
                             reply_to=self.reply_handle))
         self.router.broker.timer(self.interval, self._tick)
-
-
-#: A handle no context listens on: a message to it is answered with a dead message.
-KEEPALIVE_HANDLE = 99
 
 
 class BootStream(Stream):
@@ -826,6 +823,7 @@ class Connection:
         if self._done:
             return
         self._done = True
+        self.payload = b""  # 15 KiB a child, of no more use
         self._boot.release(self.broker)
         unlisten(self.broker, "shutdown", self._on_broker_shutdown)
         stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
@@ -835,7 +833,10 @@ class Connection:
         if leftover:
             stream.decoder.feed(leftover)
         listen(stream, "disconnect", self._on_stream_disconnect)
+        if self.context.name is None:
+            self.context.name = self.stream_name
         self.router.register(self.context, stream)
+        self.router.announce(self.context)
         self.broker.start_receive(stream)
         if leftover:
             stream.process_buffered(self.broker)
@@ -854,25 +855,57 @@ class Connection:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Context IDs handed out per ALLOCATE_ID request.
+ID_BLOCK_SIZE = 1000
+#: ID blocks one child stream may hold (a million IDs): each costs its parent memory.
+MAX_ID_BLOCKS = 1000
+
+
 class ChildIdAllocator:
-    """Hands out context IDs in a child that starts children: from a block of 1000 that the
-    master allocates over ALLOCATE_ID, asking for a new block when one runs out."""
+    """Hands out context IDs in a child that starts children: from a block of 1000 that its
+    parent grants over ALLOCATE_ID, asking for a new block when one runs out.
+
+    Allocation is hop by hop, so that every context on the way down knows which IDs belong
+    below which of its streams: a child asking for a block is served with a block its
+    parent asks for on its behalf, recorded against that child's stream at each hop (see
+    :meth:`Router.grant_ids`). A subtree can then announce routes only for its own IDs.
+    """
 
     def __init__(self, router: Router) -> None:
         self.router = router
         self._lock = threading.Lock()
         self._next = 0
         self._end = 0
+        router.add_handler(self._on_allocate_id, ALLOCATE_ID, overwrite=True)
 
     def allocate(self) -> int:
         with self._lock:
             if self._next >= self._end:
-                master = self.router.context_by_id(0)
-                start, end = master.send_await(Message(handle=ALLOCATE_ID))
+                parent = self.router.context_by_id(mitogen.parent_id)
+                start, end = parent.send_await(Message(handle=ALLOCATE_ID))
                 self._next, self._end = start, end
             context_id = self._next
             self._next += 1
             return context_id
+
+    def _on_allocate_id(self, msg: Message) -> None:
+        """A child of ours starts children: get it a block from our parent (without
+        waiting: this is the broker thread) and record it against the child's stream."""
+        stream = self.router.adjacent_stream(msg, "ALLOCATE_ID")
+        if stream is None or not self.router.may_grant(stream, msg):
+            return
+        parent = self.router.context_by_id(mitogen.parent_id)
+
+        def on_block(reply: Message) -> None:
+            if reply.is_dead:
+                msg.reply(Message.dead("no ID block: %s" % (reply._dead_reason(),)))
+                return
+            start, end = reply.unpickle()
+            self.router.grant_ids(stream, start, end)
+            msg.reply((start, end))
+
+        handle = self.router.add_handler(on_block, persist=False, respondent=parent)
+        parent.send(Message(handle=ALLOCATE_ID, reply_to=handle))
 
 
 class ChildStream(MessageStream):
@@ -892,11 +925,56 @@ class Router(mitogen.core.Router):
 
     def __init__(self, broker: mitogen.core.Broker) -> None:
         super().__init__(broker)
-        self.id_allocator: Any = ChildIdAllocator(self)
+        self._become_parent()
+
+    def _become_parent(self) -> None:
+        """State and handlers of a context that has children (also run by upgrade_router on
+        a plain child's router)."""
         self._connections: list[Connection] = []
+        self._id_blocks: dict[MessageStream, list[tuple[int, int]]] = {}
+        self.id_allocator: Any = ChildIdAllocator(self)
         self.add_handler(self._on_add_route, ADD_ROUTE, overwrite=True)
         self.add_handler(self._on_del_route_msg, DEL_ROUTE, overwrite=True)
         self.add_handler(self._on_detaching, mitogen.core.DETACHING, overwrite=True)
+
+    # --- who owns which IDs
+
+    def adjacent_stream(self, msg: Message, what: str) -> MessageStream | None:
+        """The child stream `msg` came on, if the child at its other end wrote it itself
+        (route messages travel hop by hop); else count and log the drop and return None."""
+        stream = self._stream_by_id.get(msg.src_id)
+        if stream is None or stream is self.parent_stream or \
+                stream.remote_id != msg.src_id or msg.auth_id != msg.src_id:
+            self._drop(msg, stream or self.parent_stream,
+                       "%s must come from a directly connected child" % (what,))
+            return None
+        return stream
+
+    def may_grant(self, stream: MessageStream, msg: Message) -> bool:
+        if len(self._id_blocks.get(stream, ())) < MAX_ID_BLOCKS:
+            return True
+        self._drop(msg, stream, "it already holds %d ID blocks" % (MAX_ID_BLOCKS,))
+        msg.reply(Message.dead("no more ID blocks for %s" % (stream.name,)))
+        return False
+
+    def grant_ids(self, stream: MessageStream, start: int, end: int) -> None:
+        """Record that IDs start..end-1 belong to the subtree behind `stream`."""
+        self._id_blocks.setdefault(stream, []).append((start, end))
+
+    def owns(self, stream: MessageStream, context_id: int) -> bool:
+        """Whether `context_id` was granted to the subtree behind `stream`."""
+        return any(start <= context_id < end for start, end in self._id_blocks.get(stream, ()))
+
+    def _on_stream_disconnect(self, stream: MessageStream) -> None:
+        """Keep nothing of a child stream that is gone: its routes, ID blocks, connection
+        and what was sent down it."""
+        super()._on_stream_disconnect(stream)
+        self._id_blocks.pop(stream, None)
+        if stream.conn in self._connections:
+            self._connections.remove(stream.conn)
+        forwarder = getattr(self, "forwarder", None)
+        if forwarder is not None:
+            forwarder.forget_stream(stream)
 
     # --- routes
 
@@ -910,36 +988,47 @@ class Router(mitogen.core.Router):
         conn.proc.detached = True
 
     def _on_add_route(self, msg: Message) -> None:
+        """A child announces a context in its subtree: accepted only for an ID that was
+        granted to that subtree, and never over a route through another stream."""
         if msg.is_dead:
             return
+        stream = self.adjacent_stream(msg, "ADD_ROUTE")
+        if stream is None:
+            return
         target_id, name = msg.unpickle()
-        stream = self.stream_by_id(msg.src_id)
+        if not (isinstance(target_id, int) and (name is None or isinstance(name, str))):
+            self._drop(msg, stream, "malformed ADD_ROUTE")
+            return
         current = self._stream_by_id.get(target_id)
-        if stream is self.parent_stream or target_id in (mitogen.context_id, 0) or \
-                target_id in mitogen.parent_ids or current not in (None, stream):
-            self._drop(msg, stream, "ADD_ROUTE for %r would hijack an existing route"
-                       % (target_id,))
+        if current not in (None, stream) or not self.owns(stream, target_id):
+            self._drop(msg, stream, "ADD_ROUTE for %r, an ID never granted to %s"
+                       % (target_id, stream.name))
             return
         self.context_by_id(target_id, via_id=msg.src_id, name=name)
         self.add_route(target_id, stream)
         self._propagate_up(ADD_ROUTE, (target_id, name))
 
     def _on_del_route_msg(self, msg: Message) -> None:
+        """DEL_ROUTE from a parent is news of a context gone elsewhere; from a child, it
+        may delete only a route through that child, and never the child's own."""
         if msg.is_dead:
             return
-        target_id = msg.unpickle()
-        stream = self.stream_by_id(msg.src_id)
-        if stream is self.parent_stream:
-            # News from above: tell local waiters and the children that talked to it.
-            context = self._context_by_id.get(target_id)
+        if self.stream_by_id(msg.src_id) is self.parent_stream:
+            if not mitogen.core.has_parent_authority(msg):
+                self._drop(msg, self.parent_stream, "DEL_ROUTE from a non-parent")
+                return
+            target_id = msg.unpickle()
             if target_id not in self._stream_by_id:
-                if context is not None:
-                    context.on_disconnect()
-                self._notify_streams(target_id, exclude=stream)
+                self._forget_context(target_id)
+                self._notify_streams(target_id, exclude=self.parent_stream)
             return
-        if self._stream_by_id.get(target_id) is not stream:
-            self._drop(msg, stream, "DEL_ROUTE for %r, which is not routed through it"
-                       % (target_id,))
+        stream = self.adjacent_stream(msg, "DEL_ROUTE")
+        if stream is None:
+            return
+        target_id = msg.unpickle()
+        if target_id == stream.remote_id or self._stream_by_id.get(target_id) is not stream:
+            self._drop(msg, stream, "DEL_ROUTE for %r, which %s may not delete"
+                       % (target_id, stream.name))
             return
         self.del_route(target_id)
 
@@ -1026,12 +1115,15 @@ class Router(mitogen.core.Router):
         conn = conn_class(options, self)
         context = self.context_class(self, self.allocate_id(), name=name)
         conn.connect(context)
-        if name is None:
-            context.name = conn.stream_name
         self._connections.append(conn)
+        return context
+
+    def announce(self, context: Context) -> None:
+        """Tell the parents about a new child, before anything from it is read (the broker
+        calls this between registering its stream and reading it), so that no message from
+        the child can reach a parent ahead of the route back to it."""
         if self.parent_stream is not None:
             self._propagate_up(ADD_ROUTE, (context.context_id, context.name))
-        return context
 
     def proxy_connect(self, via_context: Context, method_name: str, name: str | None = None,
                       **kwargs: Any) -> Context:
@@ -1046,6 +1138,7 @@ class Router(mitogen.core.Router):
         context_id, stream_name = via_context.call(_proxy_connect, name, method_name, kwargs)
         if context_id is None:
             raise _connect_error(*stream_name)
+        self.broker.defer_sync(lambda: self._learn_route(via_context, context_id))
         context = self.context_by_id(context_id, via_id=via_context.context_id,
                                      name=name or stream_name)
         if name is None and via_context.name:
@@ -1054,6 +1147,19 @@ class Router(mitogen.core.Router):
             context.name = "%s.%s" % (via_context.name, stream_name)
         context.via = via_context
         return context
+
+    def _learn_route(self, via_context: Context, context_id: int) -> None:
+        """Route `context_id`, which `via_context` reports having started, through the
+        stream towards it, unless its ADD_ROUTE already did (it travels ahead of the
+        reply); refuse an ID that was never granted to that subtree."""
+        stream = self._stream_by_id.get(via_context.context_id)
+        current = self._stream_by_id.get(context_id)
+        if stream is None or current not in (None, stream) or (
+                current is None and not self.owns(stream, context_id)):
+            raise StreamError("%r reported starting context %r, an ID it does not own"
+                              % (via_context, context_id))
+        if current is None:
+            self.add_route(context_id, stream)
 
     def disconnect(self, context: Context) -> None:
         stream = self._stream_by_id.get(context.context_id)
@@ -1122,6 +1228,9 @@ class ModuleForwarder:
         router.add_handler(self._on_forward_module, mitogen.core.FORWARD_MODULE,
                            policy=mitogen.core.has_parent_authority, overwrite=True)
 
+    def forget_stream(self, stream: MessageStream) -> None:
+        self._sent.pop(stream, None)
+
     def _on_get_module(self, msg: Message) -> None:
         if msg.is_dead:
             return
@@ -1182,14 +1291,8 @@ def upgrade_router(econtext: Any) -> Router:
     """Turn a plain child's router into a parent router, the first time it starts a child."""
     router = econtext.router
     if not isinstance(router, Router):
-        handlers = dict(router._handle_map)
         router.__class__ = Router
-        router.id_allocator = ChildIdAllocator(router)
-        router._connections = []
-        router._handle_map = handlers
-        router.add_handler(router._on_add_route, ADD_ROUTE, overwrite=True)
-        router.add_handler(router._on_del_route_msg, DEL_ROUTE, overwrite=True)
-        router.add_handler(router._on_detaching, mitogen.core.DETACHING, overwrite=True)
+        router._become_parent()
         router.forwarder = ModuleForwarder(router, econtext.importer)
     return router
 

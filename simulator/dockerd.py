@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -164,17 +165,28 @@ def apt_install(packages: Sequence[str], progress: Progress = _stderr) -> None:
         raise DockerdError(f"{' '.join(packages)} missing and this machine has no apt-get; "
                            "install them with its package manager")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for argv in (["apt-get", "update", "-q"],
-                 ["apt-get", "install", "-y", "-q", *packages]):
-        progress(f"dockerd: running {' '.join(argv)}")
-        try:
-            proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=_APT_TIMEOUT, check=False)
-        except subprocess.TimeoutExpired:
-            raise DockerdError(f"{' '.join(argv)} took over {_APT_TIMEOUT:.0f}s") from None
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            raise DockerdError(f"{' '.join(argv)} failed ({proc.returncode}):\n{tail}")
+    # Parallel image builds may each find a package missing: one apt at a time in this
+    # process, and apt itself waits for another process's lock instead of failing at once.
+    wait = ["-o", f"DPkg::Lock::Timeout={_APT_TIMEOUT:.0f}"]
+    with _apt_lock:
+        for argv in (["apt-get", *wait, "update", "-q"],
+                     ["apt-get", *wait, "install", "-y", "-q", *packages]):
+            _run_apt(argv, env, progress)
+
+
+_apt_lock = threading.Lock()
+
+
+def _run_apt(argv: list, env: dict, progress: Progress) -> None:
+    progress(f"dockerd: running {' '.join(argv)}")
+    try:
+        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=_APT_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise DockerdError(f"{' '.join(argv)} took over {_APT_TIMEOUT:.0f}s") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise DockerdError(f"{' '.join(argv)} failed ({proc.returncode}):\n{tail}")
 
 
 def _remove_stale_pidfiles(engine: Engine, progress: Progress) -> None:

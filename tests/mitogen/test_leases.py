@@ -42,7 +42,7 @@ def test_messages_before_a_reply_are_handled_before_it(router, caplog):
 
 
 def test_calls_work_without_leases_on_the_poll_poller():
-    broker = mitogen.master.Broker(poller_class=mitogen.core.PollPoller)
+    broker = mitogen.master.Broker(poller_class=mitogen.master.PollPoller)
     with mitogen.master.Router(broker) as router:
         child = router.local()
         assert router.stream_by_id(child.context_id).lease() is None
