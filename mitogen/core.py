@@ -1153,34 +1153,21 @@ class Dispatcher:
         self.recv.via_stream = econtext.router.parent_stream
         listen(econtext.broker, 'shutdown', self.recv.close)
         self._services = None  # CALL_SERVICE messages queued for a pool being started
-        econtext.router.add_handler(self._on_call_service, CALL_SERVICE)
+        econtext.router.add_handler(self._on_call_service, CALL_SERVICE,
+                                    policy=has_parent_authority)
 
     def _on_call_service(self, msg):
-        """CALL_SERVICE while no service pool runs here. From a parent: start one (on a
-        thread of its own, as the main thread may be busy) and queue the call for it; the
-        pool then takes the handle over. From anyone else: refuse."""
-        if msg.is_dead:
-            return
-        if self._services is None:
-            if not has_parent_authority(msg):
-                msg.reply(CallError('no service pool runs in context %d, and only a parent '
-                                    'may start one', mitogen.context_id))
-                return
-            self._services = Latch()
-            threading.Thread(target=self._start_pool, daemon=True).start()
-        self._services.put(msg)
-
-    def _start_pool(self):
-        try:
-            importlib.import_module('mitogen.service').get_or_create_pool(
-                router=self.econtext.router, recv=self._services)
-        except Exception as e:
-            self.econtext.broker.defer(self._pool_failed, CallError(e))
-
-    def _pool_failed(self, error):
-        latch, self._services = self._services, None
-        while latch.size():
-            latch.get().reply(error)
+        """CALL_SERVICE (from a parent: the policy refuses others) while no service pool runs
+        here: start one, on a thread of its own as the main thread may be busy, and queue
+        the call for it. The pool then takes the handle over."""
+        if not msg.is_dead:
+            if self._services is None:
+                self._services = Latch()
+                threading.Thread(target=lambda: importlib.import_module(
+                    'mitogen.service').get_or_create_pool(router=msg.router,
+                                                          recv=self._services),
+                    daemon=True).start()
+            self._services.put(msg)
 
     @staticmethod
     @takes_econtext

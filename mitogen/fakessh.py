@@ -126,7 +126,6 @@ class _WindowedSender:
     def __init__(self, router: Any, sender: Sender) -> None:
         self.sender = sender
         self.acks = Receiver(router, respondent=sender.context)
-        self.acks.via_stream = router.stream_by_id(sender.context.context_id)
         self._unacked = 0
 
     def send(self, kind: bytes, data: bytes = b"") -> None:
@@ -138,8 +137,16 @@ class _WindowedSender:
                                          reply_to=self.acks.handle))
         self._unacked += len(body)
 
-    def close(self) -> None:
-        self.acks.close()
+    def close(self, drain: bool = True) -> None:
+        """Stop sending; with `drain`, first take the acknowledgements still due, so that
+        none arrives at a closed handle (the peer acknowledges everything until its end)."""
+        try:
+            while drain and self._unacked > 0:
+                self._unacked -= self.acks.get().unpickle()
+        except ChannelError:
+            pass  # the peer is gone: nothing more will come
+        finally:
+            self.acks.close()
 
 
 def _acknowledge(msg: Message) -> None:
@@ -174,21 +181,24 @@ class _Command:
         threading.Thread(target=self._wait, daemon=True).start()
 
     def _feed_stdin(self) -> None:
+        """Until the caller's dead message ends the input (or the caller is gone): write each
+        chunk to the command and acknowledge it; once the command stops reading, the rest is
+        acknowledged and dropped."""
         stdin = self.proc.stdin
         try:
             for msg in self.input:
-                kind, data = bytes(msg.data[:1]), msg.data[1:]
-                if kind == STDIN_EOF:
-                    break
-                stdin.write(data)
-                stdin.flush()
+                if stdin is not None:
+                    try:
+                        stdin.write(msg.data)
+                        stdin.flush()
+                    except OSError as e:
+                        LOG.debug("%r: the command's stdin closed: %s", self, e)
+                        stdin = None
                 _acknowledge(msg)
-        except (OSError, ChannelError) as e:
-            LOG.debug("%r: stdin ended: %s", self, e)
         finally:
             self.input.close()
             try:
-                stdin.close()
+                self.proc.stdin.close()
             except OSError:
                 pass
 
@@ -211,14 +221,14 @@ class _Command:
             thread.join()
         if status < 0:
             status = 128 - status  # killed by a signal: as a shell reports it
+        drain = True
         try:
             with self._lock:
                 self.output.send(EXIT, str(status).encode())
         except ChannelError:
-            pass
+            drain = False
         finally:
-            self.output.close()
-            self.input.close()
+            self.output.close(drain)
 
 
 @mitogen.core.takes_router
@@ -255,6 +265,7 @@ class _Session:
         self.router = router
         self.dest = dest
         self.sock = sock
+        self.ending = False
         self.threads = [threading.Thread(target=self._run, daemon=True,
                                          name="mitogen.fakessh.session")]
 
@@ -263,6 +274,7 @@ class _Session:
 
     def end(self) -> None:
         """Cut the connection (the tool has exited) and wait for the relaying to stop."""
+        self.ending = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -305,31 +317,37 @@ class _Session:
             pass
 
     def _relay_output(self, output: Receiver) -> int:
-        """The command's output to the fake ssh, until its exit status arrives."""
+        """The command's output to the fake ssh, until its exit status arrives (every
+        message acknowledged, the last one too: the sender waits for that before it ends)."""
         for msg in output:
             kind, data = bytes(msg.data[:1]), bytes(msg.data[1:])
+            _acknowledge(msg)
             if kind == EXIT:
                 return int(data)
             self._send(kind, data)
-            _acknowledge(msg)
         raise ChannelError("the destination context went away")
 
     def _pump_stdin(self, stdin: Sender) -> None:
-        """The fake ssh's stdin to the command, until its end or the connection's."""
+        """The fake ssh's stdin to the command, until its end or the connection's; then a
+        dead message ends the command's input (after the acknowledgements still due)."""
         sender = _WindowedSender(self.router, stdin)
+        drain = False
         try:
             while True:
                 kind, data = _read_frame(self.sock)
                 if kind == STDIN:
-                    sender.send(STDIN, data)
+                    sender.send(b"", data)
                 elif kind == STDIN_EOF:
+                    drain = True
                     break
-        except (EOFError, OSError, ChannelError):
+        except (EOFError, OSError):
+            drain = not self.ending
+        except ChannelError:
             pass
         finally:
-            sender.close()
+            sender.close(drain)
             try:
-                stdin.close()  # the command's stdin ends here too
+                stdin.close()
             except mitogen.core.Error:
                 pass
 

@@ -99,9 +99,15 @@ def send_call(context: Context, service_name: Any, method_name: str, kwargs: dic
     unpickled reply itself. Behind ``Context.call_service`` and ``call_service_async``."""
     body = (_service_name(service_name), str(method_name), Kwargs(kwargs))
     msg = Message.pickled(body, handle=CALL_SERVICE)
-    if wait:
+    if not wait:
+        return context.send_async(msg)
+    try:
         return context.send_await(msg)
-    return context.send_async(msg)
+    except ChannelError as e:
+        # Refused by the router (a context without a pool yet takes calls from its parents
+        # only; a stopped pool takes none) or the context went away: a CallError too.
+        raise CallError("%s.%s() in context %d was not answered: %s" % (
+            body[0], body[1], context.context_id, e))
 
 
 def call(service_name: Any, method_name: str, call_context: Context | None = None,

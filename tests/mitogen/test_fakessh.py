@@ -11,6 +11,7 @@ import pytest
 
 import mitogen.core
 import mitogen.fakessh
+from tests.support import funcs
 
 MIB = 1 << 20
 
@@ -58,12 +59,17 @@ def test_rsync_syncs_a_tree_to_a_context_two_hops_away(router, far, tmp_path):
     argv = [rsync, "-a", "--delete", str(src) + "/", "anyhost:" + str(dst) + "/"]
     assert mitogen.fakessh.run(far, router, argv) == 0
     assert _tree_digest(dst) == _tree_digest(src)
-    # Again after changes: a delta, a new file, a deletion.
-    (src / "big.bin").write_bytes(os.urandom(8 * MIB))
+    # Again after changes: a delta, a new file, a deletion. (rsync skips a file whose size
+    # and mtime are unchanged: the rewritten file gets a later mtime.)
+    big = src / "big.bin"
+    big.write_bytes(os.urandom(8 * MIB))
+    os.utime(big, (big.stat().st_atime, big.stat().st_mtime + 10))
     (src / "d0" / "new.txt").write_text("new")
     (src / "d0" / "f1.bin").unlink()
     assert mitogen.fakessh.run(far, router, argv) == 0
     assert _tree_digest(dst) == _tree_digest(src)
+    # Every message found its handle: nothing was sent to a channel already closed.
+    assert far.call(funcs.dropped_count) == 0
 
 
 def test_the_command_runs_in_the_destination_with_its_status_and_output(router, far, tmp_path):
@@ -84,10 +90,12 @@ def test_stdin_and_stdout_stream_with_bounded_windows(router, far, tmp_path):
     script = "ssh host 'cat; echo done' < %s > %s" % (data, out)
     assert mitogen.fakessh.run(far, router, ["sh", "-c", script]) == 0
     assert out.read_bytes() == data.read_bytes() + b"done\n"
+    assert far.call(funcs.dropped_count) == 0
     # Several connections, one after another and at once.
     script = "ssh h 'echo 1' > %s & ssh h 'echo 2' >> %s.2; wait; ssh h 'exit 3'" % (out, out)
     assert mitogen.fakessh.run(far, router, ["sh", "-c", script]) == 3
     assert out.read_text() == "1\n"
+    assert far.call(funcs.dropped_count) == 0
 
 
 def test_a_tool_past_its_deadline_is_killed(router, far):
