@@ -1251,7 +1251,6 @@ class PushFileService(Service):
     def _push(self, entry: _Entry, hop: Context, context: Context, stream: Any) -> None:
         """Send `entry` over one link, to `hop`, on its way to `context`."""
         acks = Receiver(self.router, respondent=hop)
-        acks.via_stream = stream
         sender = reader = None
         try:
             reader = entry.reader()
