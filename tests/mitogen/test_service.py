@@ -128,10 +128,7 @@ def test_a_sibling_can_neither_start_nor_call_parent_only_services(router):
 
 
 def test_identical_concurrent_calls_share_one_execution(router):
-    services.Expensive.executions = 0
-    services.Expensive.queued = mitogen.core.Latch()
-    services.Expensive.started = mitogen.core.Latch()
-    services.Expensive.opened.clear()
+    services.Expensive.reset()
     callers = 6
     pool = mitogen.service.Pool(router, services=[services.Expensive(router)], size=callers)
     try:
@@ -154,8 +151,7 @@ def test_identical_concurrent_calls_share_one_execution(router):
 
 
 def test_a_serialized_invoker_runs_one_call_at_a_time(router):
-    services.Serial.started = mitogen.core.Latch()
-    services.Serial.opened.clear()
+    services.Serial.reset()
     services.Serial.finished = False
     pool = mitogen.service.Pool(router, services=[services.Serial(router),
                                                   services.Greeter(router)], size=2)
@@ -177,8 +173,7 @@ def test_a_serialized_invoker_runs_one_call_at_a_time(router):
 
 
 def test_stopping_a_pool_fails_queued_and_later_calls_and_lets_running_ones_finish(router):
-    services.Gate.started = mitogen.core.Latch()
-    services.Gate.opened.clear()
+    services.Gate.reset()
     gate = services.Gate(router)
     pool = mitogen.service.Pool(router, services=[gate], size=1)
     me = router.myself()

@@ -60,33 +60,43 @@ class ParentsOnly(mitogen.service.Service):
         return "pong"
 
 
-class Gate(mitogen.service.Service):
-    """Holds calls until the test opens the gate; says when each has started."""
+class _Gated(mitogen.service.Service):
+    """A service whose calls wait until the test opens the gate, saying when each started.
+    Each test calls reset() first: the state is the class's, shared by its instances."""
 
     started = mitogen.core.Latch()
     opened = threading.Event()
+
+    @classmethod
+    def reset(cls):
+        cls.started = mitogen.core.Latch()
+        cls.opened = threading.Event()
+
+    @classmethod
+    def _enter(cls, token):
+        cls.started.put(token)
+        if not cls.opened.wait(60):
+            raise RuntimeError("the test never opened the gate")
+
+
+class Gate(_Gated):
+    """Holds calls until the gate opens."""
 
     @expose(policy=AllowAny())
     def hold(self, token):
-        Gate.started.put(token)
-        if not Gate.opened.wait(60):
-            raise RuntimeError("the test never opened the gate")
+        self._enter(token)
         return token
 
 
-class Serial(mitogen.service.Service):
+class Serial(_Gated):
     """Calls run one at a time: the second sees the first finished."""
 
     invoker_class = mitogen.service.SerializedInvoker
-    started = mitogen.core.Latch()
-    opened = threading.Event()
     finished = False
 
     @expose(policy=AllowAny())
     def hold(self):
-        Serial.started.put(True)
-        if not Serial.opened.wait(60):
-            raise RuntimeError("the test never opened the gate")
+        self._enter(True)
         Serial.finished = True
         return "held"
 
@@ -104,22 +114,24 @@ class _CountingDeduplicatingInvoker(mitogen.service.DeduplicatingInvoker):
         return result
 
 
-class Expensive(mitogen.service.Service):
+class Expensive(_Gated):
     """Identical calls must share one execution: counts executions, waits for the gate."""
 
     invoker_class = _CountingDeduplicatingInvoker
     executions = 0
     queued = mitogen.core.Latch()
-    started = mitogen.core.Latch()
-    opened = threading.Event()
+
+    @classmethod
+    def reset(cls):
+        super().reset()
+        cls.executions = 0
+        cls.queued = mitogen.core.Latch()
 
     @expose(policy=AllowAny())
     @arg_spec({"key": str})
     def compute(self, key):
         Expensive.executions += 1
-        Expensive.started.put(key)
-        if not Expensive.opened.wait(60):
-            raise RuntimeError("the test never opened the gate")
+        self._enter(key)
         return key.upper()
 
 
