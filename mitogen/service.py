@@ -695,8 +695,8 @@ def _within(path: str, roots: Any) -> bool:
 class _Transfer:
     """One file being sent by a FileService to one receiver."""
 
-    def __init__(self, router: Any, fd: int, st: os.stat_result, path: str, sender: Sender,
-                 stream: Any) -> None:
+    def __init__(self, router: Any, fd: int, st: os.stat_result, path: str,
+                 sender: Sender) -> None:
         self.fd = fd
         self.identity = _identity(st)
         self.size = st.st_size
@@ -837,7 +837,7 @@ class FileService(Service):
         if stream is None:
             os.close(fd)
             raise CallError("no route to context %d", sender.context.context_id)
-        transfer = _Transfer(self.router, fd, st, path, sender, stream)
+        transfer = _Transfer(self.router, fd, st, path, sender)
         with self._lock:
             if self._stopping:
                 transfer.acks.close()
@@ -1027,7 +1027,7 @@ class _Entry:
             return self
         return _DiskReader(self)
 
-    def close(self) -> None:
+    def close(self, check: bool = True) -> None:
         pass
 
     def chunk(self, index: int) -> Any:
@@ -1253,9 +1253,10 @@ class PushFileService(Service):
         acks = Receiver(self.router, respondent=hop)
         sender = reader = None
         try:
-            reader = entry.reader()
+            # The hop first, so that a failure to read is always told downstream.
             sender = hop.call_service(self.name(), "begin_store_and_forward", path=entry.path,
                                       size=entry.size, context=context)
+            reader = entry.reader()
             sent = unacked = index = 0
             while sent < entry.size:
                 data = reader.chunk(index)
@@ -1279,4 +1280,4 @@ class PushFileService(Service):
         finally:
             acks.close()
             if reader is not None:
-                reader.close()
+                reader.close(check=False)

@@ -8,6 +8,7 @@ import logging
 import os
 import pwd
 import re
+import signal
 
 import pytest
 
@@ -404,6 +405,36 @@ def test_push_file_service_crosses_each_link_once(router, tmp_path):
         assert leaves[0].call(services.pushed_digest, str(path)) == (size, _sha(content))
         final = _link_counters(router, i1, i2, leaves)
         assert final[0] - again[0] < 64 * 1024 and final[1] - again[1] < 64 * 1024
+    finally:
+        pool.stop()
+
+
+def test_a_file_changed_while_it_is_pushed_fails_every_copy_downstream(router, tmp_path):
+    hop = router.local(name="hop")
+    leaf = router.local(name="leaf", via=hop)
+    other = router.local(name="other", via=hop)
+    path = tmp_path / "changing.bin"
+    path.write_bytes(os.urandom(4 * MIB))
+    leaf.call(services.loaded, "mitogen.service")
+    service = PushFileService(router)
+    pool = mitogen.service.Pool(router, services=[service], size=1)
+    hop_pid = hop.call(os.getpid)
+    try:
+        # The hop is stopped, so the push cannot have read the file when it changes.
+        os.kill(hop_pid, signal.SIGSTOP)
+        try:
+            service.propagate_to(context=leaf, path=str(path))
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**10))
+        finally:
+            os.kill(hop_pid, signal.SIGCONT)
+        # The failure reaches the leaf: its copy fails too (it is not left waiting).
+        with pytest.raises(mitogen.core.CallError, match="changed since it was first pushed"):
+            leaf.call(services.pushed_digest, str(path))
+        # Pushed again, the file as it is now goes out, over the same links.
+        service.propagate_to(context=other, path=str(path))
+        content = path.read_bytes()
+        assert other.call(services.pushed_digest, str(path)) == (len(content), _sha(content))
     finally:
         pool.stop()
 
