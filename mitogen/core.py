@@ -119,17 +119,12 @@ class _Logger:
         if direct is None:
             import logging
             return getattr(logging.getLogger(self._name), attr)
-        level = _LEVELS.get(attr, _INFO)
 
-        def log(msg, *args, **kwargs):
+        def log(msg, *args, **kwargs):  # the core logs only at DEBUG and ERROR
             if attr == 'exception':
                 msg = '%s: %r' % (msg, sys.exc_info()[1])
-            direct(self._name, level, msg % args if args else msg)
+            direct(self._name, 10 if attr == 'debug' else 40, msg % args if args else msg)
         return log
-
-
-_LEVELS = {'debug': 10, 'info': 20, 'warning': 30, 'error': 40, 'exception': 40,
-           'critical': 50}
 
 
 LOG = _Logger('mitogen')
@@ -1237,7 +1232,6 @@ class Router:
         self._stream_by_id = {}
         self._context_by_id = {}
         self._handle_map = {}
-        self._handles_by_respondent = {}
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
         self._drop_second = self._drop_logged = self._drop_quiet = 0
@@ -1283,6 +1277,7 @@ class Router:
 
     def _forget_context(self, context_id):
         """A context is gone: tell whoever waits on it, and keep nothing of it."""
+        self._on_respondent_disconnect(context_id)
         context = self._context_by_id.pop(context_id, None)
         if context is not None:
             context.on_disconnect()
@@ -1295,7 +1290,6 @@ class Router:
         """Route `context` through `stream`, a stream connected directly to it."""
         self._context_by_id[context.context_id] = context
         self.add_route(context.context_id, stream)
-        listen(stream, 'disconnect', lambda: self._on_stream_disconnect(stream))
 
     def _on_stream_disconnect(self, stream):
         for target_id in sorted(stream.routes):
@@ -1330,27 +1324,20 @@ class Router:
         if not overwrite and handle in self._handle_map:
             raise Error('%r: handle %r is already in use', self, handle)
         self._handle_map[handle] = (persist, fn, policy, respondent)
-        if respondent is not None:
-            handles = self._handles_by_respondent.get(respondent)
-            if handles is None:
-                handles = self._handles_by_respondent[respondent] = set()
-                listen(respondent, 'disconnect',
-                       lambda: self._on_respondent_disconnect(respondent))
-            handles.add(handle)
         return handle
 
     def del_handler(self, handle):
-        entry = self._handle_map.pop(handle, None)
-        respondent = entry and entry[3]
-        if respondent is not None:
-            self._handles_by_respondent.get(respondent, set()).discard(handle)
+        self._handle_map.pop(handle, None)
 
-    def _on_respondent_disconnect(self, context):
-        for handle in list(self._handles_by_respondent.pop(context, ())):
-            entry = self._handle_map.get(handle)
-            if entry is not None:
-                msg = Message.dead('the respondent %r disconnected' % (context,),
-                                   handle=handle, src_id=context.context_id,
+    def _on_respondent_disconnect(self, context_id):
+        """Context `context_id` is gone: every handle waiting for it gets a dead message
+        now. The handles are found by a scan, not kept per context: a few per disconnect
+        beats a set and a listener per context for as long as it lives."""
+        for handle, entry in list(self._handle_map.items()):
+            respondent = entry[3]
+            if respondent is not None and respondent.context_id == context_id:
+                msg = Message.dead('the respondent %r disconnected' % (respondent,),
+                                   handle=handle, src_id=context_id,
                                    dst_id=mitogen.context_id)
                 self.broker.defer(self._invoke, msg, None)
 
@@ -1508,23 +1495,21 @@ class EpollPoller:
 
     def __init__(self):
         self._epoll = select.epoll()
-        self._masks = {}
 
     def close(self):
         self._epoll.close()
 
     def set_mask(self, fd, mask):
-        old = self._masks.get(fd)
-        if not mask:
-            if old is not None:
-                del self._masks[fd]
+        """Watch `fd` for `mask`, or not at all when it is 0. The kernel knows what is
+        registered: a table of masks here would cost every stream a dict entry."""
+        try:
+            if mask:
+                self._epoll.modify(fd, mask)
+            else:
                 self._epoll.unregister(fd)
-        elif old is None:
-            self._masks[fd] = mask
-            self._epoll.register(fd, mask)
-        elif old != mask:
-            self._masks[fd] = mask
-            self._epoll.modify(fd, mask)
+        except FileNotFoundError:  # not registered yet (or any more)
+            if mask:
+                self._epoll.register(fd, mask)
 
     def poll(self, timeout):
         return self._epoll.poll(-1 if timeout is None else timeout)
@@ -1554,6 +1539,8 @@ class Stream:
 
     keep_alive = False
     rfd = wfd = None
+    #: The stream whose full output queue this one waits for before it is read again.
+    paused = None
 
     def __init__(self, name='stream'):
         self.name = name
@@ -1576,6 +1563,9 @@ class Stream:
         if self.closed:
             return
         self.closed = True
+        self._gone(broker)
+
+    def _gone(self, broker):
         broker.stop_receive(self)
         broker._stop_transmit(self)
         self._close_fds(broker)
@@ -1670,28 +1660,42 @@ class MessageStream(Stream):
         self.routes = set()
         self.egress_ids = set()
         self.conn = None
-        self._out = collections.deque()
+        self._out = []  # a list: a deque costs 600 bytes per stream, empty or not
         self._out_lock = threading.Lock()
         self._read_lock = threading.Lock()  # held by whichever thread reads rfd
         self.lent = False  # a waiting thread reads rfd instead of the broker (see lease())
         self._close_rfd_on_return = False
         self._deferred_in = self._deferred_out = 0  # messages a lease handed to the broker
-        self._transmitting = False
+        self._queued = 0      # bytes in _out
+        self._drained = None  # a Condition on _out_lock, for threads waiting for room
+        self._paused = []     # streams not read until this one's queue has room
+        self._watching = False
         self.rx_bytes = self.tx_bytes = 0
         for fd in (rfd, wfd):
             set_nonblock(fd)
             set_cloexec(fd)
 
+    #: Bytes queued for a peer that reads slowly or not at all, beyond which a sending
+    #: thread waits, and the broker stops reading whatever stream fed the queue.
+    max_queued = 16 * 1048576
+    #: A peer that takes nothing of a full queue for this long is disconnected.
+    drain_timeout = 60.0
+
     def send(self, msg):
         header = msg.pack_header()
         data = msg.data
         with self._out_lock:
+            if self._out and self._queued >= self.max_queued:
+                self._full(True)
             if self.closed:
                 failed = 'the stream to %s is closed' % (self.name,)
             elif self._out:
                 self._out.append(memoryview(header))
                 if data:
                     self._out.append(memoryview(data))
+                self._queued += len(header) + len(data)
+                if self._queued >= self.max_queued:
+                    self._full(False)
                 return
             else:
                 failed = self._write_now(header, data)
@@ -1701,6 +1705,61 @@ class MessageStream(Stream):
             self.broker.defer(self._start_transmit)
         else:
             self.broker.defer(self._on_send_failed, msg, failed)
+
+    def _full(self, wait):
+        """The queue is full (called holding _out_lock). The broker never waits: it notes
+        the stream, so that the stream it is reading is paused (Broker.pause_congested);
+        another thread waits for room before it adds more (`wait`). A peer that drains
+        nothing for drain_timeout seconds is disconnected."""
+        if not self._watching:
+            self._watching = True
+            self.broker.defer(self._watch_drain, -1)
+        if threading.current_thread() is self.broker._thread:
+            self.broker.congested = self
+            return
+        if not wait:
+            return
+        if self._drained is None:
+            self._drained = threading.Condition(self._out_lock)
+        while self._queued >= self.max_queued and not self.closed:
+            self._drained.wait()
+
+    def _watch_drain(self, last_tx):
+        if self.closed or self._queued < self.max_queued:
+            self._watching = False
+        elif self.tx_bytes == last_tx:
+            LOG.error('%r: the peer took none of %d queued bytes in %.0fs: disconnecting',
+                      self, self._queued, self.drain_timeout)
+            self.on_disconnect(self.broker)
+        else:
+            tx = self.tx_bytes
+            self.broker.timer(self.drain_timeout, lambda: self._watch_drain(tx))
+
+    def pause(self, source):
+        """Stop reading `source` until this stream's queue has room (broker thread)."""
+        if source.paused is None:
+            source.paused = self
+            self._paused.append(source)
+            self.broker._update(source.rfd)
+
+    def _resume(self, source):
+        source.paused = None
+        if not source.closed:
+            self.broker._update(source.rfd)
+            lock = getattr(source, '_read_lock', None)
+            if lock is not None and lock.acquire(False):
+                try:
+                    source.process_buffered(self.broker)
+                finally:
+                    lock.release()
+
+    def _room(self):
+        """Room again (called holding _out_lock): wake waiting threads; return the
+        streams to read again, to be resumed once the lock is released."""
+        if self._drained is not None:
+            self._drained.notify_all()
+        paused, self._paused = self._paused, []
+        return paused
 
     def _write_now(self, header, data):
         """Write directly; return None when done, '' when the rest was queued, else why
@@ -1721,6 +1780,7 @@ class MessageStream(Stream):
                 self._out.append(memoryview(data))
         else:
             self._out.append(memoryview(data)[written - len(header):])
+        self._queued = total - written
         return ''
 
     def _on_send_failed(self, msg, reason):
@@ -1733,30 +1793,36 @@ class MessageStream(Stream):
 
     @property
     def pending_bytes(self):
-        return sum(len(b) for b in self._out)
+        return self._queued
 
     def on_writable(self, broker):
+        resume = ()
         with self._out_lock:
             failed = None
+            full = self._queued >= self.max_queued
             while self._out:
                 try:
-                    written = os.writev(self.wfd, list(itertools.islice(self._out, 64)))
+                    written = os.writev(self.wfd, self._out[:64])
                 except BlockingIOError:
                     break
                 except OSError as e:
                     failed = e
                     break
                 self.tx_bytes += written
-                while written:
-                    head = self._out[0]
-                    if written >= len(head):
-                        written -= len(head)
-                        self._out.popleft()
-                    else:
-                        self._out[0] = head[written:]
-                        written = 0
+                self._queued -= written
+                done = 0
+                while written and written >= len(self._out[done]):
+                    written -= len(self._out[done])
+                    done += 1
+                del self._out[:done]
+                if written:
+                    self._out[0] = self._out[0][written:]
             if not self._out:
                 broker._stop_transmit(self)
+            if full and self._queued < self.max_queued:
+                resume = self._room()
+        for stream in resume:
+            self._resume(stream)
         if failed is not None:
             LOG.debug('%r: write failed: %s', self, failed)
             self.on_disconnect(broker)
@@ -1867,16 +1933,17 @@ class MessageStream(Stream):
     def _route_received(self, msg):
         if not self.closed:
             self.router._async_route(msg, self)
+            self.broker.pause_congested(self)
 
     def _on_corrupt(self, error):
         LOG.error('%r: %s; disconnecting', self, error)
         self.on_disconnect(self.broker)
 
     def process_buffered(self, broker):
-        """Route every complete message the decoder holds."""
+        """Route every complete message the decoder holds, until one fills a queue."""
         decoder = self.decoder
-        route = self.router._async_route
-        while True:
+        router = self.router
+        while self.paused is None and not self.closed:
             try:
                 msg = decoder.next_message()
             except CorruptFrameError as e:
@@ -1884,17 +1951,27 @@ class MessageStream(Stream):
                 return
             if msg is None:
                 return
-            msg.router = self.router
-            route(msg, self)
+            msg.router = router
+            router._async_route(msg, self)
+            broker.pause_congested(self)
 
     def on_shutdown(self, broker):
         if self is self.router.parent_stream:
             self.keep_alive = False
 
     def on_disconnect(self, broker):
-        with self._out_lock:
+        with self._out_lock:  # closed under the lock: no thread may write after this
+            if self.closed:
+                return
+            self.closed = True
             self._out.clear()
-        Stream.on_disconnect(self, broker)
+            self._queued = 0
+            resume = self._room()
+        for stream in resume:
+            self._resume(stream)
+        self._gone(broker)
+        self.router._on_stream_disconnect(self)  # called, not listened for: no per-stream
+        # listener to keep
 
     def _close_fds(self, broker):
         keep = None
@@ -1929,6 +2006,9 @@ class Broker:
         self._deferred = collections.deque()
         self._timers = []
         self._lend_lock = threading.Lock()  # poller masks and MessageStream.lent
+        #: A stream whose queue was filled by what the broker is doing now (see
+        #: MessageStream._full): the stream being read is paused for it.
+        self.congested = None
         self._alive = True
         self._exited = False
         self._waker = Waker(self)
@@ -2011,7 +2091,7 @@ class Broker:
     def _update_locked(self, fd):
         mask = 0
         reader = self._readers.get(fd)
-        if reader is not None and not getattr(reader, 'lent', False):
+        if reader is not None and not getattr(reader, 'lent', False) and reader.paused is None:
             mask |= self.poller.READ
         if fd in self._writers:
             mask |= self.poller.WRITE
@@ -2102,6 +2182,14 @@ class Broker:
                 except Exception:
                     LOG.exception('%r: timer %r failed', self, timer.func)
 
+    def pause_congested(self, source):
+        """If what was just read from `source` filled some stream's queue, stop reading
+        `source` until that queue has room: backpressure, without the broker waiting."""
+        congested = self.congested
+        if congested is not None:
+            self.congested = None
+            congested.pause(source)
+
     def _loop_once(self, timeout=None):
         """Wait for and handle one round of events; returns the events handled."""
         events = self.poller.poll(self._next_timeout(timeout))
@@ -2110,12 +2198,14 @@ class Broker:
                 stream = self._readers.get(fd)
                 if stream is not None:
                     self._call(stream, stream.on_readable)
+                    self.pause_congested(stream)
             if mask & self.poller.WRITE:
                 stream = self._writers.get(fd)
                 if stream is not None:
                     self._call(stream, stream.on_writable)
         self._run_deferred()
         self._fire_timers()
+        self.congested = None  # filled by deferred work or a timer: nothing to pause
         return events
 
     def _call(self, stream, func):
@@ -2662,26 +2752,9 @@ class ExternalContext:
                                       errors='backslashreplace')
 
     def detach(self):
-        """Outlive the parent: tell it not to end this process, then drop the link.
-
-        Calls still running carry on; this context and its subtree no longer belong to the
-        program that started them.
-        """
-        self.detached = True
-        stream = self.router.parent_stream
-        try:
-            os.setsid()
-        except OSError:
-            pass  # already a session leader
-        self.parent.send(Message(handle=DETACHING))
-        unlisten(stream, 'disconnect', self._on_parent_disconnect)
-        latch = Latch()
-        self.broker.defer(lambda: latch.put(None))
-        latch.get()
-        deadline = now() + 2.0
-        while stream._out and now() < deadline:
-            self.broker.defer_sync(lambda: None)
-        self.broker.defer_sync(lambda: stream.on_disconnect(self.broker))
+        """Outlive the parent: tell it not to end this process, then drop the link (see
+        :func:`mitogen.parent.detach`, which does it: few children ever need it)."""
+        importlib.import_module('mitogen.parent').detach(self)
 
     def _on_shutdown_msg(self, msg):
         if not msg.is_dead:

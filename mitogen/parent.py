@@ -202,16 +202,18 @@ def _master_core_image() -> CoreImage:
     with open(core_path, "rb") as f:
         original = f.read()
     key = _image_key(original)
-    cache_path = _image_cache_path(core_path)
-    image = _read_cached_image(cache_path, key)
-    if image is None:
-        import importlib
+    paths = _image_cache_paths(core_path, key)
+    for path in paths:
+        image = _read_cached_image(path, key)
+        if image is not None:
+            return image
+    import importlib
 
-        minify = importlib.import_module("mitogen.minify")
-        minified = minify.minimize_source(original.decode("utf-8"))
-        image = CoreImage.from_source(minified.rstrip("\n").encode("utf-8") + b"\n")
-        if not sys.dont_write_bytecode:
-            _write_cached_image(cache_path, key, image)
+    minify = importlib.import_module("mitogen.minify")
+    minified = minify.for_boot(original.decode("utf-8"))
+    image = CoreImage.from_source(minified.rstrip("\n").encode("utf-8") + b"\n")
+    if not sys.dont_write_bytecode:
+        any(_write_cached_image(path, key, image) for path in paths)
     return image
 
 
@@ -225,13 +227,27 @@ def _image_key(original: bytes) -> str:
                                    *sys.version_info[:2])
 
 
-def _image_cache_path(core_path: str) -> str:
+def _image_cache_paths(core_path: str, key: str) -> list:
     """Beside the core's own bytecode cache (honouring ``sys.pycache_prefix``): the boot
-    image is to the payload what a ``.pyc`` is to the module."""
+    image is to the payload what a ``.pyc`` is to the module. Where that is not writable (a
+    system installation), in the user's cache directory, if it belongs to this user alone:
+    whatever is there becomes the code of every child."""
     import importlib.util
 
-    return os.path.join(os.path.dirname(importlib.util.cache_from_source(core_path)),
-                        "core.boot-image")
+    paths = [os.path.join(os.path.dirname(importlib.util.cache_from_source(core_path)),
+                          "core.boot-image")]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if _private_dir(base):
+        paths.append(os.path.join(base, "mitogen-tree", "core-%s.boot-image" % (key,)))
+    return paths
+
+
+def _private_dir(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def _read_cached_image(path: str, key: str) -> CoreImage | None:
@@ -254,14 +270,13 @@ def _read_cached_image(path: str, key: str) -> CoreImage | None:
     return CoreImage(source, compressed, checksum)
 
 
-def _write_cached_image(path: str, key: str, image: CoreImage) -> None:
-    """Best effort and atomic, as Python writes a ``.pyc``: a read-only installation simply
-    builds the image in each process."""
+def _write_cached_image(path: str, key: str, image: CoreImage) -> bool:
+    """Best effort and atomic, as Python writes a ``.pyc``; True if it was written."""
     header = b"%s %s %d\n" % (_IMAGE_MAGIC, key.encode(), image.checksum)
     tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(header + image.compressed)
@@ -271,6 +286,8 @@ def _write_cached_image(path: str, key: str, image: CoreImage) -> None:
             raise
     except OSError as e:
         LOG.debug("not caching the boot image at %s: %s", path, e)
+        return False
+    return True
 
 
 def build_payload(config: dict) -> bytes:
@@ -444,6 +461,9 @@ class Reaper(Stream):
         Stream.on_disconnect(self, broker)
 
 
+_STDERR_LOG = logging.getLogger("mitogen.stderr")
+
+
 class StderrStream(Stream):
     """Logs what a child prints on stderr before it takes over its own stdio, and keeps the
     last lines for the error message if the bootstrap fails."""
@@ -455,7 +475,7 @@ class StderrStream(Stream):
         mitogen.core.set_cloexec(fd)
         self.lines: list[str] = []
         self._partial = b""
-        self._log = logging.getLogger("mitogen.stderr." + name)
+        self._name = name
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
         data = mitogen.core.read_chunk(self.rfd)
@@ -474,7 +494,7 @@ class StderrStream(Stream):
         for raw in lines:
             line = raw.decode("utf-8", "replace").rstrip("\r")
             self.lines.append(line)
-            self._log.debug("%s", line)
+            _STDERR_LOG.debug("%s: %s", self._name, line)  # one logger, not one per child
         del self.lines[:-ERROR_LINES]
 
 
@@ -513,7 +533,8 @@ class Keepalive:
         stream = self.stream
         if stream.closed:
             return
-        if stream.rx_bytes != self._last_rx:
+        if stream.rx_bytes != self._last_rx or stream.paused is not None:
+            # (a paused stream is silent because we do not read it: not the child's doing)
             self._last_rx = stream.rx_bytes
             self._silent = 0
         else:
@@ -735,7 +756,7 @@ class Connection:
         if self.use_socketpair:
             fd = os.dup(ours.fileno())
             ours.close()
-            return Process(popen.pid, fd, os.dup(fd), err_r)
+            return Process(popen.pid, fd, fd, err_r)  # one descriptor both ways
         return Process(popen.pid, in_w, out_r, err_r)
 
     # --- the common part
@@ -767,6 +788,7 @@ class Connection:
                               "no answer within connect_timeout=%.1fs"
                               % (self.options.connect_timeout,))
             ok, value = self._latch.get()
+        self._latch = None  # done with: a connected child's state is kept small
         if not ok:
             raise value
 
@@ -825,6 +847,8 @@ class Connection:
         self._done = True
         self.payload = b""  # 15 KiB a child, of no more use
         self._boot.release(self.broker)
+        self._boot = None
+        self._stderr = None  # the broker reads it until the child lets go of it
         unlisten(self.broker, "shutdown", self._on_broker_shutdown)
         stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
                              self.stream_name, remote_id=self.context.context_id)
@@ -832,7 +856,6 @@ class Connection:
         self.stream = stream
         if leftover:
             stream.decoder.feed(leftover)
-        listen(stream, "disconnect", self._on_stream_disconnect)
         if self.context.name is None:
             self.context.name = self.stream_name
         self.router.register(self.context, stream)
@@ -909,7 +932,13 @@ class ChildIdAllocator:
 
 
 class ChildStream(MessageStream):
-    """The parent's end of the stream to a child: asks it to shut down with the broker."""
+    """The parent's end of the stream to a child: asks it to shut down with the broker, and
+    tells its Connection when it is gone."""
+
+    def _gone(self, broker: mitogen.core.Broker) -> None:
+        super()._gone(broker)
+        if self.conn is not None:
+            self.conn._on_stream_disconnect()
 
     def on_shutdown(self, broker: mitogen.core.Broker) -> None:
         if not self.closed:
@@ -1295,6 +1324,29 @@ def upgrade_router(econtext: Any) -> Router:
         router._become_parent()
         router.forwarder = ModuleForwarder(router, econtext.importer)
     return router
+
+
+def detach(econtext: Any) -> None:
+    """Let `econtext`'s context outlive its parent (``ExternalContext.detach()``): tell the
+    parent not to end this process, then drop the link once what is queued has gone.
+
+    Calls still running carry on; this context and its subtree no longer belong to the
+    program that started them.
+    """
+    econtext.detached = True
+    broker = econtext.broker
+    stream = econtext.router.parent_stream
+    try:
+        os.setsid()
+    except OSError:
+        pass  # already a session leader
+    econtext.parent.send(Message(handle=mitogen.core.DETACHING))
+    unlisten(stream, "disconnect", econtext._on_parent_disconnect)
+    deadline = mitogen.core.now() + 2.0
+    broker.defer_sync(lambda: None)
+    while stream.pending_bytes and mitogen.core.now() < deadline:
+        broker.defer_sync(lambda: None)
+    broker.defer_sync(lambda: stream.on_disconnect(broker))
 
 
 @mitogen.core.takes_econtext

@@ -52,8 +52,9 @@ def test_payload_is_at_most_16_kib():
     assert source.rstrip().endswith(b"ExternalContext(%r).main()" % (config,))
 
 
-def _fresh_image(monkeypatch, path):
-    monkeypatch.setattr(mitogen.parent, "_image_cache_path", lambda core_path: str(path))
+def _fresh_image(monkeypatch, *paths):
+    monkeypatch.setattr(mitogen.parent, "_image_cache_paths",
+                        lambda core_path, key: [str(p) for p in paths])
     return mitogen.parent._master_core_image()
 
 
@@ -68,7 +69,7 @@ def test_boot_image_is_cached_and_reused(tmp_path, monkeypatch):
     def no_minify(source):
         raise AssertionError("the cached image should have been used")
 
-    monkeypatch.setattr("mitogen.minify.minimize_source", no_minify)
+    monkeypatch.setattr("mitogen.minify.for_boot", no_minify)
     read = _fresh_image(monkeypatch, cache)
     assert read == built
     assert read.source == mitogen.parent.get_core_source()
@@ -76,6 +77,25 @@ def test_boot_image_is_cached_and_reused(tmp_path, monkeypatch):
     config = {"context_id": 7, "parent_ids": [0]}
     assert zlib.decompress(mitogen.parent.build_payload(config)) == \
         read.source + b"ExternalContext(%r).main()\n" % (config,)
+
+
+def test_boot_image_falls_back_to_a_private_user_cache(tmp_path, monkeypatch):
+    """A read-only installation caches the image in the user's own cache directory, and
+    only if nobody else can write there (the image becomes every child's code)."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    user = tmp_path / "home-cache"
+    user.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(user))
+    cache_paths = mitogen.parent._image_cache_paths
+    paths = cache_paths("/nonexistent/mitogen/core.py", "KEY")
+    assert paths[1] == str(user / "mitogen-tree" / "core-KEY.boot-image")
+    (tmp_path / "a-file").write_text("")  # not a directory: even root cannot write there
+    unwritable = tmp_path / "a-file" / "core.boot-image"
+    built = _fresh_image(monkeypatch, unwritable, paths[1])
+    assert (user / "mitogen-tree" / "core-KEY.boot-image").exists()
+    assert built.source == mitogen.parent.get_core_source()
+    user.chmod(0o777)
+    assert len(cache_paths("/x/core.py", "KEY")) == 1
 
 
 @pytest.mark.parametrize("content", [

@@ -79,8 +79,13 @@ def test_broker_shutdown_while_a_thread_holds_a_lease(monkeypatch):
     monkeypatch.setattr(mitogen.core._ThreadWaker, "wait", wait_and_tell)
 
     def wait():
+        # The broker may be reading the stream this instant (an event it polled before the
+        # last lease ended), and then lease() says no: ask until it says yes.
+        lease = None
+        while lease is None:
+            lease = stream.lease()
         try:
-            recv.get(timeout=30)
+            recv.get(timeout=30, lease=lease)
         except mitogen.core.ChannelError as e:
             outcome.append(e)
 

@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import pytest
 
-from mitogen.minify import minimize_source
+from mitogen.minify import drop_module_all, minimize_source, shorten_locals
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 STDLIB_MODULES = [
@@ -264,3 +264,76 @@ def test_refuses_bytes() -> None:
 def test_invalid_source_raises_syntax_error() -> None:
     with pytest.raises(SyntaxError):
         minimize_source("def f(:\n")
+
+
+# -- shorten_locals and drop_module_all (the boot payload only) --------------------------------
+
+
+def same_code(a, b, path="<module>") -> int:
+    """Assert two code objects do the same thing: the same bytecode, constants, global and
+    attribute names, arguments and line table; only the names of locals may differ. Returns
+    how many local names differ."""
+    assert a.co_code == b.co_code, path
+    assert a.co_names == b.co_names, path
+    assert (a.co_argcount, a.co_kwonlyargcount, a.co_posonlyargcount, a.co_flags) == \
+        (b.co_argcount, b.co_kwonlyargcount, b.co_posonlyargcount, b.co_flags), path
+    nargs = a.co_argcount + a.co_kwonlyargcount + bool(a.co_flags & 0x04) + \
+        bool(a.co_flags & 0x08)  # co_argcount counts positional-only arguments too
+    assert a.co_varnames[:nargs] == b.co_varnames[:nargs], path  # callers may use keywords
+    assert len(a.co_varnames) == len(b.co_varnames), path
+    assert len(a.co_cellvars) == len(b.co_cellvars), path
+    assert len(a.co_freevars) == len(b.co_freevars), path
+    assert list(a.co_lines()) == list(b.co_lines()), path
+    assert len(a.co_consts) == len(b.co_consts), path
+    renamed = sum(x != y for x, y in zip(a.co_varnames, b.co_varnames))
+    for x, y in zip(a.co_consts, b.co_consts):
+        if hasattr(x, "co_code"):
+            renamed += same_code(x, y, path + "." + x.co_name)
+        else:
+            assert type(x) is type(y) and repr(x) == repr(y), path
+    return renamed
+
+
+@pytest.mark.parametrize("relative", STDLIB_MODULES)
+def test_shorten_locals_changes_only_the_names_of_locals(relative: str) -> None:
+    minified = minimize_source(read_stdlib(relative))
+    short = shorten_locals(minified)
+    assert short.count("\n") == minified.count("\n")
+    same_code(compile(minified, relative, "exec"), compile(short, relative, "exec"))
+
+
+def test_shorten_locals_on_the_core_renames_and_keeps_behaviour() -> None:
+    import mitogen.core
+
+    with open(mitogen.core.__file__) as f:
+        minified = drop_module_all(minimize_source(f.read()))
+    short = shorten_locals(minified)
+    renamed = same_code(compile(minified, "core", "exec"), compile(short, "core", "exec"))
+    assert renamed > 100
+    assert len(short) < 0.97 * len(minified)
+
+
+@pytest.mark.parametrize("source", [
+    "def f(a, *b, c=1, **d):\n    total = a\n    for item in b:\n        total += item\n"
+    "    return g(total=total, c=c, **d)\n",
+    "def f(x):\n    value = x\n    return lambda value=value: value + 1\n",
+    "def f(x):\n    value = x\n    return [value for value in range(value)]\n",
+    "def f(x):\n    try:\n        pass\n    except (KeyError,\n"
+    "            ValueError) as problem:\n        return problem\n",
+    "def f(x):\n    name = 'é'; other = x\n    return name, other\n",
+    "def f():\n    it = 1\n    class K:\n        it = 2\n    return it\n",
+    "def f():\n    found = 1\n    return locals()\n",
+    "def f():\n    global seen\n    seen = 1\n",
+])
+def test_shorten_locals_corner_cases(source: str) -> None:
+    short = shorten_locals(source)
+    same_code(compile(source, "s", "exec"), compile(short, "s", "exec"))
+    namespace: dict = {"g": lambda **kw: kw}
+    exec(short, namespace)
+    if "locals()" in source or "class K" in source or "global" in source:
+        assert short == source
+
+
+def test_drop_module_all_keeps_lines() -> None:
+    source = 'import os\n__all__ = [\n    "a",\n    "b",\n]\nx = 1\n'
+    assert drop_module_all(source) == "import os\n\n\n\n\nx = 1\n"

@@ -126,6 +126,18 @@ def send_to(sender, value):
     return True
 
 
+def send_numbered(sender, count, size):
+    """Send `count` messages of `size` bytes, each with its number, to `sender`."""
+    for number in range(count):
+        sender.send((number, b"x" * size))
+    return count
+
+
+def receive_numbered(handle, count, timeout=30.0):
+    """The numbers of the next `count` messages sent to the receiver `handle`."""
+    return [_receivers[handle].get(timeout=timeout).unpickle()[0] for _ in range(count)]
+
+
 def call_in(context, name, *args):
     """Call the function `name` of this module in another context, from this one."""
     return context.call(globals()[name], *args)
@@ -251,6 +263,11 @@ def corrupt_parent_stream(router=None):
     """Write bytes that are not a frame onto the link to the parent."""
     os.write(router.parent_stream.wfd, b"\x00" * 64)
     return True
+
+
+def make_bytes(size):
+    """A bytes object of `size` zero bytes, made here (for transfer tests)."""
+    return bytes(size)
 
 
 def module_loaded(name):
