@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import signal
+import threading
 
 import pytest
 
@@ -196,6 +197,24 @@ def test_stopping_a_pool_fails_queued_and_later_calls_and_lets_running_ones_fini
     finally:
         services.Gate.opened.set()
         pool.stop()
+
+
+def test_defer_and_service_selects_run_on_pool_threads(router):
+    listening = services.Listening(router)
+    pool = mitogen.service.Pool(router, services=[listening], size=2)
+    try:
+        done = mitogen.core.Latch()
+        pool.defer(lambda value: done.put((value, threading.current_thread().name)), "x")
+        value, thread = done.get(timeout=10)
+        assert value == "x" and thread.startswith("mitogen.Pool.")
+        listening.recv.to_sender().send("hello")
+        text, thread = listening.seen.get(timeout=10)
+        assert text == "hello" and thread.startswith("mitogen.Pool.")
+    finally:
+        pool.stop()
+    assert listening.seen.get(timeout=10) == "shut down"  # stop() joined, then on_shutdown
+    with pytest.raises(mitogen.service.Error, match="the pool has stopped"):
+        pool.defer(print)
 
 
 def test_registering_a_service_twice_is_an_error(router, pool):

@@ -52,6 +52,23 @@ class Greeter(mitogen.service.Service):
         raise ValueError(text)
 
 
+class Listening(mitogen.service.Service):
+    """Receives plain messages through its select: on_message() runs on a pool thread."""
+
+    def __init__(self, router):
+        super().__init__(router)
+        self.recv = mitogen.core.Receiver(router)
+        self.select.add(self.recv)
+        self.seen = mitogen.core.Latch()
+
+    def on_message(self, event):
+        self.seen.put((event.data.unpickle(), threading.current_thread().name))
+
+    def on_shutdown(self):
+        self.recv.close()
+        self.seen.put("shut down")
+
+
 class ParentsOnly(mitogen.service.Service):
     """A second service, never started by the tests before a sibling asks for it."""
 
