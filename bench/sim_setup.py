@@ -64,7 +64,7 @@ def make_backend(name: str):
         return LocalBackend(Timeline())
     import simulator.dockerbackend
 
-    return simulator.dockerbackend.DockerBackend(Timeline())
+    return simulator.dockerbackend.DockerBackend(Timeline(), prepare=True)
 
 
 def time_setup(backend_name: str, path: str) -> float:

@@ -1502,14 +1502,16 @@ class EpollPoller:
     def set_mask(self, fd, mask):
         """Watch `fd` for `mask`, or not at all when it is 0. The kernel knows what is
         registered: a table of masks here would cost every stream a dict entry."""
-        try:
-            if mask:
-                self._epoll.modify(fd, mask)
-            else:
+        if not mask:
+            try:
                 self._epoll.unregister(fd)
-        except FileNotFoundError:  # not registered yet (or any more)
-            if mask:
-                self._epoll.register(fd, mask)
+            except FileNotFoundError:
+                pass
+            return
+        try:  # register first: a lease unwatches its stream and re-watches it on every call
+            self._epoll.register(fd, mask)
+        except FileExistsError:
+            self._epoll.modify(fd, mask)
 
     def poll(self, timeout):
         return self._epoll.poll(-1 if timeout is None else timeout)

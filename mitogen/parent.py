@@ -415,7 +415,10 @@ class Reaper(Stream):
         Stream.__init__(self, "reaper:" + name)
         self.broker = broker
         self.proc = proc
-        self.rfd = os.pidfd_open(proc.pid) if hasattr(os, "pidfd_open") else None
+        try:
+            self.rfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # Linux < 5.3, a seccomp filter, valgrind: poll
+            self.rfd = None
         self._timers: list = []
         self._interval = 0.005
 
@@ -424,6 +427,8 @@ class Reaper(Stream):
             mitogen.core.set_cloexec(self.rfd)
             self.broker.start_receive(self)
         else:
+            # Not watched, so not among the streams the broker ends as it exits: told then.
+            listen(self.broker, "exit", lambda: self.on_disconnect(self.broker))
             self._poll_later()
 
     def _poll_later(self) -> None:
@@ -803,6 +808,13 @@ class Connection:
             self.payload = self.payload[written:]
 
     def _start_boot(self) -> None:
+        try:
+            self._watch_boot()
+        except Exception as e:
+            LOG.exception("%s: cannot watch the new child", self.stream_name)
+            self._boot_failed(StreamError, "cannot watch the new child: %s" % (e,))
+
+    def _watch_boot(self) -> None:
         proc = self.proc
         self._reaper = Reaper(self.broker, proc, self.stream_name)
         self._reaper.start()
@@ -815,6 +827,12 @@ class Connection:
         self.broker.start_receive(self._boot)
         listen(self.broker, "shutdown", self._on_broker_shutdown)
 
+    def _stop_listening(self) -> None:
+        try:
+            unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        except ValueError:
+            pass  # the boot failed before it was listening
+
     def _on_broker_shutdown(self) -> None:
         if not self._done:
             self._boot_failed(CancelledError, "the broker shut down while connecting")
@@ -823,7 +841,7 @@ class Connection:
         if self._done:
             return
         self._done = True
-        unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        self._stop_listening()
         lines = list(self._boot.output if self._boot else [])
         if self._stderr is not None:
             self._stderr.on_readable(self.broker)
@@ -837,9 +855,25 @@ class Connection:
             self._boot.on_disconnect(self.broker)
         if self._stderr is not None:
             self._stderr.on_disconnect(self.broker)
+        if self._boot is None or self._stderr is None:
+            # Failed before the streams that own them existed: close what is left.
+            self._close_unowned_fds()
         if self._reaper is not None:
             self._reaper.on_disconnect(self.broker)
+        else:
+            self.proc.kill_and_reap()
         self._latch.put((False, exc_class(text)))
+
+    def _close_unowned_fds(self) -> None:
+        proc = self.proc
+        fds = set() if self._boot is not None else {proc.stdin, proc.stdout}
+        if self._stderr is None and proc.stderr is not None:
+            fds.add(proc.stderr)
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _boot_succeeded(self, leftover: bytes) -> None:
         if self._done:
@@ -849,7 +883,7 @@ class Connection:
         self._boot.release(self.broker)
         self._boot = None
         self._stderr = None  # the broker reads it until the child lets go of it
-        unlisten(self.broker, "shutdown", self._on_broker_shutdown)
+        self._stop_listening()
         stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
                              self.stream_name, remote_id=self.context.context_id)
         stream.conn = self

@@ -1,14 +1,20 @@
-"""Command line for people: ``python -m simulator check|up|status|down FILE``.
+"""Command line for people: ``python -m simulator check|up|status|down|images``.
 
-``check FILE``   parse the topology and print its hosts and the context plan (no processes)
+``check FILE``   parse the topology, print its hosts, the context plan and every schedule's
+                 fault plan (seeded as pytest seeds it), and what a backend would refuse; no
+                 processes, no Docker
 ``up FILE``      build the tree (``--backend local``, the default, or ``docker``), print where
-                 each host runs, and keep it up until Ctrl-C or SIGTERM: the tree's contexts
-                 belong to *this* process, so it lives exactly as long as the command does
-``status``       list the local trees running on this machine (from ``up`` or from pytest),
-                 with each link relay's byte counts and faults
-``down [FILE]``  stop the ``up`` commands running on this machine (all, or those of FILE) and
-                 sweep what killed runs left: local control directories, and containers and
-                 networks whose runner is gone (when a Docker engine answers)
+                 each host runs, optionally play a fault schedule (``--schedule``), and keep it
+                 up until Ctrl-C, SIGTERM or ``down``: the tree's contexts belong to *this*
+                 process, so the tree lives exactly as long as the command does
+``status``       list every tree running for this user (from ``up`` or from pytest), on either
+                 backend: hosts, contexts, where they run, and the faults applied now
+``down [FILE]``  tear down the ``up`` trees (all, or those of FILE) and wait until each is gone;
+                 remove what a runner that is gone left (containers, networks, keys, records)
+``images ...``   build, list and prune the docker backend's host images (``images --help``)
+
+Every tree has one state record (:mod:`simulator.state`), whichever backend runs it, and
+``status`` and ``down`` work from those records.
 """
 
 from __future__ import annotations
@@ -18,12 +24,16 @@ import os
 import signal
 import sys
 import threading
-from typing import List, Optional, Tuple
+import time
+from typing import Any, List, Optional
 
 __all__ = ["main"]
 
+#: How long ``down`` waits for one ``up`` to tear its tree down.
+DOWN_TIMEOUT = 120.0
 
-def _load(path: str):
+
+def _load(path: str) -> Any:
     from simulator.topology import TopologyError, load_topology
 
     try:
@@ -32,7 +42,15 @@ def _load(path: str):
         raise SystemExit(f"simulator: {exc}") from None
 
 
+def _refusals(topology: Any, backends: List[str]) -> List[str]:
+    from simulator.preflight import refusals
+
+    return [line for backend in backends for line in refusals(topology, backend)]
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    from simulator.faults import FaultError, format_plan
+
     topology = _load(args.file)
     print(f"{topology.name}: {len(topology.hosts)} hosts, seed {topology.seed}")
     for (host_id, account), hops in topology.context_plan().items():
@@ -40,151 +58,300 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {host_id}{'' if account is None else ' as ' + account}: "
                   f"{' -> '.join(hop.label for hop in hops)}")
     for schedule in topology.schedules:
-        print(f"schedule {schedule.name}:")
-        for step in schedule.plan(topology, args.seed):
-            print(f"  {step.start:8.3f}s +{step.duration:g}s {step.fault!r}")
-    return 0
+        try:
+            seed = schedule.seed_for(topology, args.seed)
+        except FaultError as exc:
+            print(f"schedule {schedule.name}: {exc}")
+            continue
+        print(f"schedule {schedule.name} (seed {seed}):")
+        for line in format_plan(schedule.plan(topology, args.seed)):
+            print(f"  {line}")
+    refused = _refusals(topology, ["local", "docker"] if args.backend == "both"
+                        else [args.backend])
+    for line in refused:
+        print(f"simulator: {line}", file=sys.stderr)
+    return 1 if refused else 0
 
 
-def _backend(name: str, timeline, keepalive: bool):
-    if name == "docker":
+def _backend(args: argparse.Namespace, timeline: Any) -> Any:
+    if args.backend == "docker":
         from simulator.dockerbackend import DockerBackend
 
-        return DockerBackend(timeline)
+        return DockerBackend(timeline, prepare=True,
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))
     from simulator.local import LocalBackend
 
-    return LocalBackend(timeline, keepalive=keepalive)
+    return LocalBackend(timeline, keepalive=not args.no_keepalive)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from simulator.faults import FaultError, describe_seeds
+    from simulator.state import RunRecord, describe_hosts
     from simulator.timeline import Timeline
 
     topology = _load(args.file)
+    refused = _refusals(topology, [args.backend])
+    if refused:
+        raise SystemExit("\n".join(f"simulator: {line}" for line in refused))
+    steps = None
+    if args.schedule:
+        try:
+            steps = topology.schedule(args.schedule).plan(topology, args.seed)
+        except (LookupError, FaultError) as exc:
+            raise SystemExit(f"simulator: --schedule: {exc}") from None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     with Timeline(args.timeline) as timeline:
-        backend = _backend(args.backend, timeline, keepalive=not args.no_keepalive)
+        backend = _backend(args, timeline)
+        record = RunRecord(topology=topology.name, file=os.path.abspath(args.file),
+                           backend=args.backend, command="up",
+                           seeds=describe_seeds(topology, args.seed))
         try:
+            record.resources = backend.resources()
+            record.save()
             backend.create(topology)
-            print(f"{topology.name} is up in {backend.build_seconds:.2f} s "
-                  f"({args.backend} backend, this process: pid {os.getpid()})", flush=True)
-            for host in topology.hosts:
-                placement = backend.placement(host.id)
-                context = backend.context(host.id)
-                print(f"  {host.id}: context {context.context_id}, {placement.where}")
-            print("Ctrl-C or `python -m simulator down` tears it down.", flush=True)
+            record.hosts = describe_hosts(backend)
+            record.resources = backend.resources()
+            record.save()
+            _print_up(topology, backend, args)
+            if steps is not None and not stop.is_set():
+                _play(backend, record, args.schedule, steps, stop)
             stop.wait()
         finally:
             backend.destroy()
+            record.remove()
     print(f"{topology.name} is down")
     return 0
 
 
-def _runs() -> List[Tuple[int, str, str]]:
-    """(owner pid, control directory, owner command line) of every local tree running."""
-    from simulator.local import _base_dir, _cmdline, _pid_alive
+def _print_up(topology: Any, backend: Any, args: argparse.Namespace) -> None:
+    print(f"{topology.name} is up in {backend.build_seconds:.2f} s ({args.backend} backend, "
+          f"this process: pid {os.getpid()})", flush=True)
+    for host in topology.hosts:
+        placement = backend.placement(host.id)
+        print(f"  {host.id}: context {backend.context(host.id).context_id}, {placement.where}")
+    print("Ctrl-C here, or `python -m simulator down` from another shell, tears it down; "
+          "`python -m simulator status` shows it.", flush=True)
 
-    found = []
-    base = _base_dir()
-    for name in sorted(os.listdir(base)) if os.path.isdir(base) else ():
-        owner = name.split("-", 1)[0]
-        if owner.isdigit() and _pid_alive(int(owner)):
-            found.append((int(owner), os.path.join(base, name), _cmdline(int(owner))))
-    return found
+
+def _play(backend: Any, record: Any, name: str, steps: Any, stop: threading.Event) -> None:
+    """Run a schedule's plan once, keeping the state record's fault list current."""
+    from simulator.faults import FaultInjector, run_plan
+
+    injector: Optional[FaultInjector] = None
+
+    def on_event(event: Any) -> None:
+        backend.timeline.record("fault", time=event.time, **{
+            k: v for k, v in event.to_dict().items() if k != "time"})
+        if injector is not None:
+            record.set_faults(injector.active)
+            if event.action == "apply":
+                print(f"  {time.strftime('%H:%M:%S')} applied {event.fault!r}", flush=True)
+
+    injector = FaultInjector(backend, on_event=on_event)
+    print(f"playing schedule {name}: {len(steps) - 1} faults over {steps[-1].start:g} s",
+          flush=True)
+    applied = run_plan(injector, steps, stop=stop)
+    record.set_faults(())
+    print(f"schedule {name}: {applied} of {len(steps) - 1} faults applied"
+          + (" (stopped early)" if stop.is_set() else "")
+          + ", all healed; the tree stays up until Ctrl-C or `down`", flush=True)
+
+
+def _matches(record: Any, wanted: Optional[str]) -> bool:
+    return wanted is None or record.topology == wanted or \
+        record.file == os.path.abspath(wanted)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from simulator.state import load_records
+
+    records = [r for r in load_records() if _matches(r, args.file)]
+    if not records:
+        print("no topology is running" + (f" for {args.file}" if args.file else ""))
+    for record in records:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))
+        print(f"{record.topology}: {record.backend} backend, `{record.command}` pid "
+              f"{record.pid}, since {since}, seed {record.seeds} ({record.file})")
+        if not record.alive:
+            print(f"  its runner (pid {record.pid}) is gone"
+                  + (" (--topology-keep)" if record.kept else "")
+                  + "; `python -m simulator down` removes what it left")
+        live = _live(record)
+        if not record.hosts:
+            print("  starting: no host is up yet")
+        for host in record.hosts:
+            print(f"  {host['id']}: context {host['context_id']}, {host['where']}"
+                  + (f" [{live[host['id']]}]" if host["id"] in live else ""))
+            for account, context_id in sorted(host.get("accounts", {}).items()):
+                print(f"    as {account}: context {context_id}")
+        faults = [f["fault"] for f in record.faults]
+        print(f"  faults applied: {', '.join(faults) if faults else 'none'}")
+    return 0
+
+
+def _live(record: Any) -> dict:
+    """What the hosts look like now: a local link's byte counts and faults, or a
+    container's state. Empty when nothing answers."""
+    if not record.alive and record.backend == "local":
+        return {}
+    if record.backend == "docker":
+        return _container_states(record)
     from simulator.relay import RelayControl, RelayControlError
 
-    runs = _runs()
-    if not runs:
-        print("no local topology is running")
-    for owner, directory, command in runs:
-        print(f"pid {owner}: {command}")
-        for sock in sorted(os.listdir(directory)):
-            path = os.path.join(directory, sock)
-            try:
-                with RelayControl(path, timeout=2.0) as control:
-                    stats = control.stats()
-            except RelayControlError as exc:
-                print(f"  {sock}: no answer ({exc})")
-                continue
-            faults = [d for d in ("upstream", "downstream")
-                      if stats[d]["stalled"] or stats[d]["blackhole"]]
-            print(f"  {sock}: context pid {stats.get('child_pid')}, "
-                  f"up {stats['upstream']['forwarded']} B, "
-                  f"down {stats['downstream']['forwarded']} B"
-                  + (f", faulted: {', '.join(faults)}" if faults else ""))
-    return 0
+    found = {}
+    for host in record.hosts:
+        control = host.get("labels", {}).get("control")
+        if control is None:
+            continue
+        try:
+            with RelayControl(control, timeout=2.0) as relay:
+                stats = relay.stats()
+        except RelayControlError as exc:
+            found[host["id"]] = f"link: no answer ({exc})"
+            continue
+        faulted = [d for d in ("upstream", "downstream")
+                   if stats[d]["stalled"] or stats[d]["blackhole"]]
+        found[host["id"]] = (f"link up {stats['upstream']['forwarded']} B, down "
+                             f"{stats['downstream']['forwarded']} B"
+                             + (f", faulted: {', '.join(faulted)}" if faulted else ""))
+    return found
+
+
+def _container_states(record: Any) -> dict:
+    try:
+        from simulator.dockerbackend import LABEL_HOST, LABEL_RUN
+        from simulator.dockerd import DockerdError, engine_client
+
+        client = engine_client(client_timeout=10)
+    except (ImportError, DockerdError):
+        return {}
+    try:
+        run = record.resources.get("run")
+        containers = client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run}"})
+        return {c.labels.get(LABEL_HOST): f"container {c.name} {c.status}" for c in containers}
+    finally:
+        client.close()
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from simulator.state import load_records
+
+    failed = False
+    acted = 0
+    for record in load_records():
+        if not _matches(record, args.file):
+            continue
+        name = f"{record.topology} ({record.backend} backend, pid {record.pid})"
+        if record.alive:
+            if record.command != "up":
+                print(f"{name}: a {record.command} session; it tears its tree down itself")
+                continue
+            os.kill(record.pid, signal.SIGTERM)
+            print(f"{name}: asked to tear its tree down; waiting", flush=True)
+            if not _wait_gone(record, DOWN_TIMEOUT):
+                print(f"{name}: still up after {DOWN_TIMEOUT:g} s", file=sys.stderr)
+                failed = True
+                continue
+        if os.path.exists(record.path):  # its runner is gone without cleaning up
+            for item in _remove_left(record):
+                print(f"{name}: removed {item}")
+            record.remove()
+        print(f"{name}: down")
+        acted += 1
+    for item in _sweep():
+        print(f"removed {item}")
+    if not acted and not failed:
+        print("no topology was running" + (f" for {args.file}" if args.file else ""))
+    return 1 if failed else 0
+
+
+def _wait_gone(record: Any, timeout: float) -> bool:
+    """Wait until the ``up`` process ended (it removes its record as it goes)."""
+    deadline = time.monotonic() + timeout
+    while record.alive and time.monotonic() < deadline:
+        time.sleep(0.1)  # another process: no event to wait on
+    return not record.alive
+
+
+def _remove_left(record: Any) -> List[str]:
+    if record.backend == "docker":
+        from simulator.dockerbackend import remove_run
+
+        run = record.resources.get("run")
+        return remove_run(run, record.resources.get("keys_dir")) if run else []
+    import shutil
+
+    control = record.resources.get("control_dir")
+    if control and os.path.isdir(control):
+        shutil.rmtree(control, ignore_errors=True)
+        return [control]
+    return []
+
+
+def _sweep() -> List[str]:
+    """Local control directories and Docker runs whose runner is gone (when an engine
+    answers; nothing is started to ask)."""
     from simulator.local import sweep_stale_dirs
 
-    stopped = 0
-    for owner, _directory, command in _runs():
-        if " -m simulator up " not in f" {command} " and "simulator/__main__.py up" not in command:
-            continue  # a pytest session: it cleans up after itself
-        if args.file and os.path.abspath(args.file) not in command and args.file not in command:
-            continue
-        os.kill(owner, signal.SIGTERM)
-        stopped += 1
-        print(f"asked pid {owner} to tear its tree down")
-    swept = sweep_stale_dirs()
-    if swept:
-        print(f"removed {len(swept)} stale control directories")
-    for name in _sweep_docker():
-        print(f"removed {name}")
-    if not stopped:
-        print("no `up` command was running")
-    return 0
-
-
-def _sweep_docker() -> List[str]:
-    """Containers and networks of dead runs, if a Docker engine is there to ask."""
+    removed = sweep_stale_dirs()
     try:
-        import docker
-
         from simulator.dockerbackend import sweep_stale
-    except ImportError:
-        return []
+        from simulator.dockerd import DockerdError, engine_client
+
+        client = engine_client(client_timeout=60)
+    except (ImportError, DockerdError):
+        return removed
     try:
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except Exception:
-        return []
-    try:
-        return sweep_stale(client)
+        return removed + sweep_stale(client)
     finally:
         client.close()
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split(
+        "\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="parse FILE and print the hosts and fault plans")
+    check = sub.add_parser("check", help="parse FILE, print its hosts and fault plans, and "
+                                         "what a backend would refuse")
     check.add_argument("file")
-    check.add_argument("--seed", type=int, default=None)
+    check.add_argument("--seed", type=int, default=None,
+                       help="seed of every schedule (as --topology-seed; default: each "
+                            "schedule's own, else the file's)")
+    check.add_argument("--backend", choices=("local", "docker", "both"), default="both",
+                       help="check what this backend would refuse (default: both)")
     check.set_defaults(run=cmd_check)
-    up = sub.add_parser("up", help="build FILE's tree and keep it up until Ctrl-C")
+    up = sub.add_parser("up", help="build FILE's tree and keep it up until Ctrl-C or `down`")
     up.add_argument("file")
     up.add_argument("--backend", choices=("local", "docker"), default="local")
+    up.add_argument("--schedule", metavar="NAME", default=None,
+                    help="play this fault schedule of FILE once, then keep the tree up")
+    up.add_argument("--seed", type=int, default=None,
+                    help="seed of the schedule (default: its own, else the file's)")
     up.add_argument("--timeline", default=None, help="write the JSONL timeline here")
     up.add_argument("--no-keepalive", action="store_true",
-                    help="do not emulate ssh keepalives on the links")
+                    help="do not emulate ssh keepalives on the links (local backend)")
     up.set_defaults(run=cmd_up)
-    status = sub.add_parser("status", help="list local trees and their links")
-    status.add_argument("file", nargs="?")
+    status = sub.add_parser("status", help="list the running trees, their hosts, contexts "
+                                           "and faults")
+    status.add_argument("file", nargs="?", help="only this topology (file or name)")
     status.set_defaults(run=cmd_status)
-    down = sub.add_parser("down", help="stop `up` commands and sweep leftovers")
-    down.add_argument("file", nargs="?")
+    down = sub.add_parser("down", help="tear down `up` trees and remove what dead runs left")
+    down.add_argument("file", nargs="?", help="only this topology (file or name)")
     down.set_defaults(run=cmd_down)
+    sub.add_parser("images", help="build, list or prune the docker backend's images (see "
+                                  "`python -m simulator images --help`)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["images"]:  # its own command line, --help included
+        from simulator.images import main as images_main
+
+        return images_main(argv[1:])
     args = _parser().parse_args(argv)
     return args.run(args)
 

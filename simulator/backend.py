@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, FrozenSet, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 from simulator.faults import Fault
 from simulator.topology import Hop, Topology
@@ -112,6 +112,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def destroy(self) -> None:
         """Remove everything ``create`` made. Idempotent; never raises for missing parts."""
+
+    def resources(self) -> Dict[str, Any]:
+        """What this run holds outside its processes, for the state record
+        (:mod:`simulator.state`): what ``python -m simulator down`` removes when the runner
+        is gone (a run id, directories). Plain data; empty by default."""
+        return {}
 
     @abc.abstractmethod
     def capabilities(self) -> FrozenSet[str]:

@@ -92,7 +92,7 @@ from simulator.backend import (
     Placement,
     ProcessInfo,
 )
-from simulator.dockerd import DockerdError, ensure_dockerd
+from simulator.dockerd import DockerdError, engine_client, ensure_dockerd
 from simulator.faults import (
     Bandwidth,
     Fault,
@@ -106,11 +106,15 @@ from simulator.faults import (
     SshdDown,
     StreamFault,
 )
+from simulator.preflight import refusals
 from simulator.relay import RelayControl, RelayControlError
+from simulator.state import owner_alive as _owner_alive
+from simulator.state import owner_tag
 from simulator.timeline import Timeline
 from simulator.topology import Host, Topology
 
-__all__ = ["LABEL_OWNER", "LABEL_RUN", "DockerBackend", "docker_unavailable", "sweep_stale"]
+__all__ = ["LABEL_OWNER", "LABEL_RUN", "DockerBackend", "ImagesMissing", "docker_unavailable",
+           "missing_images", "remove_run", "sweep_stale"]
 
 RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
 LABEL_RUN = images.LABEL_PREFIX + "run"
@@ -140,24 +144,6 @@ _SILENT = "silent"
 # --------------------------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot: with the pid, a unique identity."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _owner_tag(pid: int) -> str:
-    return f"{pid}:{_start_time(pid)}"
-
-
-def _owner_alive(tag: str) -> bool:
-    pid, _, started = tag.partition(":")
-    return pid.isdigit() and _start_time(int(pid)) == started
-
-
 def _remove_labelled(client: docker.DockerClient, filters: Dict[str, Any]) -> List[str]:
     """Remove every container, then every network, matching ``filters``; never raises for
     resources that vanished meanwhile."""
@@ -180,13 +166,55 @@ def _remove_labelled(client: docker.DockerClient, filters: Dict[str, Any]) -> Li
     return removed
 
 
-def docker_unavailable() -> Optional[str]:
-    """Why no Docker engine can be had here (None: one answers, perhaps just started)."""
+class ImagesMissing(BackendError):
+    """An image the topology needs is not built, and this backend was told not to build it
+    (tests: a build does not fit in a test's timeout). The message says what to run."""
+
+
+def missing_images(client: docker.DockerClient, suites: Sequence[str]) -> List[str]:
+    """The tags of ``suites`` that are not built yet."""
+    return [images.image_tag(suite) for suite in sorted(set(suites))
+            if not images.image_present(client, images.image_tag(suite))]
+
+
+def _build_hint(suites: Sequence[str]) -> str:
+    return (f"build them first, as root: python -m simulator images build "
+            f"{' '.join(sorted(set(suites)))} (about 2.5 minutes each; .ci/run does it)")
+
+
+def docker_unavailable(suites: Sequence[str] = ()) -> Optional[str]:
+    """Why the docker backend cannot run here now (None: it can): no engine answers, or an
+    image of ``suites`` is not built. Starts and builds nothing."""
     try:
-        ensure_dockerd().close()
+        client = engine_client()
     except DockerdError as exc:
         return str(exc)
+    try:
+        missing = missing_images(client, suites)
+    finally:
+        client.close()
+    if missing:
+        return f"images not built: {', '.join(missing)}; {_build_hint(suites)}"
     return None
+
+
+def remove_run(run: str, keys_dir: Optional[str] = None) -> List[str]:
+    """Remove what a run whose runner is gone left: its labelled containers and networks
+    (when an engine answers) and its keys directory. Returns what was removed."""
+    removed = []
+    try:
+        client = engine_client(client_timeout=120)
+    except DockerdError:
+        client = None
+    if client is not None:
+        try:
+            removed += _remove_labelled(client, {"label": f"{LABEL_RUN}={run}"})
+        finally:
+            client.close()
+    if keys_dir and os.path.isdir(keys_dir):
+        shutil.rmtree(keys_dir, ignore_errors=True)
+        removed.append(keys_dir)
+    return removed
 
 
 def sweep_stale(client: docker.DockerClient) -> List[str]:
@@ -235,7 +263,7 @@ def _worker_index() -> int:
 
 def _plan_segments(topology: Topology, block: ipaddress.IPv4Network) -> List[_Segment]:
     owners: List[Optional[str]] = [None, *(h.id for h in topology.hosts if h.children)]
-    groups = {None: tuple(h.id for h in topology.roots())}
+    groups: Dict[Optional[str], Tuple[str, ...]] = {None: tuple(h.id for h in topology.roots())}
     for host in topology.hosts:
         if host.children:
             groups[host.id] = host.children
@@ -255,7 +283,11 @@ def _plan_segments(topology: Topology, block: ipaddress.IPv4Network) -> List[_Se
 
 
 def _blocks(supernet: str) -> List[ipaddress.IPv4Network]:
-    net = ipaddress.ip_network(supernet)
+    try:
+        net = ipaddress.IPv4Network(supernet)
+    except ValueError:
+        raise BackendError(f"network.supernet {supernet} is not an IPv4 network; the docker "
+                           f"backend's networks are IPv4") from None
     split = (WORKER_BLOCKS - 1).bit_length()
     if net.prefixlen + split > 28:
         raise BackendError(f"network.supernet {supernet} is too small to split per worker")
@@ -328,14 +360,20 @@ class DockerBackend(Backend):
     name = "docker"
 
     def __init__(self, timeline: Optional[Timeline] = None,
-                 router: Optional[mitogen.master.Router] = None) -> None:
+                 router: Optional[mitogen.master.Router] = None, *, prepare: bool = False,
+                 progress: Optional[Callable[[str], None]] = None) -> None:
+        """``prepare``: start the engine and build missing images (``up``, with ``progress``
+        lines); without it a missing engine or image is an error saying what to run, as
+        tests need (a build does not fit in their timeout)."""
         self.timeline = timeline or Timeline()
+        self._prepare = prepare
+        self._progress_out = progress
         self._router = router
         self._own_router = router is None
         self._topology: Optional[Topology] = None
         self._client: Optional[docker.DockerClient] = None
         self._run = uuid.uuid4().hex[:10]
-        self._owner = _owner_tag(os.getpid())
+        self._owner = owner_tag()
         self._dir: Optional[str] = None
         self._states: Dict[str, _HostState] = {}
         self._segments: Dict[Optional[str], _Segment] = {}
@@ -376,7 +414,20 @@ class DockerBackend(Backend):
         self._topology = topology
         began = time.monotonic()
         try:
-            self._client = ensure_dockerd()
+            refused = refusals(topology, "docker")
+            if refused:
+                raise BackendError("\n".join(refused))
+            try:
+                self._client = ensure_dockerd(progress=self._progress) if self._prepare \
+                    else engine_client()
+            except DockerdError as exc:
+                raise BackendError(str(exc)) from None
+            suites = sorted({h.suite for h in topology.hosts})
+            if not self._prepare:
+                missing = missing_images(self._client, suites)
+                if missing:
+                    raise ImagesMissing(f"images not built: {', '.join(missing)}; "
+                                        f"{_build_hint(suites)}")
             swept = sweep_stale(self._client)
             if swept:
                 self.timeline.record("build", action="swept", resources=swept)
@@ -384,7 +435,7 @@ class DockerBackend(Backend):
             self._dir = tempfile.mkdtemp(prefix=f"mitogen-sim-docker-{self._run}-")
             tags = {suite: images.ensure_image(suite, progress=self._progress,
                                                client=self._client)
-                    for suite in sorted({h.suite for h in topology.hosts})}
+                    for suite in suites}
             self._make_keys()
             self._make_networks()
             self._make_containers(tags)
@@ -447,6 +498,15 @@ class DockerBackend(Backend):
 
     def _progress(self, line: str) -> None:
         self.timeline.record("build", action="image", message=line)
+        if self._progress_out is not None:
+            self._progress_out(line)
+
+    def resources(self) -> Dict[str, Any]:
+        """What a state record names for ``down`` to remove if this runner dies: the run
+        (its containers and networks carry its label) and the keys directory."""
+        return {"run": self._run, "keys_dir": self._dir,
+                "containers": sorted(s.container.name for s in self._states.values()),
+                "networks": sorted(n.name for n in self._networks.values())}
 
     # -- reaper ------------------------------------------------------------------------------
 
@@ -998,8 +1058,9 @@ class DockerBackend(Backend):
         if isinstance(fault, Signal):
             return self._apply_signal(fault, state)
         if isinstance(fault, SshdDown):
-            rules = [("INPUT", "-p", "tcp", "--dport", "22", "--syn", "-j", "REJECT",
-                      "--reject-with", "tcp-reset")]
+            rules: List[Tuple[str, ...]] = [
+                ("INPUT", "-p", "tcp", "--dport", "22", "--syn", "-j", "REJECT",
+                 "--reject-with", "tcp-reset")]
             self._insert_rules(target, rules)
             return _Handle(fault, target, ("rules",), tuple(rules))
         if isinstance(fault, Partition):
@@ -1254,7 +1315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "reap":
         return _reap(args.owner, args.run)
-    client = ensure_dockerd()
+    client = engine_client()
     try:
         for name in sweep_stale(client):
             print(f"removed {name}")

@@ -37,6 +37,7 @@ __all__ = [
     "Engine",
     "apt_install",
     "default_engine",
+    "engine_client",
     "ensure_dockerd",
     "main",
 ]
@@ -150,6 +151,25 @@ def _answering_client(engine: Engine, client_timeout: float) -> Optional[docker.
     finally:
         probe.close()
     return _client(engine, client_timeout)
+
+
+def engine_client(client_timeout: float = 300.0) -> docker.DockerClient:
+    """A client of the engine that answers now; never installs or starts anything.
+
+    Tests use this: what they need is prepared before pytest starts (``.ci/run``), so a
+    missing engine is a skip (or, where ``.ci/run`` set it up, a failure), never a wait.
+    """
+    engine = default_engine()
+    client = _answering_client(engine, client_timeout)
+    if client is not None:
+        return client
+    path = engine.host[len("unix://"):] if engine.host.startswith("unix://") else None
+    if path and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise DockerdError(f"this user may not use the Docker engine at {engine.host} "
+                           f"(no access to {path}): run as root or as a member of its group")
+    raise DockerdError(f"no Docker engine answers at {engine.host}; start one as root "
+                       f"with `bash containers/ensure-docker.sh` in a clone (or `python -m "
+                       f"simulator.dockerd`)")
 
 
 def _is_root() -> bool:
@@ -311,7 +331,8 @@ def ensure_dockerd(timeout: float = 60.0, *, engine: Optional[Engine] = None,
                            "start it, or unset DOCKER_HOST to use the local default engine")
     if not _is_root():
         raise DockerdError(f"no Docker engine answers at {engine.host} and starting one needs "
-                           "root: run `sudo bash containers/ensure-docker.sh`")
+                           "root: run `sudo bash containers/ensure-docker.sh` in a clone, or "
+                           "`sudo python -m simulator.dockerd`")
     engine.lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(engine.lock_path), timeout=timeout + _APT_TIMEOUT):

@@ -71,6 +71,8 @@ __all__ = [
     "SshdDown",
     "Step",
     "StreamFault",
+    "describe_seeds",
+    "format_plan",
     "make_fault",
     "run_plan",
 ]
@@ -532,16 +534,23 @@ class Schedule:
         order = {host.id: index for index, host in enumerate(topology.walk())}
         return tuple(sorted(found.values(), key=lambda host: order[host.id]))
 
-    def plan(self, topology: Topology, seed: Optional[int] = None) -> List[Step]:
-        """Return the timed steps for ``seed`` (else the schedule's, else the topology's).
-
-        Pure and deterministic: no clock, no global RNG. Ends with a :class:`HealAll` step.
-        """
-        chosen = next((s for s in (seed, self.seed, topology.seed) if s is not None), None)
+    def seed_for(self, topology: Topology, override: Optional[int] = None) -> int:
+        """The seed rule (simulator/FORMAT.md), the one ``check``, ``up`` and pytest use: a
+        seed given on the command line (``--seed``, ``--topology-seed``), else the schedule's
+        own ``seed``, else the topology's."""
+        chosen = next((s for s in (override, self.seed, topology.seed) if s is not None), None)
         if chosen is None:
             raise FaultError(f"schedule {self.name!r}: no seed; give the schedule or the "
                              f"topology a `seed`, or pass one")
-        rng = random.Random(f"{self.name}:{chosen}")
+        return chosen
+
+    def plan(self, topology: Topology, seed: Optional[int] = None) -> List[Step]:
+        """Return the timed steps of this schedule, seeded by :meth:`seed_for` (``seed`` is
+        the command line's override, if any).
+
+        Pure and deterministic: no clock, no global RNG. Ends with a :class:`HealAll` step.
+        """
+        rng = random.Random(f"{self.name}:{self.seed_for(topology, seed)}")
         pools = {kind: self.candidates(topology, kind) for kind in self.pick}
         slack = self.interval - self.duration
         steps = []
@@ -554,6 +563,26 @@ class Schedule:
         steps.append(Step(start=round(self.count * self.interval, 3), duration=0.0,
                           fault=HealAll()))
         return steps
+
+
+def describe_seeds(topology: Topology, override: Optional[int] = None) -> str:
+    """The seeds a run uses, for headers and titles: ``ci=42`` per schedule, or the one seed
+    when the topology has no schedule (``none`` when there is none at all)."""
+    if not topology.schedules:
+        chosen = override if override is not None else topology.seed
+        return "none" if chosen is None else str(chosen)
+    parts = []
+    for schedule in topology.schedules:
+        try:
+            parts.append(f"{schedule.name}={schedule.seed_for(topology, override)}")
+        except FaultError:
+            parts.append(f"{schedule.name}=none")
+    return ", ".join(parts)
+
+
+def format_plan(steps: Sequence[Step]) -> List[str]:
+    """One line per step, as ``python -m simulator check`` prints a schedule's plan."""
+    return [f"{step.start:8.3f}s +{step.duration:g}s {step.fault!r}" for step in steps]
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 One image per Debian suite (bullseye: python3.9 + python2.7, bookworm: 3.11, trixie: 3.13,
 sid: rolling). Each is a ``debootstrap --variant=minbase`` tree with the recipe's packages,
-finished by ``containers/finalize-rootfs.sh`` and turned into an image with ``docker import``.
-Per-host accounts, sudo rules and keys are not in the image: the entry point applies
-``/etc/sim/node.json`` at container start (see ``containers/node_setup.py``).
+finished by ``finalize-rootfs.sh`` and turned into an image with ``docker import``. Per-host
+accounts, sudo rules and keys are not in the image: the entry point applies
+``/etc/sim/node.json`` at container start (see ``node_setup.py``). The recipe files are in
+``simulator/containers/`` and are read by :mod:`simulator.recipes`.
 
 An image is tagged ``mitogen-sim/<suite>:<hash>``, the hash covering every input of the build
 (suite, variant, packages, the recipe files and :data:`RECIPE_VERSION`), so a tag that exists is
@@ -15,20 +16,20 @@ workers, parallel CI steps): the first builds, the others wait and then find the
 
 Command line::
 
-    python -m simulator.images build [SUITE ...] [--jobs N] [--rebuild]
-    python -m simulator.images list
-    python -m simulator.images prune
+    python -m simulator images build [SUITE ...] [--jobs N] [--rebuild]
+    python -m simulator images list
+    python -m simulator images prune
+
+(``python -m simulator.images`` is the same.)
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import io
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -39,7 +40,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -49,6 +49,19 @@ import docker.errors
 from filelock import FileLock, Timeout
 
 from simulator.dockerd import DockerdError, apt_install, ensure_dockerd
+from simulator.recipes import (
+    IMAGE_REPO,
+    LABEL_PREFIX,
+    RECIPE_DIR,
+    RECIPE_VERSION,
+    ImageBuildError,
+    SuiteRecipe,
+    UnknownSuiteError,
+    image_tag,
+    load_recipes,
+    recipe,
+)
+from simulator.state import owner_alive, owner_tag
 
 __all__ = [
     "IMAGE_REPO",
@@ -62,6 +75,7 @@ __all__ = [
     "cache_dir",
     "debian_mirror",
     "ensure_image",
+    "image_present",
     "image_tag",
     "list_images",
     "load_recipes",
@@ -73,13 +87,6 @@ __all__ = [
     "write_node_config",
 ]
 
-#: Bump when the build logic in this file changes in a way that changes image contents.
-RECIPE_VERSION = 1
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "containers"
-#: The recipe files whose bytes are part of every image's hash.
-RECIPE_FILES = ("entrypoint.sh", "node_setup.py", "sshd_config", "finalize-rootfs.sh")
-IMAGE_REPO = "mitogen-sim"
-LABEL_PREFIX = "mitogen-sim."
 NODE_CONFIG_DIR = "/etc/sim"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 _ENTRYPOINT = "/usr/local/sbin/mitogen-sim-entrypoint"
@@ -91,84 +98,6 @@ _NOISY = ("I: Retrieving", "I: Validating", "I: Extracting", "I: Unpacking ", "I
 _HEARTBEAT = 10.0
 
 Progress = Callable[[str], None]
-
-
-class ImageBuildError(RuntimeError):
-    """An image could not be built; the message says which step failed and why."""
-
-
-class UnknownSuiteError(ImageBuildError, KeyError):
-    """A suite that containers/suites.json has no recipe for."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-# --- recipes -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SuiteRecipe:
-    """Everything that decides the contents of one suite's image."""
-
-    suite: str
-    variant: str
-    packages: Tuple[str, ...]
-    python: Optional[str]  # the python3 major.minor a stable suite must give; None: rolling
-    recipe_dir: Path
-
-    def content_hash(self) -> str:
-        """sha256 over every build input; equal hashes mean interchangeable images."""
-        files = {name: hashlib.sha256((self.recipe_dir / name).read_bytes()).hexdigest()
-                 for name in RECIPE_FILES}
-        inputs = {
-            "recipe_version": RECIPE_VERSION,
-            "suite": self.suite,
-            "variant": self.variant,
-            "packages": sorted(self.packages),
-            "python": self.python,
-            "machine": platform.machine(),
-            "files": files,
-        }
-        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-    @property
-    def repository(self) -> str:
-        return f"{IMAGE_REPO}/{self.suite}"
-
-    @property
-    def tag(self) -> str:
-        return f"{self.repository}:{self.content_hash()[:16]}"
-
-
-def load_recipes(recipe_dir: Path = RECIPE_DIR) -> Dict[str, SuiteRecipe]:
-    """Read containers/suites.json into one recipe per suite."""
-    path = recipe_dir / "suites.json"
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ImageBuildError(f"cannot read the image recipes {path}: {exc}") from None
-    common = tuple(spec.get("packages", ()))
-    recipes = {}
-    for suite, entry in spec.get("suites", {}).items():
-        packages = common + tuple(entry.get("extra_packages", ()))
-        recipes[suite] = SuiteRecipe(suite=suite, variant=spec.get("variant", "minbase"),
-                                     packages=packages, python=entry.get("python"),
-                                     recipe_dir=recipe_dir)
-    return recipes
-
-
-def recipe(suite: str, recipe_dir: Path = RECIPE_DIR) -> SuiteRecipe:
-    recipes = load_recipes(recipe_dir)
-    if suite not in recipes:
-        raise UnknownSuiteError(f"unknown suite {suite!r}; {recipe_dir / 'suites.json'} has "
-                                f"recipes for: {', '.join(sorted(recipes))}")
-    return recipes[suite]
-
-
-def image_tag(suite: str) -> str:
-    """The tag the current recipe of ``suite`` builds (whether or not it is built yet)."""
-    return recipe(suite).tag
 
 
 # --- machine facts -------------------------------------------------------------------------
@@ -280,17 +209,93 @@ def _remove_tree(path: Path) -> None:
     left = _mounts_under(path)
     if left:
         raise ImageBuildError(f"refusing to delete {path}: still mounted inside: {left}")
-    shutil.rmtree(path)
+    _rmtree_gone_is_fine(path)
 
 
-def _sweep_stale_work(work_root: Path, suite: str) -> None:
-    """Remove work dirs of earlier builds of ``suite`` whose process is gone."""
+def _rmtree_gone_is_fine(path: Path) -> None:
+    """shutil.rmtree, where an entry that vanished meanwhile is not an error (another
+    sweeper removing the same dead build)."""
+    def gone_is_fine(_func: Any, _path: str, exc: Any) -> None:
+        error = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(error, FileNotFoundError):
+            raise error
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=gone_is_fine)  # type: ignore[call-arg]
+    else:
+        shutil.rmtree(path, onerror=gone_is_fine)
+
+
+def _work_processes(work: Path) -> List[int]:
+    """Processes of a build in ``work``: with it on their command line (debootstrap, its
+    wget and tar, finalize-rootfs.sh), or chrooted or sitting in it (dpkg in the chroot)."""
+    prefix = str(work.resolve())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ")
+            root = os.readlink(f"/proc/{name}/root")
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:  # gone, or a zombie
+            continue
+        if prefix.encode() in cmdline or root.startswith(prefix) or cwd.startswith(prefix):
+            found.append(int(name))
+    return found
+
+
+def _kill_work_processes(work: Path, timeout: float = 30.0) -> None:
+    """SIGKILL every process of a build in ``work`` and wait until none is left: a killed
+    builder's debootstrap runs on in its own session, deleting and writing files, and a
+    removal racing it fails (or leaves files it writes after)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = _work_processes(work)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() >= deadline:
+            raise ImageBuildError(f"processes of the build in {work} do not end: {pids}")
+        time.sleep(0.05)  # another process's end: /proc has no event to wait on
+
+
+def _work_dir_name(suite: str, digest: str) -> str:
+    """``SUITE-HASH-PID-START``: the builder's pid and start time, so a later build can tell
+    a live build's directory from a dead one's even when the pid is reused."""
+    return f"{suite}-{digest}-{owner_tag().replace(':', '-')}"
+
+
+def _builder_alive(name: str) -> bool:
+    parts = name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return owner_alive(f"{parts[1]}:{parts[2]}")
+    pid = name.rsplit("-", 1)[-1]  # an older name: SUITE-HASH-PID
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
+def _sweep_stale_work(work_root: Path) -> List[Path]:
+    """Remove the work directories of every build whose builder is gone (killed, or its
+    machine rebooted), after ending what that build still runs. Returns them."""
+    swept: List[Path] = []
     if not work_root.is_dir():
-        return
-    for entry in work_root.glob(f"{suite}-*"):
-        pid = entry.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        return swept
+    for entry in sorted(work_root.iterdir()):
+        if not _builder_alive(entry.name):
+            _kill_work_processes(entry)
             _remove_tree(entry)
+            swept.append(entry)
+    return swept
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 # --- the build -----------------------------------------------------------------------------
@@ -337,7 +342,11 @@ def _run_debootstrap(r: SuiteRecipe, rootfs: Path, mirror: str, log_path: Path,
         finally:
             timer.cancel()
             timer.join()
-            proc.stdout.close()
+            if proc.poll() is None:  # interrupted here: end its whole session, then reap it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     if code != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         why = f"timed out after {_DEBOOTSTRAP_TIMEOUT:.0f}s" if code == -signal.SIGKILL \
@@ -370,7 +379,7 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
     """debootstrap, check, finish and pack a rootfs; returns facts recorded as labels."""
     if os.geteuid() != 0:
         raise ImageBuildError(f"building the {r.suite} image needs root (debootstrap, chroot); "
-                              f"run as root: python -m simulator.images build {r.suite}")
+                              f"run as root: python -m simulator images build {r.suite}")
     if shutil.which("debootstrap") is None:
         stage("debootstrap is missing; installing it with apt")
         try:
@@ -381,9 +390,7 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
     stage(f"checking that {mirror} serves {r.suite}")
     _check_mirror_serves(mirror, r.suite)
     cache = tarball.parent.parent
-    work_root = cache / "work"
-    _sweep_stale_work(work_root, r.suite)
-    work = work_root / f"{r.suite}-{tarball.stem.rsplit('-', 1)[-1]}-{os.getpid()}"
+    work = cache / "work" / _work_dir_name(r.suite, tarball.stem.rsplit("-", 1)[-1])
     (cache / "logs").mkdir(parents=True, exist_ok=True)
     log_path = cache / "logs" / f"{tarball.stem}.log"
     try:
@@ -393,7 +400,7 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
         facts = _probe_pythons(rootfs)
         stage(f"python3 is {facts['python3']} (interpreters: {facts['pythons']})")
         _check_python(r, facts)
-        stage("finishing the tree (containers/finalize-rootfs.sh)")
+        stage("finishing the tree (finalize-rootfs.sh)")
         fin = subprocess.run(["sh", str(r.recipe_dir / "finalize-rootfs.sh"), str(rootfs),
                               str(r.recipe_dir)], capture_output=True, text=True, check=False)
         if fin.returncode != 0:
@@ -404,12 +411,13 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
         subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C",
                         str(rootfs), "-cf", str(packed), "."], check=True, capture_output=True)
         tarball.parent.mkdir(parents=True, exist_ok=True)
-        tarball.with_suffix(".json").write_text(json.dumps(facts))
+        _write_atomically(tarball.with_suffix(".json"), json.dumps(facts))
         os.replace(packed, tarball)  # same filesystem: the cached tarball is whole or absent
         stage(f"cached {tarball} ({tarball.stat().st_size / 1e6:.0f} MB)")
         return facts
     finally:
-        _remove_tree(work)
+        _kill_work_processes(work)  # an interrupted build leaves nothing running...
+        _remove_tree(work)  # ...and nothing half-made
 
 
 def _import(client: docker.DockerClient, r: SuiteRecipe, tarball: Path, facts: Mapping[str, str],
@@ -436,7 +444,8 @@ def _import(client: docker.DockerClient, r: SuiteRecipe, tarball: Path, facts: M
     client.api.tag(r.tag, r.repository, "latest", force=True)
 
 
-def _image_exists(client: docker.DockerClient, tag: str) -> bool:
+def image_present(client: docker.DockerClient, tag: str) -> bool:
+    """Whether the engine has ``tag`` (one inspect)."""
     try:
         client.images.get(tag)
     except docker.errors.ImageNotFound:
@@ -446,11 +455,13 @@ def _image_exists(client: docker.DockerClient, tag: str) -> bool:
 
 def _build_locked(client: docker.DockerClient, r: SuiteRecipe, mirror: str, rebuild: bool,
                   stage: _Stage) -> None:
+    for swept in _sweep_stale_work(cache_dir() / "work"):  # every build starts clean
+        stage(f"removed {swept}, left by a build that was interrupted")
     tarball = cache_dir() / "rootfs" / f"{r.suite}-{r.content_hash()[:16]}.tar"
     if rebuild:
         # The image is left alone (containers may use it); the import moves the tags.
         tarball.unlink(missing_ok=True)
-    elif _image_exists(client, r.tag):
+    elif image_present(client, r.tag):
         stage(f"{r.tag} was built by another process meanwhile")
         return
     facts_path = tarball.with_suffix(".json")
@@ -482,7 +493,7 @@ def ensure_image(suite: str, progress: Progress = print, *,
         except DockerdError as exc:
             raise ImageBuildError(f"no Docker engine for building {suite}: {exc}") from None
     try:
-        if not rebuild and _image_exists(client, r.tag):
+        if not rebuild and image_present(client, r.tag):
             return r.tag
         stage = _Stage(suite, progress)
         locks = cache_dir() / "locks"
@@ -513,7 +524,7 @@ _node_setup: Optional[ModuleType] = None
 
 
 def _node_setup_module() -> ModuleType:
-    """containers/node_setup.py, the same file the images run, imported by path."""
+    """node_setup.py, the same file the images run, imported by path."""
     global _node_setup
     if _node_setup is None:
         spec = importlib.util.spec_from_file_location("mitogen_sim_node_setup",
@@ -679,7 +690,7 @@ def _cmd_prune(_args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulator.images",
+    parser = argparse.ArgumentParser(prog="python -m simulator images",
                                      description="Build and list the simulator's host images.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the images of SUITEs (default: every suite)")

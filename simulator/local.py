@@ -119,7 +119,7 @@ def sweep_stale_dirs() -> List[str]:
     A directory is named after the pid that made it; the processes of that run end by
     themselves when their parent's stream closes, only their directory would stay.
     """
-    removed = []
+    removed: List[str] = []
     base = _base_dir()
     try:
         names = os.listdir(base)
@@ -245,6 +245,11 @@ class LocalBackend(Backend):
 
     def capabilities(self) -> FrozenSet[str]:
         return _SUPPORTED
+
+    def resources(self) -> Dict[str, Any]:
+        """What a state record names for ``down``: the control directory of the links (the
+        processes end by themselves with their runner; their relays see it go)."""
+        return {"control_dir": self._dir}
 
     # -- building ----------------------------------------------------------------------------
 

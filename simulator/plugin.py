@@ -18,9 +18,15 @@ The session's tree is built before the first test that asks for it and before th
 function-scoped fixtures (pytest sets up wider scopes first), so the per-test leak check of
 ``tests/conftest.py`` snapshots the running tree and only flags what a test itself leaves.
 
-At the end of the session a report is written to ``--topology-report`` (default
-``.sim/report``, one directory per xdist worker): the JSONL timeline, a PNG of it, and a
-summary in JSON and Markdown. A failing test gets the timeline of its own run attached.
+At the end of the session a report is written to
+``<--topology-report>/<topology>/<backend>/<run>/`` (default base ``.sim/report`` under the
+root directory; ``<run>`` is the start time, plus the xdist worker), with a ``latest`` link
+beside the runs: the JSONL timeline, a PNG of it, and a summary in JSON and Markdown. The
+terminal summary says where. A failing test gets the timeline of its own run attached.
+
+Seeds follow the one rule of ``simulator/FORMAT.md`` (:meth:`Schedule.seed_for`):
+``--topology-seed``, else the schedule's ``seed``, else the topology's, exactly as
+``python -m simulator check`` prints the plans.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     import mitogen.core
     from simulator.backend import Backend
     from simulator.faults import FaultInjector, Step
+    from simulator.state import RunRecord
     from simulator.timeline import Timeline
     from simulator.topology import Host, Topology
 
@@ -57,24 +64,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--topology-keep", action="store_true", default=False,
                     help="leave the topology up after a failure, for debugging")
     group.addoption("--topology-seed", type=int, default=None,
-                    help="seed for fault schedules (default: the file's own seed)")
+                    help="seed of every fault schedule (default: each schedule's own seed, "
+                         "else the file's)")
     group.addoption("--topology-report", metavar="DIR", default=None,
-                    help="where to write the run's timeline and report "
-                         "(default: .sim/report under the root directory)")
+                    help="base directory of the run reports, written to "
+                         "DIR/<topology>/<backend>/<run>/ (default: .sim/report under the "
+                         "root directory)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Every marker this plugin uses, so projects running with --strict-markers or
+    # filterwarnings=error need not declare them.
     config.addinivalue_line(
         "markers", "topology: an end-to-end test on the --topology tree (skipped without it)")
+    config.addinivalue_line(
+        "markers", "docker: needs a running Docker engine (every test of the tree on "
+                   "--topology-backend=docker)")
     path = config.getoption("topology", None)
     if not path:
         return
+    from simulator.preflight import refusals
     from simulator.topology import TopologyError, load_topology
 
     try:
         topology = load_topology(path)
     except (TopologyError, OSError) as exc:
         raise pytest.UsageError(f"--topology: {exc}") from None
+    refused = refusals(topology, config.getoption("topology_backend"))
+    if refused:  # the same words as `python -m simulator check` and `up`
+        raise pytest.UsageError("--topology: " + "\n--topology: ".join(refused))
     config.stash[_TOPOLOGY_KEY] = topology
 
 
@@ -91,9 +109,9 @@ def _topology_of(config: pytest.Config) -> Optional[Topology]:
     return config.stash.get(_TOPOLOGY_KEY, None)
 
 
-def _seed(config: pytest.Config, topology: Topology) -> Optional[int]:
-    given = config.getoption("topology_seed", None)
-    return given if given is not None else topology.seed
+def _seed_override(config: pytest.Config) -> Optional[int]:
+    """``--topology-seed``, if given; the schedules' own seeds apply otherwise."""
+    return config.getoption("topology_seed", None)
 
 
 def _image_text(config: pytest.Config, topology: Topology) -> str:
@@ -107,6 +125,8 @@ def _image_text(config: pytest.Config, topology: Topology) -> str:
 
 
 def pytest_report_header(config: pytest.Config) -> List[str]:
+    from simulator.faults import describe_seeds
+
     topology = _topology_of(config)
     if topology is None:
         return []
@@ -116,7 +136,7 @@ def pytest_report_header(config: pytest.Config) -> List[str]:
         f"{accounts} extra accounts, schedules: "
         f"{', '.join(s.name for s in topology.schedules) or 'none'}",
         f"topology backend: {config.getoption('topology_backend')}, "
-        f"seed: {_seed(config, topology)}",
+        f"seed: {describe_seeds(topology, _seed_override(config))}",
         f"topology images: {_image_text(config, topology)}",
     ]
 
@@ -134,8 +154,12 @@ class Simulation:
         self.topology = topology
         self.backend = backend
         self.timeline = timeline
+        #: ``--topology-seed`` (None: each schedule's own seed, see :meth:`plan`)
         self.seed = seed
         self.report_dir = report_dir
+        self.report_paths: List[str] = []
+        self.record: Optional[RunRecord] = None
+        self.started = time.time()
         self.measures: Dict[str, Any] = {}
 
     @property
@@ -171,24 +195,29 @@ class Simulation:
         return "master" if context_id == 0 else str(context_id)
 
     def plan(self, schedule: str) -> List[Step]:
+        """The steps of a named schedule, seeded as ``python -m simulator check`` shows."""
         return self.topology.schedule(schedule).plan(self.topology, self.seed)
 
     def injector(self) -> FaultInjector:
-        """A fault injector whose every step goes to the timeline."""
+        """A fault injector whose every step goes to the timeline and to the state record
+        (``python -m simulator status`` lists the faults applied)."""
         from simulator.faults import FaultInjector
 
         def record(event: Any) -> None:
             self.timeline.record("fault", time=event.time, **{
                 k: v for k, v in event.to_dict().items() if k != "time"})
+            if self.record is not None:
+                self.record.set_faults(injector.active)
 
-        return FaultInjector(self.backend, on_event=record)
+        injector = FaultInjector(self.backend, on_event=record)  # `record` reads it
+        return injector
 
     def measure(self, name: str, value: Any) -> None:
         """Keep a number for the report (``call_latency``, ``del_route``...)."""
         self.measures.setdefault(name, []).append(value)
 
 
-def _make_backend(kind: str, timeline: Timeline) -> Backend:
+def _make_backend(kind: str, timeline: Timeline, topology: Topology) -> Backend:
     if kind == "local":
         from simulator.local import LocalBackend
 
@@ -197,18 +226,37 @@ def _make_backend(kind: str, timeline: Timeline) -> Backend:
         from simulator.dockerbackend import DockerBackend, docker_unavailable
     except ImportError as exc:
         raise pytest.UsageError(f"--topology-backend=docker: not available here ({exc})")
-    reason = docker_unavailable()
-    if reason:  # only a missing engine skips; CI (MITOGEN_REQUIRE_EXTERNAL=1) fails on it
+    # Nothing is installed, started or built inside a test's timeout: a missing engine or
+    # image skips, saying what to run (.ci/run prepares both, and there a skip fails).
+    reason = docker_unavailable(sorted({host.suite for host in topology.hosts}))
+    if reason:
         pytest.skip(f"--topology-backend=docker: {reason}")
     return DockerBackend(timeline)
 
 
 def _report_dir(config: pytest.Config, topology: Topology) -> str:
+    """``<base>/<topology>/<backend>/<run>``: runs never share a directory, whatever their
+    backend, and a run's name sorts by its start time."""
     base = config.getoption("topology_report", None) or os.path.join(
         str(config.rootpath), ".sim", "report")
+    run = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    leaf = topology.name if worker is None else f"{topology.name}-{worker}"
-    return os.path.join(base, leaf)
+    if worker is not None:
+        run += f"-{worker}"
+    return os.path.join(base, topology.name, config.getoption("topology_backend"), run)
+
+
+def _link_latest(report_dir: str) -> None:
+    """Point ``latest`` beside the runs at this one (replaced atomically)."""
+    parent, run = os.path.split(report_dir)
+    temporary = os.path.join(parent, f".latest-{os.getpid()}")
+    try:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        os.symlink(run, temporary)
+        os.replace(temporary, os.path.join(parent, "latest"))
+    except OSError as exc:  # e.g. a filesystem without symlinks: the run is still there
+        sys.stderr.write(f"\nsimulator: could not link {parent}/latest: {exc}\n")
 
 
 @pytest.fixture(scope="session")
@@ -225,41 +273,71 @@ def sim(pytestconfig: pytest.Config, sim_topology: Topology) -> Iterator[Simulat
 
     report_dir = _report_dir(pytestconfig, sim_topology)
     timeline = Timeline(os.path.join(report_dir, "timeline.jsonl"))
-    backend = _make_backend(pytestconfig.getoption("topology_backend"), timeline)
-    simulation = Simulation(sim_topology, backend, timeline,
-                            _seed(pytestconfig, sim_topology), report_dir)
+    backend = _make_backend(pytestconfig.getoption("topology_backend"), timeline,
+                            sim_topology)
+    simulation = Simulation(sim_topology, backend, timeline, _seed_override(pytestconfig),
+                            report_dir)
     pytestconfig.stash[_SIM_KEY] = simulation
+    record = None
     try:
         backend.create(sim_topology)
         simulation.measures["setup_seconds"] = getattr(backend, "build_seconds", None)
+        record = simulation.record = _record(simulation, str(pytestconfig.getoption("topology")))
         yield simulation
     finally:
         keep = getattr(backend, "keep", None)
+        kept = False
         if pytestconfig.stash.get(_FAILED_KEY, False) and \
                 pytestconfig.getoption("topology_keep"):
             if keep is not None:
+                resources = backend.resources()  # before keep() lets go of them
                 sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up: {keep()}\n")
+                if record is not None:  # for `python -m simulator down`
+                    record.kept, record.resources = True, resources
+                    record.save()
+                    kept = True
             else:
                 sys.stderr.write(f"\n--topology-keep: {sim_topology.name} left up (on the "
                                  f"local backend it still ends with this process)\n")
         else:
             backend.destroy()
+        if record is not None and not kept:
+            record.remove()
         timeline.close()
         _write_report(simulation)
+
+
+def _record(simulation: Simulation, path: str) -> RunRecord:
+    """The state record of this session's tree, for ``python -m simulator status``."""
+    from simulator.faults import describe_seeds
+    from simulator.state import RunRecord, describe_hosts
+
+    record = RunRecord(topology=simulation.topology.name, file=os.path.abspath(path),
+                       backend=simulation.backend.name, command="pytest",
+                       seeds=describe_seeds(simulation.topology, simulation.seed),
+                       hosts=describe_hosts(simulation.backend),
+                       resources=simulation.backend.resources())
+    record.save()
+    return record
 
 
 _FAILED_KEY = pytest.StashKey[bool]()
 
 
 def _write_report(simulation: Simulation) -> None:
-    from simulator.report import write_report
+    from simulator.faults import describe_seeds
+    from simulator.report import RunInfo, write_report
 
+    info = RunInfo(backend=simulation.backend.name,
+                   seeds=describe_seeds(simulation.topology, simulation.seed),
+                   started=simulation.started)
     try:
-        simulation.report_paths = write_report(  # type: ignore[attr-defined]
+        simulation.report_paths = write_report(
             simulation.timeline.events(), simulation.report_dir, simulation.topology,
-            simulation.measures)
+            simulation.measures, info)
     except Exception as exc:  # a broken report must not hide the tests' outcome
         sys.stderr.write(f"\nsimulator: could not write the report: {exc!r}\n")
+    _link_latest(simulation.report_dir)
 
 
 @pytest.fixture
@@ -322,8 +400,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     simulation = config.stash.get(_SIM_KEY, None)
     if simulation is None:
         return
-    paths = getattr(simulation, "report_paths", None)
-    if paths:
-        terminalreporter.write_sep("-", "simulator report")
-        for path in paths:
-            terminalreporter.write_line(str(path))
+    terminalreporter.write_sep("-", "simulator report")
+    terminalreporter.write_line(f"report:   {simulation.report_dir}")
+    for path in simulation.report_paths:
+        terminalreporter.write_line(f"  {os.path.basename(path):14} {path}")
+    latest = os.path.join(os.path.dirname(simulation.report_dir), "latest")
+    terminalreporter.write_line(f"latest:   {latest}")

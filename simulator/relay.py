@@ -271,8 +271,9 @@ class Poller:
             for bit, index in ((selectors.EVENT_READ, 0), (selectors.EVENT_WRITE, 1)):
                 # An earlier callback of this batch may have closed or re-purposed the fd.
                 handlers = self._handlers.get(fd) or self._always_ready.get(fd)
-                if mask & bit and handlers is not None and handlers[index] is not None:
-                    handlers[index]()
+                handler = None if handlers is None else handlers[index]
+                if mask & bit and handler is not None:
+                    handler()
 
     def close(self) -> None:
         self._selector.close()
@@ -1301,7 +1302,8 @@ class Relay:
             self._start_listening()
         elif self.options.mode == "exec":
             self.child = Child(self.options.command)
-            remote = PipeSide(self.poller, self.child.stdout_fd, self.child.stdin_fd, "child")
+            remote: Side = PipeSide(self.poller, self.child.stdout_fd, self.child.stdin_fd,
+                                    "child")
             self._add_link(self._stdio_side(), remote, now)
         else:
             local = self._stdio_side()

@@ -3,8 +3,10 @@
 From the timeline's events (see :mod:`simulator.timeline`) and the measures tests keep, it
 writes, into one directory:
 
-``timeline.png``  one lane per host, fault periods as shaded bands, disconnects, keepalive
-                  give-ups, builds and DEL_ROUTE arrivals as markers
+``timeline.png``  one lane per host, fault periods as shaded bands, and every other kind of
+                  event as markers, each kind at its own height in the lane, so that none
+                  hides another (a keepalive give-up and the disconnect it causes happen at
+                  the same moment); titled with the topology, backend, seeds and date
 ``summary.json``  set-up time, DEL_ROUTE propagation per hop, shutdown time of the tree,
                   call latency per path, fault counts
 ``summary.md``    the same, as tables
@@ -15,26 +17,50 @@ nor the backends pay for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
+import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     from simulator.topology import Topology
 
-__all__ = ["summarise", "write_report"]
+__all__ = ["RunInfo", "marker_points", "run_title", "summarise", "write_report"]
 
 _FAULT_COLOURS = {
     "kill": "#d62728", "pause": "#9467bd", "partition": "#ff7f0e", "latency": "#1f77b4",
     "bandwidth": "#17becf", "stream": "#8c564b", "restart": "#e377c2", "stop": "#7f7f7f",
 }
+#: Event kind -> (marker, colour, legend label, height in its lane from 0 (top) to 1).
+#: Each kind has a height of its own; kinds drawn later are drawn on top.
 _MARKERS = {
-    "disconnect": ("x", "#d62728", "disconnect seen by master"),
-    "keepalive": ("v", "#ff7f0e", "keepalive gave up"),
-    "build": ("o", "#2ca02c", "context started"),
-    "del_route": ("|", "#1f77b4", "DEL_ROUTE reached this host"),
+    "test": ("|", "#7f7f7f", "test ended", 0.08),
+    "call": (".", "#17becf", "measured call", 0.2),
+    "build": ("o", "#2ca02c", "context started", 0.32),
+    "route": ("s", "#8c564b", "master route added/removed", 0.44),
+    "shutdown": ("D", "#e377c2", "shutdown step", 0.56),
+    "del_route": ("|", "#1f77b4", "DEL_ROUTE reached this host", 0.68),
+    "disconnect": ("x", "#d62728", "disconnect seen by master", 0.8),
+    "keepalive": ("v", "#ff7f0e", "keepalive gave up", 0.92),
 }
+#: Kinds not listed above still show, at this height, with a generic marker.
+_OTHER = ("*", "#000000", "other event", 0.5)  # its legend label is the kind itself
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What the title says besides the topology: where and how the run ran."""
+
+    backend: str
+    seeds: str
+    started: float = dataclasses.field(default_factory=time.time)
+
+
+def run_title(topology: Topology, info: RunInfo) -> str:
+    date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.started))
+    return f"{topology.name}: {info.backend} backend, seed {info.seeds}, {date}"
 
 
 def _lane(host: Optional[str], topology: Topology, account: Optional[str] = None) -> str:
@@ -112,11 +138,11 @@ def summarise(events: Sequence[Mapping[str, Any]],
     }
 
 
-def _markdown(summary: Mapping[str, Any], topology: Topology) -> str:
+def _markdown(summary: Mapping[str, Any], topology: Topology, info: RunInfo) -> str:
     def ms(value: float) -> str:
         return f"{value * 1000:.1f} ms"
 
-    lines = [f"# Simulator report: {topology.name}", ""]
+    lines = [f"# Simulator report: {run_title(topology, info)}", ""]
     setup = summary["setup_seconds"]
     lines.append(f"- set-up of the tree: {'n/a' if setup is None else f'{setup:.2f} s'}")
     shutdown = summary["shutdown_seconds"]
@@ -137,7 +163,30 @@ def _markdown(summary: Mapping[str, Any], topology: Topology) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(events: Sequence[Mapping[str, Any]], topology: Topology, path: str) -> None:
+def _marker_rank(kind: str) -> int:
+    kinds = list(_MARKERS)
+    return kinds.index(kind) if kind in kinds else len(kinds)
+
+
+def marker_points(events: Sequence[Mapping[str, Any]], topology: Topology,
+                  lanes: Sequence[str]) -> Dict[str, List[Tuple[float, float]]]:
+    """(seconds since the first event, y) of every event drawn as a marker, by kind: every
+    kind but ``fault`` (a shaded band), each at its own height within its lane."""
+    index = {name: i for i, name in enumerate(lanes)}
+    start = min((e["time"] for e in events), default=0.0)
+    points: Dict[str, List[Tuple[float, float]]] = {}
+    for event in events:
+        kind = event.get("kind", "?")
+        lane = _event_lane(event, topology)
+        if kind == "fault" or lane not in index:
+            continue
+        height = _MARKERS.get(kind, _OTHER)[3]
+        points.setdefault(kind, []).append((event["time"] - start, index[lane] + height))
+    return dict(sorted(points.items(), key=lambda item: _marker_rank(item[0])))
+
+
+def _plot(events: Sequence[Mapping[str, Any]], topology: Topology, path: str,
+          info: RunInfo) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +197,7 @@ def _plot(events: Sequence[Mapping[str, Any]], topology: Topology, path: str) ->
     lanes += sorted({_event_lane(e, topology) for e in events} - set(lanes))
     index = {name: i for i, name in enumerate(lanes)}
     start = min((e["time"] for e in events), default=0.0)
-    figure, axes = pyplot.subplots(figsize=(12, 1.2 + 0.45 * len(lanes)))
+    figure, axes = pyplot.subplots(figsize=(12, 1.4 + 0.6 * len(lanes)))
     try:
         kinds_seen = set()
         for target, kind, begin, end in fault_periods(events):
@@ -158,21 +207,19 @@ def _plot(events: Sequence[Mapping[str, Any]], topology: Topology, path: str) ->
             axes.broken_barh([(begin - start, max(end - begin, 0.02))], (row + 0.05, 0.9),
                              color=_FAULT_COLOURS.get(kind, "#bbbbbb"), alpha=0.35, lw=0)
             kinds_seen.add(kind)
-        handles = [Patch(color=_FAULT_COLOURS.get(k, "#bbbbbb"), alpha=0.35, label=k)
-                   for k in sorted(kinds_seen)]
-        for kind, (marker, colour, label) in _MARKERS.items():
-            points = [(e["time"] - start, index[_event_lane(e, topology)])
-                      for e in events if e.get("kind") == kind
-                      and _event_lane(e, topology) in index]
-            if points:
-                xs, ys = zip(*points)
-                handles.append(axes.scatter([x for x in xs], [y + 0.5 for y in ys],
-                                            marker=marker, color=colour, label=label, s=30))
+        handles: List[Any] = [Patch(color=_FAULT_COLOURS.get(k, "#bbbbbb"), alpha=0.35,
+                                    label=k) for k in sorted(kinds_seen)]
+        for kind, points in marker_points(events, topology, lanes).items():
+            marker, colour, label, _height = _MARKERS.get(kind, _OTHER)
+            xs, ys = zip(*points)
+            handles.append(axes.scatter(xs, ys, marker=marker, color=colour,
+                                        label=label if kind in _MARKERS else kind, s=30,
+                                        zorder=3 + _marker_rank(kind)))
         axes.set_yticks([i + 0.5 for i in range(len(lanes))], lanes)
         axes.set_ylim(0, len(lanes))
         axes.invert_yaxis()
         axes.set_xlabel("seconds since the timeline began (monotonic clock)")
-        axes.set_title(f"{topology.name}: faults and what the tree saw")
+        axes.set_title(run_title(topology, info))
         axes.grid(axis="x", alpha=0.3)
         if handles:
             axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -184,10 +231,14 @@ def _plot(events: Sequence[Mapping[str, Any]], topology: Topology, path: str) ->
 
 
 def write_report(events: Sequence[Mapping[str, Any]], out_dir: str, topology: Topology,
-                 measures: Optional[Mapping[str, Any]] = None) -> List[str]:
+                 measures: Optional[Mapping[str, Any]] = None,
+                 info: Optional[RunInfo] = None) -> List[str]:
     """Write the picture and the summaries into ``out_dir``; return the paths written."""
+    info = info or RunInfo(backend="?", seeds="?")
     os.makedirs(out_dir, exist_ok=True)
     summary = summarise(events, measures)
+    summary["run"] = {"topology": topology.name, "backend": info.backend,
+                      "seeds": info.seeds, "title": run_title(topology, info)}
     paths = []
     json_path = os.path.join(out_dir, "summary.json")
     with open(json_path, "w", encoding="utf-8") as stream:
@@ -195,10 +246,10 @@ def write_report(events: Sequence[Mapping[str, Any]], out_dir: str, topology: To
     paths.append(json_path)
     md_path = os.path.join(out_dir, "summary.md")
     with open(md_path, "w", encoding="utf-8") as stream:
-        stream.write(_markdown(summary, topology))
+        stream.write(_markdown(summary, topology, info))
     paths.append(md_path)
     png_path = os.path.join(out_dir, "timeline.png")
-    _plot(events, topology, png_path)
+    _plot(events, topology, png_path, info)
     paths.append(png_path)
     timeline_path = os.path.join(out_dir, "timeline.jsonl")
     if os.path.exists(timeline_path):

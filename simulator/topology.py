@@ -814,7 +814,7 @@ def _host_decl(key: str, names: Tuple[str, ...], body: Any, where: _Where,
             where.key(body, k).fail(f"unknown key {k!r}; expected one of: {', '.join(allowed)}")
     layer_map = _MarkedDict(own)
     layer_map.key_lines = getattr(body, "key_lines", {})
-    profiles = ()
+    profiles: Tuple[Tuple[Any, _Where], ...] = ()
     if "profiles" in body:
         profiles_where = where.key(body, "profiles")
         names_list = _list_of(_name)(body["profiles"], profiles_where)

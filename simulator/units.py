@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Union
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:  # typing.TypeGuard is 3.10+; annotations are never evaluated at run time
+    from typing_extensions import TypeGuard
 
 __all__ = [
     "DURATION_PATTERN",
@@ -44,7 +47,7 @@ _RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(bit|kbit|mbit|gbit|tbit)")
 _SIZE_RE = re.compile(r"([0-9]+)([bkmg]?)")
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[Union[int, float]]:
     """Numbers, but not booleans: YAML turns ``yes`` into True, which is never a quantity."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

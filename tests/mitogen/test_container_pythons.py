@@ -26,12 +26,13 @@ def _docker(*args: str) -> str:
 @pytest.fixture
 def container(request):
     """A started container of the suite's image with no network, removed afterwards."""
-    try:
-        import simulator.images
+    from simulator.dockerbackend import docker_unavailable
+    from simulator.images import image_tag
 
-        tag = simulator.images.ensure_image(request.param, progress=lambda line: None)
-    except Exception as e:
-        pytest.skip("no Docker engine or image for %s: %s" % (request.param, e))
+    reason = docker_unavailable([request.param])  # built before pytest (.ci/run), not here
+    if reason:
+        pytest.skip(reason)
+    tag = image_tag(request.param)
     name = "mitogen-test-%s" % uuid.uuid4().hex[:12]
     _docker("run", "-d", "--rm", "--init", "--network", "none", "--name", name,
             "--label", "mitogen-sim.test=1", "--entrypoint", "sleep", tag, "infinity")

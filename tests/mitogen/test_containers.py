@@ -113,7 +113,7 @@ def container():
     image = _image_with_python()
     if image is None:
         pytest.skip("no Docker engine answering, or no mitogen-sim image built yet "
-                    "(python -m simulator.images build bookworm)")
+                    "(python -m simulator images build bookworm)")
     name = "mitogen-conn-test-%s" % uuid.uuid4().hex[:8]
     _docker("run", "--detach", "--network", "none", "--name", name,
             "--entrypoint", "sleep", image, "infinity")

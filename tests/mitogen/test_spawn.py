@@ -58,3 +58,27 @@ def test_no_process_left_along_a_route(accounts):  # noqa: F811
             assert select.select([fd], [], [], 10.0)[0], "process %d outlived its router" % pid
         finally:
             os.close(fd)
+
+
+def test_without_pidfd_children_are_still_reaped(router, monkeypatch):
+    """A kernel (or seccomp filter, or valgrind) without pidfd_open: the reaper polls."""
+    def no_pidfd(pid, flags=0):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    child = router.local(name="polled")
+    pid = child.call(os.getpid)
+    child.shutdown(wait=True)
+    stream = router.get_streams().get(child.context_id)
+    assert stream is None
+    # the leak check after the test fails if the child was not reaped
+    assert pid > 0
+
+
+def test_a_failure_to_watch_a_new_child_fails_the_connect_at_once(router, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no reaper today")
+
+    monkeypatch.setattr(mitogen.parent, "Reaper", broken)
+    with pytest.raises(mitogen.core.StreamError, match="cannot watch the new child: no reaper"):
+        router.local(name="unwatched", connect_timeout=60)

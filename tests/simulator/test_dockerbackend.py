@@ -90,11 +90,12 @@ def test_a_supernet_too_small_is_a_clear_error():
 
 
 def _require_docker() -> None:
+    """An engine answers and the image is built (by .ci/run, before pytest), or skip."""
     from simulator.dockerbackend import docker_unavailable
 
-    reason = docker_unavailable()
+    reason = docker_unavailable(["bookworm"])
     if reason:
-        pytest.skip(f"no Docker engine: {reason}")
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -324,12 +325,12 @@ def _resources(client, run):
 @pytest.mark.docker
 def test_a_killed_runner_leaves_nothing_behind():
     _require_docker()
-    from simulator.dockerd import ensure_dockerd
+    from simulator.dockerd import engine_client
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", _RUNNER], stdout=subprocess.PIPE,
                             cwd=root, env=dict(os.environ, PYTHONPATH=root), text=True)
-    client = ensure_dockerd()
+    client = engine_client()
     try:
         run = proc.stdout.readline().strip()
         assert run, "the runner did not build its tree"
@@ -352,9 +353,9 @@ def test_a_killed_runner_leaves_nothing_behind():
 def test_stale_resources_are_swept():
     _require_docker()
     from simulator.dockerbackend import LABEL_OWNER, LABEL_RUN, sweep_stale
-    from simulator.dockerd import ensure_dockerd
+    from simulator.dockerd import engine_client
 
-    client = ensure_dockerd()
+    client = engine_client()
     try:
         dead = subprocess.Popen(["true"])
         dead.wait()

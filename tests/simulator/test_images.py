@@ -14,8 +14,11 @@ import http.server
 import io
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -28,7 +31,7 @@ import docker.errors
 import pytest
 
 from simulator import images
-from simulator.dockerd import DockerdError, ensure_dockerd
+from simulator.dockerd import DockerdError, engine_client
 
 NODE_SETUP = images._node_setup_module()
 
@@ -247,19 +250,21 @@ TEST_ID_LABEL = "mitogen-sim.test.id"
 
 def _engine_or_skip() -> Any:
     try:
-        return ensure_dockerd(timeout=60)
+        return engine_client()
     except DockerdError as exc:
-        pytest.skip(f"no Docker engine and none could be started: {exc}")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
 def bookworm_tag() -> str:
-    """The bookworm image, built once per content hash (CI builds it before pytest)."""
+    """The bookworm image, built before pytest starts (.ci/run), never inside a test."""
     client = _engine_or_skip()
     try:
-        if os.geteuid() != 0 and not images._image_exists(client, images.image_tag("bookworm")):
-            pytest.skip("the bookworm image is not built and building it needs root")
-        return images.ensure_image("bookworm", client=client)
+        tag = images.image_tag("bookworm")
+        if not images.image_present(client, tag):
+            pytest.skip(f"{tag} is not built: python -m simulator images build bookworm "
+                        f"(as root)")
+        return tag
     finally:
         client.close()
 
@@ -481,7 +486,7 @@ def test_concurrent_callers_build_once(recipe_copy: Path, tmp_path: Path,
             other_is_waiting.set()
 
     def build(_n: int) -> str:
-        own = ensure_dockerd(timeout=60)
+        own = engine_client()
         try:
             return images.ensure_image(suite, progress, client=own, recipe_dir=recipe_copy,
                                        mirror="http://127.0.0.1:9/unused", lock_timeout=60)
@@ -502,5 +507,140 @@ def test_concurrent_callers_build_once(recipe_copy: Path, tmp_path: Path,
             try:
                 client.images.remove(tag)
             except docker.errors.ImageNotFound:  # not created when the test failed early
+                pass
+        client.close()
+
+
+# --- an interrupted build --------------------------------------------------------------------
+
+#: Stands in for debootstrap: fills the tree slowly, with /proc mounted inside it and a helper
+#: process sitting in it (as its wget and dpkg do), and says what it does line by line.
+FAKE_DEBOOTSTRAP = """\
+import os, subprocess, sys, time
+target = sys.argv[-2]
+os.makedirs(target + "/proc")
+subprocess.run(["mount", "-t", "tmpfs", "none", target + "/proc"], check=True)
+helper = subprocess.Popen(["sleep", "300"], cwd=target)
+for i in range(12):
+    os.makedirs(f"{target}/usr/share/doc/pkg{i}")
+    with open(f"{target}/usr/share/doc/pkg{i}/copyright", "w") as f:
+        f.write("x" * 100000)
+    print(f"I: Fetching pkg{i}", flush=True)
+    time.sleep(0.05)  # the work of a download
+for d in ("usr/sbin", "etc/ssh/sshd_config.d", "etc/pam.d", "etc/dpkg/dpkg.cfg.d", "var/log"):
+    os.makedirs(f"{target}/{d}", exist_ok=True)
+with open(f"{target}/usr/sbin/sshd", "w") as f:
+    f.write("#!/bin/sh\\n")
+os.chmod(f"{target}/usr/sbin/sshd", 0o755)
+with open(f"{target}/etc/pam.d/sshd", "w") as f:
+    f.write("session required pam_loginuid.so\\n")
+open(f"{target}/etc/marker-complete", "w").close()
+subprocess.run(["umount", target + "/proc"], check=True)
+helper.kill()
+helper.wait()
+print("I: Base system installed successfully.", flush=True)
+"""
+#: Builds the suite through the real code; only the mirror and the python probe (which need
+#: a real Debian tree) are replaced.
+BUILD_DRIVER = """\
+import sys
+from pathlib import Path
+from simulator import images
+from simulator.dockerd import engine_client
+images._check_mirror_serves = lambda mirror, suite: None
+images._probe_pythons = lambda rootfs: {"python3": "0.0.0", "pythons": ""}
+client = engine_client()
+try:
+    tag = images.ensure_image(sys.argv[1], progress=lambda line: print(line, flush=True),
+                              client=client, recipe_dir=Path(sys.argv[2]),
+                              mirror="http://127.0.0.1:9/unused")
+finally:
+    client.close()
+print("BUILT " + tag, flush=True)
+"""
+
+
+def _products_whole_or_absent(client: Any, cache: Path, suite: str, tag: str,
+                              digest: str) -> None:
+    tarball = cache / "rootfs" / f"{suite}-{digest}.tar"
+    if tarball.exists():
+        with tarfile.open(tarball) as tar:
+            assert "./etc/marker-complete" in tar.getnames()
+        assert json.loads(tarball.with_suffix(".json").read_text())["python3"] == "0.0.0"
+    if images.image_present(client, tag):
+        assert client.images.get(tag).labels["mitogen-sim.suite"] == suite
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_build_killed_at_random_points_leaves_nothing_half_made(recipe_copy: Path,
+                                                                   tmp_path: Path):
+    """SIGKILL the builder after a random number of its progress lines (seeded: a failure
+    replays), again and again: the cached tree and the image are whole or absent after each
+    kill, and the next build starts clean, ending what the killed one left running and
+    mounted. A last build runs to the end and leaves no work directory behind."""
+    if os.geteuid() != 0:
+        pytest.skip("building an image needs root (debootstrap, chroot, mount)")
+    client = _engine_or_skip()
+    suite = f"killtest{uuid.uuid4().hex[:8]}"
+    spec = json.loads((recipe_copy / "suites.json").read_text())
+    spec["suites"] = {suite: {"python": None, "extra_packages": []}}
+    (recipe_copy / "suites.json").write_text(json.dumps(spec))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "debootstrap"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_DEBOOTSTRAP}")
+    fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, MITOGEN_SIM_CACHE=str(cache),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    r = images.recipe(suite, recipe_copy)
+    digest = r.content_hash()[:16]
+    rng = random.Random(20261201)
+
+    def build(kill_after: Optional[int] = None) -> List[str]:
+        proc = subprocess.Popen([sys.executable, "-c", BUILD_DRIVER, suite, str(recipe_copy)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        lines = []
+        assert proc.stdout is not None
+        with proc:
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                if kill_after is not None and len(lines) >= kill_after:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            proc.stdout.read()
+        return lines
+
+    def start_again_from_nothing() -> None:
+        client.images.remove(r.tag)
+        (cache / "rootfs" / f"{suite}-{digest}.tar").unlink()
+
+    try:
+        full = len(build())  # how many lines a whole build prints
+        start_again_from_nothing()
+        rounds = 8
+        for index in range(rounds):  # one kill in each eighth of the build, at random in it
+            lines = build(kill_after=rng.randint(1 + index * full // rounds,
+                                                 (index + 1) * full // rounds))
+            _products_whole_or_absent(client, cache, suite, r.tag, digest)
+            if lines[-1].startswith("BUILT "):
+                start_again_from_nothing()
+        lines = build()
+        assert lines[-1] == f"BUILT {r.tag}", lines
+        _products_whole_or_absent(client, cache, suite, r.tag, digest)
+        assert images.image_present(client, r.tag)
+        assert list((cache / "work").iterdir()) == []
+        assert images._mounts_under(cache) == []
+        assert images._work_processes(cache) == []
+    finally:
+        images._kill_work_processes(cache)
+        images._remove_tree(cache)
+        for ref in (r.tag, f"mitogen-sim/{suite}:latest"):
+            try:
+                client.images.remove(ref)
+            except docker.errors.ImageNotFound:
                 pass
         client.close()

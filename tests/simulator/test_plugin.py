@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def _run(pytester: pytest.Pytester, action: str, *args: str) -> subprocess.Popen
     pytester.makepyfile(test_tree=REPORTING_TEST)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env["SIM_ACTION"] = action  # the inner run is no xdist worker, whatever the outer is
+    env["MITOGEN_SIM_STATE"] = str(pytester.path / "state")  # a killed run's record stays
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", "-q",
          "--topology=tiny.yml", f"--topology-report={pytester.path / 'report'}", *args],
@@ -123,9 +125,14 @@ def test_a_failing_test_gets_its_timeline_and_the_run_a_report(tiny: pytest.Pyte
         assert proc.wait(timeout=60) == 1
     assert "simulator timeline (call)" in rest
     assert "failing on purpose" in rest
-    report = tiny.path / "report" / "tiny"
+    report = tiny.path / "report" / "tiny" / "local" / "latest"
+    assert report.is_symlink()
+    assert f"report:   {report.resolve()}" in rest
     for name in ("timeline.jsonl", "timeline.png", "summary.json", "summary.md"):
         assert (report / name).stat().st_size > 0, name
+    title = json.loads((report / "summary.json").read_text())["run"]["title"]
+    assert re.fullmatch(r"tiny: local backend, seed 7, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC",
+                        title), title
     lines = (report / "timeline.jsonl").read_text().splitlines()
     kinds = {json.loads(line)["kind"] for line in lines}
     assert {"build", "route", "shutdown", "test"} <= kinds
@@ -137,14 +144,27 @@ def test_a_failing_test_gets_its_timeline_and_the_run_a_report(tiny: pytest.Pyte
 def test_nothing_is_left_after_an_interrupted_or_killed_run(tiny: pytest.Pytester, how):
     """Even a paused (SIGSTOPped) host goes: on Ctrl-C the fixtures resume and stop it; when
     pytest is killed, the relay in front of it kills it after its linger time."""
+    env = dict(os.environ, MITOGEN_SIM_STATE=str(tiny.path / "state"))
+
+    def simulator(command: str) -> str:
+        return subprocess.run([sys.executable, "-m", "simulator", command], env=env,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
     with _run(tiny, "pause-and-block") as proc:
         pids = json.loads(_read_until(proc, "PIDS "))
         _read_until(proc, "PAUSED")
+        status = simulator("status")  # a pytest session's tree is listed as `up`'s are
+        assert f"tiny: local backend, `pytest` pid {proc.pid}" in status
+        assert "faults applied: Pause(host='top/leaf')" in status
         proc.send_signal(how)
         proc.stdout.read()
         proc.wait(timeout=60)
     # a killed run: the relay lingers 2 s, gives its child 2 s more, then TERM and KILL
     assert LocalBackend.wait_gone(pids, 20.0) == []
+    if how == signal.SIGKILL:  # its record stays, saying so, until `down`
+        assert f"its runner (pid {proc.pid}) is gone" in simulator("status")
+        assert f"tiny (local backend, pid {proc.pid}): down" in simulator("down")
+    assert "no topology is running" in simulator("status")
 
 
 def test_the_command_line_checks_a_file_and_prints_its_plan(tiny: pytest.Pytester):
@@ -155,3 +175,31 @@ def test_the_command_line_checks_a_file_and_prints_its_plan(tiny: pytest.Pyteste
     assert bad.ret != 0
     assert "nowhere.yml" in bad.stderr.str()
 
+
+
+def test_runs_and_backends_never_share_a_report_directory(tiny: pytest.Pytester):
+    tiny.makepyfile("def test_tree(sim):\n    assert sim.context('leaf')\n")
+    runs = []
+    for _ in range(2):
+        result = tiny.runpytest_subprocess("--topology=tiny.yml", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+        line = next(x for x in result.outlines if x.startswith("report:   "))
+        runs.append(line.split(None, 1)[1])
+    base = tiny.path / ".sim" / "report" / "tiny" / "local"
+    assert runs[0] != runs[1]
+    assert {os.path.dirname(run) for run in runs} == {str(base)}
+    assert (base / "latest").resolve() == tiny.path.joinpath(runs[1]).resolve()
+
+
+def test_the_plugin_registers_its_markers_for_strict_projects(pytester: pytest.Pytester):
+    """A project outside this repository, strict about markers and warnings, that declares
+    nothing: the markers the plugin puts on tests are known."""
+    pytester.makeini("[pytest]\naddopts = --strict-markers\nfilterwarnings = error\n")
+    pytester.makepyfile("import pytest\n\n@pytest.mark.docker\n@pytest.mark.topology\n"
+                        "def test_marked():\n    pass\n")
+    # In a process of its own, as that project would run: in this one mitogen is imported
+    # already, which filterwarnings=error turns into an error of its own.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    listed = pytester.runpytest_subprocess("--markers").stdout.str()
+    assert "@pytest.mark.docker:" in listed and "@pytest.mark.topology:" in listed

@@ -1,0 +1,225 @@
+"""``python -m simulator``: check prints the plans pytest runs; up, status and down behave the
+same on both backends, each command its own process, as a person uses them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+from simulator.local import LocalBackend
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEDULED = """\
+version: 1
+name: sched
+seed: 7
+network: {keepalive_interval: 1s, keepalive_count: 2}
+defaults:
+  accounts: [{name: sim, keys: [runner], password: sim-pw}]
+tree:
+  top:
+    children:
+      leaf:
+        accounts+: [{name: app, sudo: nopasswd}]
+faults:
+  own: {seed: 42, interval: 2s, duration: 1s, count: 4, pick: [pause, latency, kill]}
+  inherits: {interval: 2s, duration: 1s, count: 4, pick: [pause, latency, kill]}
+  held: {interval: 60s, duration: 60s, count: 1, pick: [latency],
+         targets: {latency: ["edge:top/leaf"]}}
+"""
+PRINT_PLANS = """\
+from simulator.faults import format_plan
+
+def test_plans(sim):
+    for schedule in sim.topology.schedules:
+        for line in format_plan(sim.plan(schedule.name)):
+            print(f"PLAN {schedule.name}: {line}", flush=True)
+"""
+
+
+def _check_plans(stdout: str) -> Dict[str, List[str]]:
+    plans: Dict[str, List[str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        if line.startswith("schedule "):
+            current = line.split()[1]
+            plans[current] = []
+        elif current is not None and line.startswith("  "):
+            plans[current].append(line[2:])
+    return plans
+
+
+def _pytest_plans(stdout: str) -> Dict[str, List[str]]:
+    plans: Dict[str, List[str]] = {}
+    for line in stdout.splitlines():
+        if "PLAN " in line:  # the first may follow pytest's progress on the same line
+            name, _, step = line[line.index("PLAN ") + len("PLAN "):].partition(": ")
+            plans.setdefault(name, []).append(step)
+    return plans
+
+
+@pytest.mark.parametrize("seed", [None, 5], ids=["own-seeds", "seed-given"])
+def test_check_prints_the_plans_pytest_runs(pytester: pytest.Pytester, seed):
+    """One seed rule: a schedule's own seed wins over the topology's, a seed given on the
+    command line over both, in check and in pytest alike."""
+    pytester.makefile(".yml", sched=SCHEDULED)
+    pytester.makepyfile(test_plans=PRINT_PLANS)
+    given = [] if seed is None else ["--seed", str(seed)]
+    check = pytester.run(sys.executable, "-m", "simulator", "check", "sched.yml", *given)
+    assert check.ret == 0, check.stderr.str()
+    expected = ["own (seed 42):", "inherits (seed 7):"] if seed is None else \
+        ["own (seed 5):", "inherits (seed 5):"]
+    assert [f"{line.split()[1]} {' '.join(line.split()[2:])}" for line in check.outlines
+            if line.startswith("schedule ")][:2] == expected
+    in_pytest = pytester.runpytest_subprocess(
+        "--topology=sched.yml", "-s", "-p", "no:cacheprovider",
+        *([] if seed is None else [f"--topology-seed={seed}"]))
+    in_pytest.assert_outcomes(passed=1)
+    planned = _check_plans(check.stdout.str())
+    assert set(planned) == {"own", "inherits", "held"}
+    assert _pytest_plans(in_pytest.stdout.str()) == planned
+    seeds = "own=42, inherits=7, held=7" if seed is None else "own=5, inherits=5, held=5"
+    in_pytest.stdout.fnmatch_lines([f"topology backend: local, seed: {seeds}"])
+
+
+# --------------------------------------------------------------------------------------------
+# up, status and down, each in a process of its own
+# --------------------------------------------------------------------------------------------
+
+
+def _env(tmp_path: Path) -> Dict[str, str]:
+    """This test's own state directory, so it sees only its own trees."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["MITOGEN_SIM_STATE"] = str(tmp_path / "state")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _simulator(env: Dict[str, str], *args: str, timeout: float = 180.0
+               ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simulator", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _records(tmp_path: Path) -> List[dict]:
+    state = tmp_path / "state"
+    if not state.is_dir():
+        return []
+    return [json.loads(path.read_text()) for path in sorted(state.glob("*.json"))]
+
+
+@pytest.fixture
+def up(tmp_path: Path, request) -> Iterator[Tuple[subprocess.Popen, Dict[str, str], str]]:
+    """``python -m simulator up sched.yml --schedule held`` running in its own process, up
+    and with the held latency fault applied; killed if a test leaves it running."""
+    backend = request.param
+    if backend == "docker":
+        from simulator.dockerbackend import docker_unavailable
+
+        reason = docker_unavailable(["bookworm"])
+        if reason:
+            pytest.skip(reason)
+    topology = tmp_path / "sched.yml"
+    topology.write_text(SCHEDULED)
+    env = _env(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "up", str(topology), "--backend", backend,
+         "--schedule", "held"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # ends at EOF if `up` dies first
+            seen.append(line)
+            if "applied Latency(" in line:
+                break
+        else:
+            pytest.fail(f"`up` ended before applying its fault: {''.join(seen)}")
+        yield proc, env, backend
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        _simulator(env, "down")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("up", ["local", pytest.param("docker", marks=pytest.mark.docker)],
+                         indirect=True)
+def test_up_status_down_from_separate_processes(up, tmp_path: Path):
+    proc, env, backend = up
+    (record,) = _records(tmp_path)
+    assert record["backend"] == backend and record["command"] == "up"
+    assert record["faults"] and record["faults"][0]["params"]["fault"] == "latency"
+
+    status = _simulator(env, "status")
+    assert status.returncode == 0, status.stderr
+    text = status.stdout
+    assert f"sched: {backend} backend, `up` pid {proc.pid}" in text
+    assert "seed own=42, inherits=7, held=7" in text
+    for host in record["hosts"]:
+        assert f"  {host['id']}: context {host['context_id']}, {host['where']}" in text
+    leaf = next(h for h in record["hosts"] if h["id"] == "top/leaf")
+    assert f"    as app: context {leaf['accounts']['app']}" in text
+    assert "faults applied: Latency(edge='top/leaf'" in text
+
+    down = _simulator(env, "down")
+    assert down.returncode == 0, down.stderr
+    assert f"sched ({backend} backend, pid {proc.pid}): down" in down.stdout
+    assert proc.wait(timeout=60) == 0
+    assert _records(tmp_path) == []
+    assert "no topology is running" in _simulator(env, "status").stdout
+    _assert_nothing_left(backend, record)
+
+
+def _assert_nothing_left(backend: str, record: dict) -> None:
+    resources = record["resources"]
+    if backend == "local":
+        assert not os.path.exists(resources["control_dir"])
+        pids = [int(h["where"].split()[2]) for h in record["hosts"]]
+        assert LocalBackend.wait_gone(pids, 5.0) == []
+        return
+    from simulator.dockerbackend import LABEL_RUN
+    from simulator.dockerd import engine_client
+
+    assert not os.path.exists(resources["keys_dir"])
+    client = engine_client()
+    try:
+        label = {"label": f"{LABEL_RUN}={resources['run']}"}
+        assert client.containers.list(all=True, filters=label) == []
+        assert client.networks.list(filters=label) == []
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("up", ["local"], indirect=True)
+def test_down_removes_what_a_killed_up_left(up, tmp_path: Path):
+    proc, env, _backend = up
+    (record,) = _records(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    status = _simulator(env, "status")
+    assert f"its runner (pid {proc.pid}) is gone" in status.stdout
+    down = _simulator(env, "down", "sched")
+    assert down.returncode == 0, down.stderr
+    assert f"removed {record['resources']['control_dir']}" in down.stdout
+    assert _records(tmp_path) == []
+    pids = [int(h["where"].split()[2]) for h in record["hosts"]]
+    assert LocalBackend.wait_gone(pids, 20.0) == []  # relays end their hosts after linger
+
+
+def test_down_and_status_with_nothing_running(tmp_path: Path):
+    env = _env(tmp_path)
+    assert "no topology is running" in _simulator(env, "status").stdout
+    down = _simulator(env, "down", "nothing.yml")
+    assert down.returncode == 0 and "no topology was running for nothing.yml" in down.stdout
