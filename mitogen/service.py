@@ -903,7 +903,10 @@ class FileService(Service):
             while reason is None and t.unacked:
                 t.unacked -= min(t.unacked, _credit(t.acks.get()))
         except ChannelError as e:
-            reason = "the receiver of %s went away: %s" % (t.path, e)
+            if self._stopping:
+                reason = "FileService is shutting down"
+            else:
+                reason = "the receiver of %s went away: %s" % (t.path, e)
         except OSError as e:
             reason = "reading %s failed: %s" % (t.path, e)
         finally:

@@ -370,6 +370,24 @@ def test_a_receiver_that_goes_away_mid_transfer_ends_the_transfer(router, files,
         child.shutdown(wait=True)
 
 
+def test_stopping_the_pool_fails_transfers_in_flight_cleanly(router, tmp_path, local, caplog):
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(32 * MIB))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    service = FileService(router)
+    pool = mitogen.service.Pool(router, services=[service], size=1)
+    service.register(str(path))
+    pending = local.call_async(services.fetch_pausing, router.myself(), str(path), str(fifo))
+    with caplog.at_level(logging.ERROR, logger="mitogen.service"):
+        with open(fifo, "wb") as f:  # returns once the child is stopped at its first chunk
+            pool.stop()  # joins the pool, then FileService.on_shutdown()
+            f.write(b"go")
+        ok, received, announced = pending.get(timeout=30).unpickle()
+    assert ok is False and received < announced == 32 * MIB
+    assert "FileService is shutting down" in caplog.text
+
+
 # --- PushFileService -------------------------------------------------------------------------
 
 

@@ -243,6 +243,19 @@ def fetch_and_damage(context, path, damage):
     return ok, sink.size, metadata["size"]
 
 
+def fetch_pausing(context, path, fifo):
+    """fetch(), stopping at the first chunk until a byte arrives on the FIFO `fifo` (the
+    test opening it for writing knows the transfer is under way)."""
+
+    def pause():
+        with open(fifo, "rb") as f:
+            f.read(1)
+
+    sink = HashSink(on_first_write=pause)
+    ok, metadata = mitogen.service.FileService.get(context, path, sink)
+    return ok, sink.size, metadata["size"]
+
+
 @mitogen.core.takes_router
 def pushed_digest(path, router=None):
     """Wait for the file pushed here as `path`; its (size, sha256)."""
