@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import signal
+import sys
 import threading
 
 import pytest
@@ -474,6 +475,29 @@ def test_a_file_changed_while_it_is_pushed_fails_every_copy_downstream(router, t
         assert other.call(services.pushed_digest, str(path)) == (len(content), _sha(content))
     finally:
         pool.stop()
+
+
+def test_propagate_paths_and_modules_pushes_each_path_or_its_override(router, tmp_path):
+    leaf = router.local(name="leaf")
+    first, second = tmp_path / "first.txt", tmp_path / "second.py"
+    first.write_bytes(b"first")
+    second.write_bytes(b"print('on disk')")
+    extra = str(tmp_path / "extra-sys-path")
+    service = PushFileService(router)
+    pool = mitogen.service.Pool(router, services=[service], size=1)
+    try:
+        router.myself().call_service(
+            PushFileService, "propagate_paths_and_modules", context=leaf,
+            paths=[str(first), str(second)],
+            overridden_sources={str(second): "print('overridden')"}, extra_sys_paths=[extra])
+        assert leaf.call(services.pushed_digest, str(first)) == (5, _sha(b"first"))
+        assert leaf.call(services.pushed_digest, str(second)) == (
+            len(b"print('overridden')"), _sha(b"print('overridden')"))
+        assert sys.path.count(extra) == 1  # in the pushing context, as Mitogen does
+    finally:
+        pool.stop()
+        while extra in sys.path:
+            sys.path.remove(extra)
 
 
 def test_push_file_service_refuses_siblings_and_destinations_above(router, tmp_path):
