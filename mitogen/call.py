@@ -15,9 +15,13 @@ import types
 from typing import Any, Callable
 
 import mitogen.core
-from mitogen.core import CALL_FUNCTION, Kwargs, Message
+from mitogen.core import CALL_FUNCTION, Message
 
 __all__ = ["CallChain"]
+
+
+#: (module, class path, name) of the functions called so far, for the next call.
+_described: dict = {}
 
 
 class CallChain:
@@ -84,8 +88,15 @@ class CallChain:
         return module, klass or None, name
 
     def make_msg(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Message:
-        module, klass, name = self._describe(fn)
-        return Message.pickled((self.chain_id, module, klass, name, args, Kwargs(kwargs)),
+        try:
+            module, klass, name = _described[fn]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable
+            module, klass, name = self._describe(fn)
+            if len(_described) < 4096:
+                _described[fn] = module, klass, name
+        # A plain dict, not Kwargs: pickling a dict subclass costs five times as much, and
+        # the target only ever unpacks it.
+        return Message.pickled((self.chain_id, module, klass, name, args, kwargs),
                                handle=CALL_FUNCTION)
 
     def call_no_reply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -111,7 +111,7 @@ except Exception:pass
 if os.fork():
  os.dup2(0,100);os.dup2(R,0);os.dup2(r,101);os.dup2(Q,102)
  for f in R,W,r,w,Q,V:os.close(f)
- os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')')
+ os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')','-S')
 os.close(R);os.close(r);os.close(Q)
 P=b"import marshal,_pickle,_socket,select,_signal,heapq,_struct,fcntl,zlib,threading,mmap;"
 os.write(W,P+b"exec(marshal.load(open(102,'rb')))");os.close(W)

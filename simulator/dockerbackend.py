@@ -217,8 +217,42 @@ def remove_run(run: str, keys_dir: Optional[str] = None) -> List[str]:
     return removed
 
 
+#: Where a run keeps its private keys: one directory per run, readable by its owner only.
+KEYS_DIR_PREFIX = "mitogen-sim-keys-"
+
+
+def _make_keys_dir(run: str, owner: str) -> str:
+    """A run's keys directory (0700), with the owner tag inside, so that a sweep can tell
+    whether the run that made it is gone even if its reaper was killed too."""
+    path = os.path.join(tempfile.gettempdir(), KEYS_DIR_PREFIX + run)
+    making = tempfile.mkdtemp(prefix=".making-" + KEYS_DIR_PREFIX)  # 0700; no sweep sees it
+    with open(os.path.join(making, "owner"), "w") as f:
+        f.write(owner)
+    os.rename(making, path)
+    return path
+
+
+def sweep_stale_keys() -> List[str]:
+    """Remove keys directories of runs whose runner process is gone."""
+    removed = []
+    base = tempfile.gettempdir()
+    for name in sorted(os.listdir(base)):
+        path = os.path.join(base, name)
+        if not name.startswith(KEYS_DIR_PREFIX) or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, "owner")) as f:
+                owner = f.read().strip()
+        except OSError:
+            owner = ""
+        if not _owner_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def sweep_stale(client: docker.DockerClient) -> List[str]:
-    """Remove containers and networks of runs whose runner process is gone."""
+    """Remove containers, networks and keys directories of runs whose runner is gone."""
     stale = set()
     for resource in [*client.containers.list(all=True, filters={"label": LABEL_OWNER}),
                      *client.networks.list(filters={"label": LABEL_OWNER})]:
@@ -226,7 +260,7 @@ def sweep_stale(client: docker.DockerClient) -> List[str]:
             "Labels") or {}
         if not _owner_alive(labels.get(LABEL_OWNER, "")):
             stale.add(labels.get(LABEL_RUN, ""))
-    removed = []
+    removed = sweep_stale_keys()
     for run in sorted(stale - {""}):
         removed += _remove_labelled(client, {"label": f"{LABEL_RUN}={run}"})
     return removed
@@ -431,8 +465,8 @@ class DockerBackend(Backend):
             swept = sweep_stale(self._client)
             if swept:
                 self.timeline.record("build", action="swept", resources=swept)
+            self._dir = _make_keys_dir(self._run, self._owner)
             self._start_reaper()
-            self._dir = tempfile.mkdtemp(prefix=f"mitogen-sim-docker-{self._run}-")
             tags = {suite: images.ensure_image(suite, progress=self._progress,
                                                client=self._client)
                     for suite in suites}
@@ -514,6 +548,8 @@ class DockerBackend(Backend):
         """A detached watcher that removes this run's resources if the runner dies first."""
         argv = [sys.executable, "-m", "simulator.dockerbackend", "reap",
                 "--owner", self._owner, "--run", self._run]
+        if self._dir is not None:
+            argv += ["--keys-dir", self._dir]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH")) if p))
@@ -1282,8 +1318,9 @@ REAPER_POLL = 0.5
 REAPER_MAX_LIFETIME = 7 * 24 * 3600.0
 
 
-def _reap(owner: str, run: str) -> int:
-    """Wait (bounded) for the owner to end, then remove the run's resources, if any are left.
+def _reap(owner: str, run: str, keys_dir: Optional[str] = None) -> int:
+    """Wait (bounded) for the owner to end, then remove the run's resources, if any are left,
+    its keys first.
 
     SIGTERM from the owner means it cleaned up itself: exit at once.
     """
@@ -1295,6 +1332,8 @@ def _reap(owner: str, run: str) -> int:
     while _owner_alive(owner) and time.monotonic() < deadline:
         if stop.wait(REAPER_POLL):
             return 0
+    if keys_dir and os.path.basename(keys_dir).startswith(KEYS_DIR_PREFIX):
+        shutil.rmtree(keys_dir, ignore_errors=True)
     client = docker.from_env(timeout=120)
     try:
         _remove_labelled(client, {"label": f"{LABEL_RUN}={run}"})
@@ -1311,10 +1350,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reap = sub.add_parser("reap", help="remove a run's resources once its runner is gone")
     reap.add_argument("--owner", required=True)
     reap.add_argument("--run", required=True)
+    reap.add_argument("--keys-dir")
     sub.add_parser("sweep", help="remove resources of runs whose runner is gone")
     args = parser.parse_args(argv)
     if args.command == "reap":
-        return _reap(args.owner, args.run)
+        return _reap(args.owner, args.run, args.keys_dir)
     client = engine_client()
     try:
         for name in sweep_stale(client):

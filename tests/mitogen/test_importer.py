@@ -173,6 +173,21 @@ def test_stdlib_and_modules_the_child_has_never_cross_the_wire(router):
     assert router.get_stats()["get_module_count"] == before["get_module_count"]
 
 
+def test_a_package_in_the_childs_site_packages_is_imported_there(router):
+    """Children start without site (-S, for speed); the first import that is neither the
+    standard library's nor the master's loads it, and the local copy wins."""
+    import hypothesis  # installed in this venv's site-packages, so in the child's too
+
+    child = router.local()
+    # Only the standard library so far (eval is a builtin): no site-packages on sys.path.
+    probe = "__import__('site').getsitepackages()[0] in __import__('sys').path"
+    assert child.call(eval, probe) is False
+    assert child.call(funcs.module_file, "hypothesis") == hypothesis.__file__
+    assert not child.call(funcs.fetched, "hypothesis")  # imported there, not sent
+    assert child.call(funcs.fetched, "tests.support.funcs")
+    assert child.call(eval, probe) is True
+
+
 def test_namespace_package_and_zip_module(router, tmp_path, monkeypatch):
     ns = packages.unique_name("nspkg")
     (tmp_path / ns).mkdir()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
@@ -223,3 +225,41 @@ def test_down_and_status_with_nothing_running(tmp_path: Path):
     assert "no topology is running" in _simulator(env, "status").stdout
     down = _simulator(env, "down", "nothing.yml")
     assert down.returncode == 0 and "no topology was running for nothing.yml" in down.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("up", [pytest.param("docker", marks=pytest.mark.docker)],
+                         indirect=True)
+def test_a_killed_docker_runner_leaves_no_private_keys(up, tmp_path: Path):
+    """The keys directory of a SIGKILLed runner goes with its reaper (and, if the reaper was
+    killed too, with the next run's sweep): private keys never outlive their run."""
+    from simulator.dockerbackend import sweep_stale_keys
+
+    proc, env, _backend = up
+    (record,) = _records(tmp_path)
+    keys = record["resources"]["keys_dir"]
+    assert os.path.isdir(keys) and oct(os.stat(keys).st_mode & 0o777) == "0o700"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while os.path.exists(keys) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the reaper polls its owner every 0.5 s
+    assert not os.path.exists(keys)
+    assert keys not in sweep_stale_keys()
+    assert _simulator(env, "down", "sched").returncode == 0
+
+
+def test_keys_of_a_dead_run_are_swept_and_a_live_runs_kept():
+    from simulator import dockerbackend
+    from simulator.state import owner_tag
+
+    dead = dockerbackend._make_keys_dir("sweep-test-dead-%d" % os.getpid(), "1:0")
+    live = dockerbackend._make_keys_dir("sweep-test-live-%d" % os.getpid(), owner_tag())
+    try:
+        removed = dockerbackend.sweep_stale_keys()
+        assert dead in removed and not os.path.exists(dead)
+        assert live not in removed and os.path.isdir(live)
+    finally:
+        for path in (dead, live):
+            if os.path.isdir(path):
+                shutil.rmtree(path)

@@ -194,6 +194,11 @@ def importer_requests():
     return _importer().get_module_count
 
 
+def fetched(fullname):
+    """Whether this context's importer got `fullname` from its parent."""
+    return _importer().get_cached(fullname) is not None
+
+
 def arrived_as_code(fullname):
     """Whether `fullname` reached this context's importer as a code object (so it was not
     compiled here)."""
@@ -268,6 +273,12 @@ def corrupt_parent_stream(router=None):
 def make_bytes(size):
     """A bytes object of `size` zero bytes, made here (for transfer tests)."""
     return bytes(size)
+
+
+def module_file(name):
+    import importlib
+
+    return importlib.import_module(name).__file__
 
 
 def module_loaded(name):
