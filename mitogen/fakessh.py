@@ -198,7 +198,8 @@ class _Command:
         finally:
             self.input.close()
             try:
-                self.proc.stdin.close()
+                if self.proc.stdin is not None:
+                    self.proc.stdin.close()
             except OSError:
                 pass
 
@@ -406,7 +407,7 @@ def _serve(router: Any, dest: Any, listener: socket.socket, proc: subprocess.Pop
             timeout = None if deadline is None else max(0.0, deadline - mitogen.core.now())
             if exited is None:
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)
-            watched = [listener] if exited is None else [listener, exited]
+            watched: list[Any] = [listener] if exited is None else [listener, exited]
             ready, _, _ = select.select(watched, [], [], timeout)
             if (exited in ready) if exited is not None else proc.poll() is not None:
                 return proc.wait()

@@ -64,6 +64,7 @@ __all__ = [
     "call",
     "expose",
     "get_or_create_pool",
+    "get_thread_name",
     "no_reply",
     "validate_arg_spec",
 ]
@@ -224,6 +225,8 @@ def _takes_msg(method: Callable) -> bool:
 class Invoker:
     """Runs calls of one service as they come, as many at once as the pool has threads."""
 
+    unauthorized_msg = "context %d may not call %r of service %s: refused by its policy %r"
+
     def __init__(self, service: Service) -> None:
         self.service = service
 
@@ -244,8 +247,8 @@ class Invoker:
         if msg is not None:
             for policy in policies:
                 if not policy.is_authorized(self.service, msg):
-                    raise CallError("context %d may not call %r of service %s: refused by "
-                                    "its policy %r", msg.auth_id, method_name, name, policy)
+                    raise CallError(self.unauthorized_msg, msg.auth_id, method_name, name,
+                                    policy)
         if "msg" in kwargs and _takes_msg(method):
             raise CallError("argument 'msg' of %r is set by the service, not by callers",
                             method_name)
@@ -279,8 +282,8 @@ class SerializedInvoker(Invoker):
     """Runs one call of the service at a time, in arrival order; a pool thread that finds a
     call running queues its own and returns to the pool at once."""
 
-    def __init__(self, service: Service) -> None:
-        super().__init__(service)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._lock = threading.Lock()
         self._queue: list = []
         self._running = False
@@ -310,6 +313,10 @@ class DeduplicatingInvoker(Invoker):
         self._lock = threading.Lock()
         self._responses: dict = {}
         self._waiters: dict = {}
+
+    def get_response(self, args: Any) -> Any:
+        """Mitogen's hook for producing a response by hand; unused by this invoker."""
+        raise NotImplementedError
 
     def key_from_request(self, method_name: str, kwargs: dict) -> str:
         """What makes two calls identical: the method and a stable text of the arguments."""
@@ -431,6 +438,7 @@ class Pool:
     """
 
     activator_class = Activator
+    closed = False
 
     def __init__(self, router: Any, services: Any = (), size: int = 1, overwrite: bool = False,
                  recv: Any = None) -> None:
@@ -628,6 +636,11 @@ def _call(job: tuple) -> None:
     func(*args, **kwargs)
 
 
+def get_thread_name() -> str:
+    """The calling thread's name (pool threads are ``mitogen.Pool.<id>.<n>``)."""
+    return threading.current_thread().name
+
+
 _pool: Pool | None = None
 _pool_pid: int | None = None
 _pool_lock = threading.Lock()
@@ -668,8 +681,9 @@ FILE_WINDOW = 8 * 1048576
 def _send_chunk(context: Context, handle: int, data: Any, ack_handle: int) -> None:
     """One chunk of a file, raw bytes; the receiver answers its ``reply_to`` with the
     number of bytes it took, which reopens the window by that much."""
-    context.send(Message(data=data, enc=mitogen.core.ENC_BIN, handle=handle,
-                         reply_to=ack_handle))
+    msg = Message(enc=mitogen.core.ENC_BIN, handle=handle, reply_to=ack_handle)
+    msg.data = data  # any buffer (a slice of a pushed file, a received body): not copied
+    context.send(msg)
 
 
 def _credit(msg: Message) -> int:
@@ -909,6 +923,9 @@ class FileService(Service):
                 reason = "the receiver of %s went away: %s" % (t.path, e)
         except OSError as e:
             reason = "reading %s failed: %s" % (t.path, e)
+        except Exception as e:  # a bug: the receiver must still learn that nothing follows
+            LOG.exception("%r: sending %s failed", self, t.path)
+            reason = "sending %s failed: %s: %s" % (t.path, type(e).__name__, e)
         finally:
             t.acks.close()
             os.close(t.fd)
@@ -1067,6 +1084,7 @@ class _DiskReader:
     def __init__(self, entry: _Entry) -> None:
         self.entry = entry
         self.fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.closed = False
         if _identity(os.fstat(self.fd)) != entry.identity:
             self.close(check=False)
             raise CallError("%s changed since it was first pushed" % (entry.path,))
@@ -1080,14 +1098,14 @@ class _DiskReader:
         return data
 
     def close(self, check: bool = True) -> None:
-        if self.fd is None:
+        if self.closed:
             return
         try:
             if check and _identity(os.fstat(self.fd)) != self.entry.identity:
                 raise CallError("%s changed while it was being pushed" % (self.entry.path,))
         finally:
             os.close(self.fd)
-            self.fd = None
+            self.closed = True
 
 
 class PushFileService(Service):
@@ -1101,8 +1119,8 @@ class PushFileService(Service):
     ``get(path)`` (a local call, e.g. through :func:`call`) waits for the file and returns it.
     """
 
-    def __init__(self, router: Any) -> None:
-        super().__init__(router)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._entries: dict[str, _Entry] = {}
@@ -1254,7 +1272,8 @@ class PushFileService(Service):
     def _push(self, entry: _Entry, hop: Context, context: Context, stream: Any) -> None:
         """Send `entry` over one link, to `hop`, on its way to `context`."""
         acks = Receiver(self.router, respondent=hop)
-        sender = reader = None
+        sender: Any = None
+        reader: Any = None
         try:
             # The hop first, so that a failure to read is always told downstream.
             sender = hop.call_service(self.name(), "begin_store_and_forward", path=entry.path,
@@ -1273,8 +1292,11 @@ class PushFileService(Service):
             finished.close()
             while unacked:
                 unacked -= min(unacked, _credit(acks.get()))
-        except (CallError, ChannelError, OSError) as e:
-            LOG.error("%r: pushing %s to %r failed: %s", self, entry.path, hop, e)
+        except Exception as e:  # whatever it was, the hop (and those below) must learn it
+            if isinstance(e, (CallError, ChannelError, OSError)):
+                LOG.error("%r: pushing %s to %r failed: %s", self, entry.path, hop, e)
+            else:
+                LOG.exception("%r: pushing %s to %r failed", self, entry.path, hop)
             with self._lock:
                 if self._sent.get(stream, {}).get(entry.path) is entry:
                     del self._sent[stream][entry.path]

@@ -174,7 +174,7 @@ class Listener(Stream):
         fd = os.dup(conn.fileno())
         conn.close()
         name = "unix_client.%d" % (pid,)
-        stream = ClientStream(self.router, fd, os.dup(fd), name, remote_id=context_id)
+        stream: Any = ClientStream(self.router, fd, os.dup(fd), name, remote_id=context_id)
         stream.auth_id = mitogen.context_id
         context = self.router.context_by_id(context_id, name=name)
         self.router.register(context, stream)
@@ -285,7 +285,7 @@ def connect(path: str, broker: Any = None) -> tuple[Any, mitogen.core.Context]:
     finally:
         sock.close()
     mitogen.context_id = context_id
-    mitogen.parent_id = remote_id
+    mitogen.parent_id = remote_id  # type: ignore[assignment]  # None only in a master
     mitogen.parent_ids = [remote_id]
     router = mitogen.master.Router(broker=broker)
     # IDs for this process's own children come from the tree's allocator too.

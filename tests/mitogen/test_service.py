@@ -454,7 +454,7 @@ def test_a_file_changed_while_it_is_pushed_fails_every_copy_downstream(router, t
     path = tmp_path / "changing.bin"
     path.write_bytes(os.urandom(4 * MIB))
     leaf.call(services.loaded, "mitogen.service")
-    service = PushFileService(router)
+    service = PushFileService(router=router)
     pool = mitogen.service.Pool(router, services=[service], size=1)
     hop_pid = hop.call(os.getpid)
     try:
@@ -483,7 +483,7 @@ def test_propagate_paths_and_modules_pushes_each_path_or_its_override(router, tm
     first.write_bytes(b"first")
     second.write_bytes(b"print('on disk')")
     extra = str(tmp_path / "extra-sys-path")
-    service = PushFileService(router)
+    service = PushFileService(router=router)
     pool = mitogen.service.Pool(router, services=[service], size=1)
     try:
         router.myself().call_service(
