@@ -1142,6 +1142,16 @@ class Context:
     def call_no_reply(self, fn, *args, **kwargs):
         self.default_call_chain.call_no_reply(fn, *args, **kwargs)
 
+    def call_service_async(self, service_name, method_name, **kwargs):
+        """Call a method of a service (a Service class or its dotted name) in this context;
+        returns the Receiver of the reply. mitogen.service is fetched on first use."""
+        import mitogen.service
+        return mitogen.service.send_call(self, service_name, method_name, kwargs)
+
+    def call_service(self, service_name, method_name, **kwargs):
+        import mitogen.service
+        return mitogen.service.send_call(self, service_name, method_name, kwargs, True)
+
     def shutdown(self, wait=False):
         """Ask the context to exit. Returns a Latch that receives None once it has
         disconnected; with ``wait=True``, waits for that first."""
@@ -1167,6 +1177,22 @@ class Dispatcher:
                              policy=has_parent_authority)
         self.recv.via_stream = econtext.router.parent_stream
         listen(econtext.broker, 'shutdown', self.recv.close)
+        self._services = None  # CALL_SERVICE messages queued for a pool being started
+        econtext.router.add_handler(self._on_call_service, CALL_SERVICE,
+                                    policy=has_parent_authority)
+
+    def _on_call_service(self, msg):
+        """CALL_SERVICE (from a parent: the policy refuses others) while no service pool runs
+        here: start one, on a thread of its own as the main thread may be busy, and queue
+        the call for it. The pool then takes the handle over."""
+        if not msg.is_dead:
+            if self._services is None:
+                self._services = Latch()
+                threading.Thread(target=lambda: importlib.import_module(
+                    'mitogen.service').get_or_create_pool(router=msg.router,
+                                                          recv=self._services),
+                    daemon=True).start()
+            self._services.put(msg)
 
     @staticmethod
     @takes_econtext
@@ -1481,6 +1507,8 @@ class Router:
                 self._drop(msg, stream, 'id %r cannot arrive on this stream' % (claimed,))
                 return False
         stream.egress_ids.add(msg.dst_id)
+        if stream.auth_id is not None and msg.auth_id == stream.remote_id:
+            msg.auth_id = stream.auth_id
         return True
 
 
@@ -1652,6 +1680,9 @@ class MessageStream(Stream):
     """
 
     keep_alive = True
+    #: Set where the peer acts with this context's authority (a unix client, see
+    #: mitogen.unix): the peer's own messages then carry this auth_id once verified.
+    auth_id = None
 
     def __init__(self, router, rfd, wfd, name, remote_id=None):
         Stream.__init__(self, name)
