@@ -1264,6 +1264,7 @@ class Router:
         self._stream_by_id = {}
         self._context_by_id = {}
         self._handle_map = {}
+        self._unguarded = None
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
         self._drop_second = self._drop_logged = self._drop_quiet = 0
@@ -1401,6 +1402,30 @@ class Router:
         if not persist:
             self.del_handler(msg.handle)
         msg.router = self
+        if not (msg._trusted() or isinstance(getattr(fn, '__self__', None), Receiver)) and \
+                (self._unguarded is not None or 'mitogen.guard' not in sys.modules):
+            # A pickle from below is checked by mitogen.guard, which this thread cannot
+            # fetch: a thread does, then these messages run, in the order they came.
+            if self._unguarded is None:
+                self._unguarded = []
+                threading.Thread(target=self._fetch_guard, daemon=True).start()
+            self._unguarded.append((fn, msg))
+            return
+        self._call(fn, msg)
+
+    def _fetch_guard(self):
+        try:
+            importlib.import_module('mitogen.guard')
+        except ImportError:
+            pass  # the parent is gone: each handler meets the error as it unpickles
+        self.broker.defer(self._run_unguarded)
+
+    def _run_unguarded(self):
+        waiting, self._unguarded = self._unguarded, None
+        for fn, msg in waiting:
+            self._call(fn, msg)
+
+    def _call(self, fn, msg):
         try:
             fn(msg)
         except Exception:
