@@ -200,6 +200,8 @@ class ContainerBackend(Backend):
     to enter a host's network namespace and how the runner reaches the roots."""
 
     name = "abstract"
+    #: What the detached reaper runs (``python -m MODULE reap``): see ownership.Reaper.
+    reaper_module = "simulator.ownership"
 
     def __init__(self, timeline: Optional[Timeline] = None,
                  router: Optional[mitogen.master.Router] = None, *, prepare: bool = False,
@@ -332,7 +334,8 @@ class ContainerBackend(Backend):
             if swept:
                 self.timeline.record("build", action="swept", resources=swept)
             self._dir = make_keys_dir(self._run, self._owner)
-            self._reaper = Reaper(self._owner, self._run, self._dir, self._engine_urls())
+            self._reaper = Reaper(self._owner, self._run, self._dir, self._engine_urls(),
+                                  module=self.reaper_module)
             tags = self._images(suites)
             self._make_keys()
             self._make_networks()

@@ -12,6 +12,7 @@ runs whose owner is gone.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
@@ -29,7 +30,8 @@ from simulator import images
 from simulator.state import owner_alive
 
 __all__ = ["KEYS_DIR_PREFIX", "LABEL_HOST", "LABEL_OWNER", "LABEL_RUN", "Reaper",
-           "make_keys_dir", "remove_labelled", "remove_run", "sweep_stale", "sweep_stale_keys"]
+           "make_keys_dir", "reap", "reap_parser", "remove_labelled", "remove_networks",
+           "remove_run", "sweep_stale", "sweep_stale_keys"]
 
 LABEL_RUN = images.LABEL_PREFIX + "run"
 LABEL_OWNER = images.LABEL_PREFIX + "owner"
@@ -38,11 +40,16 @@ LABEL_HOST = images.LABEL_PREFIX + "host"
 KEYS_DIR_PREFIX = "mitogen-sim-keys-"
 REAPER_POLL = 0.5
 REAPER_MAX_LIFETIME = 7 * 24 * 3600.0
+#: How long an overlay still "in use" is retried (the swarm detaches its nodes late).
+NETWORK_WAIT = 20.0
 
 
-def remove_labelled(client: docker.DockerClient, filters: Dict[str, Any]) -> List[str]:
+def remove_labelled(client: docker.DockerClient, filters: Dict[str, Any],
+                    network_wait: float = NETWORK_WAIT) -> List[str]:
     """Remove every container, then every network, matching ``filters``; never raises for
-    resources that vanished meanwhile."""
+    resources that vanished meanwhile. A network still in use (a swarm overlay whose nodes
+    the swarm has not detached yet) is retried for ``network_wait`` seconds, then left: it
+    keeps its labels, so the next sweep finds it again."""
     removed = []
     for container in client.containers.list(all=True, filters=filters):
         try:
@@ -53,16 +60,36 @@ def remove_labelled(client: docker.DockerClient, filters: Dict[str, Any]) -> Lis
         except docker.errors.APIError as exc:
             if "already in progress" not in str(exc):
                 raise
-    for network in client.networks.list(filters=filters):
-        try:
-            network.remove()
-            removed.append(network.name)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            if "not a swarm manager" not in str(exc):
-                raise  # a swarm worker sees the overlays; only a manager removes them
-    return removed
+    gone, _held = remove_networks(client, filters, network_wait)
+    return removed + gone
+
+
+def remove_networks(client: docker.DockerClient, filters: Dict[str, Any],
+                    wait: float = NETWORK_WAIT) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Remove the networks matching ``filters``: (removed names, [(name, why)] still held).
+
+    The swarm detaches a node from an overlay asynchronously after its last container there
+    is gone, so "in use" is retried for ``wait`` seconds (polled: the engine has no event
+    for it). A swarm worker sees overlays but only a manager removes them: skipped there."""
+    removed: List[str] = []
+    deadline = time.monotonic() + wait
+    while True:
+        held: List[Tuple[str, str]] = []
+        for network in client.networks.list(filters=filters):
+            try:
+                network.remove()
+                removed.append(network.name)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                if "not a swarm manager" in str(exc):
+                    continue
+                if "in use" not in str(exc):
+                    raise
+                held.append((network.name, str(exc)))
+        if not held or time.monotonic() > deadline:
+            return removed, held
+        time.sleep(0.5)  # the swarm detaches nodes asynchronously: polled, bounded
 
 
 def make_keys_dir(run: str, owner: str) -> str:
@@ -122,11 +149,13 @@ def sweep_stale(client: docker.DockerClient) -> List[str]:
 
 class Reaper:
     """A detached watcher that removes a run's resources from ``engines`` (Docker URLs;
-    none: the environment's engine) if the runner dies without doing so."""
+    none: the environment's engine) if the runner dies without doing so. ``module`` is the
+    one run as ``python -m MODULE reap ...``: a backend with more to undo (the swarm backend
+    leaves a swarm it made) gives its own, which calls :func:`reap` first."""
 
     def __init__(self, owner: str, run: str, keys_dir: Optional[str],
-                 engines: Sequence[str] = ()) -> None:
-        argv = [sys.executable, "-m", "simulator.ownership", "reap",
+                 engines: Sequence[str] = (), module: str = "simulator.ownership") -> None:
+        argv = [sys.executable, "-m", module, "reap",
                 "--owner", owner, "--run", run]
         if keys_dir is not None:
             argv += ["--keys-dir", keys_dir]
@@ -152,20 +181,21 @@ class Reaper:
 
 
 def reap(owner: str, run: str, keys_dir: Optional[str] = None,
-         engines: Sequence[str] = ()) -> int:
+         engines: Sequence[str] = ()) -> bool:
     """Wait (bounded) for the owner to end, then remove the run's resources, if any are left,
-    its keys first. SIGTERM from the owner means it cleaned up itself: exit at once."""
+    its keys first; True then. SIGTERM from the owner means it cleaned up itself: return
+    False at once."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     deadline = time.monotonic() + REAPER_MAX_LIFETIME
     while owner_alive(owner) and time.monotonic() < deadline:
         if stop.wait(REAPER_POLL):
-            return 0
+            return False
     if keys_dir and os.path.basename(keys_dir).startswith(KEYS_DIR_PREFIX):
         remove_run(run, keys_dir, engines)
     else:
         remove_run(run, None, engines)
-    return 0
+    return True
 
 
 def _clients(engines: Sequence[str]) -> List[docker.DockerClient]:
@@ -209,10 +239,9 @@ def remove_run(run: str, keys_dir: Optional[str] = None, engines: Sequence[str] 
     return removed
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m simulator.ownership")
+def reap_parser(prog: str) -> Tuple[argparse.ArgumentParser, Any]:
+    """The command line of ``python -m PROG reap`` (and its subcommands object)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}")
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("reap", help="remove a run's resources once its runner is gone")
     cmd.add_argument("--owner", required=True)
@@ -220,11 +249,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd.add_argument("--keys-dir")
     cmd.add_argument("--engine", action="append", default=[],
                      help="a Docker engine URL to clean (repeat; default: the environment's)")
+    return parser, sub
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser, sub = reap_parser("simulator.ownership")
     sub.add_parser("sweep", help="remove resources of runs whose runner is gone (this "
                                  "machine's engine and keys directories)")
     args = parser.parse_args(argv)
     if args.command == "reap":
-        return reap(args.owner, args.run, args.keys_dir, args.engine)
+        reap(args.owner, args.run, args.keys_dir, args.engine)
+        return 0
     from simulator.dockerd import engine_client
 
     client = engine_client()

@@ -43,6 +43,7 @@ import fcntl
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
@@ -63,7 +64,14 @@ from simulator.containerbackend import (
 )
 from simulator.dockerd import DockerdError, engine_client, ensure_dockerd, socket_accepts
 from simulator.faults import Bandwidth, Fault, Kill, Loss, Partition, SshdDown
-from simulator.ownership import LABEL_OWNER, LABEL_RUN, remove_labelled
+from simulator.ownership import (
+    LABEL_OWNER,
+    LABEL_RUN,
+    reap,
+    reap_parser,
+    remove_labelled,
+    remove_networks,
+)
 from simulator.relay import RelayControl, RelayControlError
 from simulator.segments import Segment
 from simulator.state import owner_alive
@@ -369,6 +377,7 @@ class SwarmBackend(ContainerBackend):
     """Hosts as containers on a swarm's nodes, linked by overlays; see the module docstring."""
 
     name = "swarm"
+    reaper_module = "simulator.swarmbackend"
 
     def __init__(self, *args: Any, engine: Optional[str] = None, **kwargs: Any) -> None:
         """``engine``: the manager's engine URL (default: the environment's engine)."""
@@ -505,23 +514,8 @@ class SwarmBackend(ContainerBackend):
             for container in client.containers.list(all=True, filters=label):
                 removed += remove_labelled(client, {"id": container.id})
         self._gateway = None
-        deadline = time.monotonic() + NETWORK_REMOVE_WAIT
-        while True:
-            networks = self.client.networks.list(filters=label)
-            held = []
-            for network in networks:
-                try:
-                    network.remove()
-                    removed.append(network.name)
-                except docker.errors.NotFound:
-                    pass
-                except docker.errors.APIError as exc:
-                    if "in use" not in str(exc):
-                        raise
-                    held.append((network.name, str(exc)))
-            if not held or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)  # the swarm detaches nodes asynchronously: polled, bounded
+        gone, held = remove_networks(self.client, label, NETWORK_REMOVE_WAIT)
+        removed += gone
         self.left = [name for name, _ in held]
         for name, why in held:
             self.timeline.record("shutdown", step="network_left", network=name, reason=why)
@@ -551,7 +545,6 @@ class SwarmBackend(ContainerBackend):
             self._swarm_use.release()
             self._swarm_use = None
         return super().keep()
-        self._node_clients.clear()
 
     # -- images, placement ---------------------------------------------------------------------
 
@@ -706,3 +699,31 @@ class SwarmBackend(ContainerBackend):
                     f"swarm node {node_id[:12]} cannot apply {kind} to {host.id!r}: it lacks "
                     f"{', '.join(t for t, ok in tools.items() if not ok)} in its containers' "
                     f"network namespaces")
+
+
+# --------------------------------------------------------------------------------------------
+# The reaper of a swarm run: python -m simulator.swarmbackend reap --owner ... --engine MANAGER
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The swarm backend's reaper: removes a dead run's resources from every engine given
+    (:func:`simulator.ownership.reap`), then leaves the swarm if the simulator made it and no
+    run still uses it, as the run itself would have on its way out. The first engine is the
+    manager's."""
+    args = reap_parser("simulator.swarmbackend")[0].parse_args(argv)
+    if not reap(args.owner, args.run, args.keys_dir, args.engine):
+        return 0  # the run cleaned up itself
+    try:
+        client = _client(args.engine[0] if args.engine else None, timeout=120)
+    except DockerdError:
+        return 0  # the manager is gone: there is no swarm state to leave here
+    try:
+        leave_made_swarm(client, args.run)
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,7 @@ from simulator.faults import (
     StreamFault,
 )
 from simulator.topology import parse_topology
-from tests.support import funcs
+from tests.support import funcs, swarm
 
 SMALL = {
     "version": 1,
@@ -321,9 +321,10 @@ def test_stream_stall_is_silent(healed):
 _RUNNER = textwrap.dedent("""
     import sys, time
     from simulator.dockerbackend import DockerBackend
+    from simulator.swarmbackend import SwarmBackend
     from simulator.topology import parse_topology
     from tests.simulator.test_dockerbackend import SMALL
-    backend = DockerBackend()
+    backend = {"docker": DockerBackend, "swarm": SwarmBackend}[sys.argv[1]]()
     backend.create(parse_topology(SMALL, "small.yml"))
     print(backend._run, flush=True)
     time.sleep(600)
@@ -336,24 +337,33 @@ def _resources(client, run):
 
 
 @pytest.mark.docker
-def test_a_killed_runner_leaves_nothing_behind():
-    _require_docker()
+@pytest.mark.parametrize("backend", ["docker", "swarm"])
+def test_a_killed_runner_leaves_nothing_behind(backend):
+    """The detached reaper removes the run; on swarm it also leaves a swarm the simulator
+    made once no other run on this machine uses it."""
+    _require_docker() if backend == "docker" else _require_swarm()
     from simulator.dockerd import engine_client
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.Popen([sys.executable, "-c", _RUNNER], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, backend], stdout=subprocess.PIPE,
                             cwd=root, env=dict(os.environ, PYTHONPATH=root), text=True)
     client = engine_client()
     try:
         run = proc.stdout.readline().strip()
         assert run, "the runner did not build its tree"
-        assert len(_resources(client, run)) == 4  # 2 containers, 2 networks
+        # 2 containers, 2 networks; on swarm also the runner's gateway container.
+        assert len(_resources(client, run)) == (4 if backend == "docker" else 5)
+        made = backend == "swarm" and swarm.made_swarm(client)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while _resources(client, run) and time.monotonic() < deadline:
             time.sleep(0.2)  # the reaper polls its owner; no event to wait on from here
         assert _resources(client, run) == []
+        if made:
+            swarm.assert_left_unless_shared(client, run)
+        elif backend == "swarm":  # someone else's swarm: never left
+            assert client.info()["Swarm"]["LocalNodeState"] == "active"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from simulator.local import LocalBackend
+from tests.support import swarm
 
 pytest_plugins = ["pytester"]
 
@@ -130,6 +131,12 @@ def up(tmp_path: Path, request) -> Iterator[Tuple[subprocess.Popen, Dict[str, st
         reason = docker_unavailable(["bookworm"])
         if reason:
             pytest.skip(reason)
+    elif backend == "swarm":
+        from simulator.swarmbackend import swarm_unavailable
+
+        reason = swarm_unavailable(["bookworm"])
+        if reason:
+            pytest.skip(reason)
     topology = tmp_path / "sched.yml"
     topology.write_text(SCHEDULED)
     env = _env(tmp_path)
@@ -156,7 +163,8 @@ def up(tmp_path: Path, request) -> Iterator[Tuple[subprocess.Popen, Dict[str, st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("up", ["local", pytest.param("docker", marks=pytest.mark.docker)],
+@pytest.mark.parametrize("up", ["local", pytest.param("docker", marks=pytest.mark.docker),
+                                pytest.param("swarm", marks=pytest.mark.docker)],
                          indirect=True)
 def test_up_status_down_from_separate_processes(up, tmp_path: Path):
     proc, env, backend = up
@@ -174,6 +182,7 @@ def test_up_status_down_from_separate_processes(up, tmp_path: Path):
     leaf = next(h for h in record["hosts"] if h["id"] == "top/leaf")
     assert f"    as app: context {leaf['accounts']['app']}" in text
     assert "faults applied: Latency(edge='top/leaf'" in text
+    made = backend == "swarm" and _in_made_swarm()
 
     down = _simulator(env, "down")
     assert down.returncode == 0, down.stderr
@@ -181,10 +190,20 @@ def test_up_status_down_from_separate_processes(up, tmp_path: Path):
     assert proc.wait(timeout=60) == 0
     assert _records(tmp_path) == []
     assert "no topology is running" in _simulator(env, "status").stdout
-    _assert_nothing_left(backend, record)
+    _assert_nothing_left(backend, record, made)
 
 
-def _assert_nothing_left(backend: str, record: dict) -> None:
+def _in_made_swarm() -> bool:
+    from simulator.dockerd import engine_client
+
+    client = engine_client()
+    try:
+        return swarm.made_swarm(client)
+    finally:
+        client.close()
+
+
+def _assert_nothing_left(backend: str, record: dict, made_swarm: bool = False) -> None:
     resources = record["resources"]
     if backend == "local":
         assert not os.path.exists(resources["control_dir"])
@@ -200,6 +219,8 @@ def _assert_nothing_left(backend: str, record: dict) -> None:
         label = {"label": f"{LABEL_RUN}={resources['run']}"}
         assert client.containers.list(all=True, filters=label) == []
         assert client.networks.list(filters=label) == []
+        if made_swarm:  # the last run out leaves a swarm the simulator made
+            swarm.assert_left_unless_shared(client, resources["run"])
     finally:
         client.close()
 
