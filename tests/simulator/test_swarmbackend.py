@@ -18,7 +18,7 @@ import pytest
 import mitogen.core
 from simulator import probes
 from simulator.backend import BackendError
-from simulator.faults import Bandwidth, Kill, Loss, Partition, Pause
+from simulator.faults import Bandwidth, Kill, Latency, Loss, Partition, Pause
 from simulator.ownership import LABEL_RUN
 from simulator.swarmbackend import NodeInfo, SwarmBackend, SwarmUse, place
 from simulator.topology import parse_topology
@@ -164,6 +164,16 @@ def _require_lab() -> None:
         pytest.skip(reason)
 
 
+def _round_trip(context) -> float:
+    """The quickest of three calls."""
+    best = float("inf")
+    for _ in range(3):
+        began = time.monotonic()
+        context.call(probes.identity, 0)
+        best = min(best, time.monotonic() - began)
+    return best
+
+
 def _resources(lab, run):
     label = {"label": f"{LABEL_RUN}={run}"}
     return {i: [c.name for c in client.containers.list(all=True, filters=label)]
@@ -197,17 +207,31 @@ def test_a_tree_over_three_nodes_survives_faults_there_and_a_node_killed():
             assert nodes["gate/east/e1"] == nodes["gate/east/e2"] == east
             for host in topology.hosts:  # every hop crosses or stays on a node as placed
                 assert backend.context(host.id).call(probes.identity, host.id) == host.id
-            # Faults where the container runs: an iptables rule on w1's own node.
+            # Faults where the container runs, each way of applying one on another node:
+            # an iptables rule in a helper container on w1's own node,
             handle = backend.apply(Loss("gate/west/w1", fraction=0.1))
             rules = backend.network_namespace("gate/west/w1").run([["iptables", "-S"]])
             assert "--probability 0.10000" in rules
             backend.heal(handle)
+            # a pause through e2's node's engine,
             handle = backend.apply(Pause("gate/east/e2"))
             recv = backend.context("gate/east/e2").call_async(probes.identity, 1)
             with pytest.raises(mitogen.core.TimeoutError):
                 recv.get(timeout=1.0)
             backend.heal(handle)
             assert recv.get(timeout=10).unpickle() == 1
+            # latency from e1's edge relay inside east's container (docker exec there),
+            e1 = backend.context("gate/east/e1")
+            steady = _round_trip(e1)
+            handle = backend.apply(Latency("gate/east/e1", delay=0.2))
+            assert _round_trip(e1) >= steady + 0.35  # 200 ms each way
+            backend.heal(handle)
+            # and a crash whose heal starts the container again there and reconnects.
+            handle = backend.apply(Kill("gate/east/e2", mode="crash"))
+            assert not backend.is_up("gate/east/e2")
+            backend.heal(handle)
+            assert backend.context("gate/east/e2").call(probes.identity, 5) == 5
+            assert backend.node_of("gate/east/e2") == east
             # A whole node dies: every context behind it is reported gone within the bound.
             victim = next(i for i, n in lab.node_ids.items() if n == west)
             behind = ["gate/west", "gate/west/w1"]
