@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
@@ -65,17 +65,24 @@ def remove_labelled(client: docker.DockerClient, filters: Dict[str, Any],
 
 
 def remove_networks(client: docker.DockerClient, filters: Dict[str, Any],
-                    wait: float = NETWORK_WAIT) -> Tuple[List[str], List[Tuple[str, str]]]:
+                    wait: float = NETWORK_WAIT,
+                    for_good: Optional[Callable[[str], bool]] = None,
+                    ) -> Tuple[List[str], List[Tuple[str, str]]]:
     """Remove the networks matching ``filters``: (removed names, [(name, why)] still held).
 
     The swarm detaches a node from an overlay asynchronously after its last container there
     is gone, so "in use" is retried for ``wait`` seconds (polled: the engine has no event
-    for it). A swarm worker sees overlays but only a manager removes them: skipped there."""
+    for it), except for a network whose refusal ``for_good(message)`` says will not change
+    (held by a node that is down). A swarm worker sees overlays but only a manager removes
+    them: skipped there."""
     removed: List[str] = []
     deadline = time.monotonic() + wait
+    final: List[Tuple[str, str]] = []
     while True:
         held: List[Tuple[str, str]] = []
         for network in client.networks.list(filters=filters):
+            if any(name == network.name for name, _ in final):
+                continue
             try:
                 network.remove()
                 removed.append(network.name)
@@ -86,9 +93,12 @@ def remove_networks(client: docker.DockerClient, filters: Dict[str, Any],
                     continue
                 if "in use" not in str(exc):
                     raise
-                held.append((network.name, str(exc)))
+                if for_good is not None and for_good(str(exc)):
+                    final.append((network.name, str(exc)))
+                else:
+                    held.append((network.name, str(exc)))
         if not held or time.monotonic() > deadline:
-            return removed, held
+            return removed, final + held
         time.sleep(0.5)  # the swarm detaches nodes asynchronously: polled, bounded
 
 

@@ -43,6 +43,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -499,6 +500,7 @@ class SwarmBackend(ContainerBackend):
         is the swarm owner's call, not ours) is recorded in :attr:`left` and the timeline."""
         label = {"label": f"{LABEL_RUN}={self._run}"}
         removed = []
+        dead: Set[str] = set()
         for node_id, client in list(self._node_clients.items()):
             url = self._engine_url_of(node_id)
             try:
@@ -507,6 +509,7 @@ class SwarmBackend(ContainerBackend):
                 client.ping()
             except Exception:  # a dead node: nothing to remove there
                 self.timeline.record("shutdown", step="node_unreachable", node=node_id)
+                dead.add(node_id)
                 if client is not self._client:
                     client.close()
                     del self._node_clients[node_id]
@@ -514,12 +517,25 @@ class SwarmBackend(ContainerBackend):
             for container in client.containers.list(all=True, filters=label):
                 removed += remove_labelled(client, {"id": container.id})
         self._gateway = None
-        gone, held = remove_networks(self.client, label, NETWORK_REMOVE_WAIT)
+        gone, held = remove_networks(self.client, label, NETWORK_REMOVE_WAIT,
+                                     for_good=lambda why: self._held_by(why, dead))
         removed += gone
         self.left = [name for name, _ in held]
         for name, why in held:
             self.timeline.record("shutdown", step="network_left", network=name, reason=why)
         return removed
+
+    def _held_by(self, refusal: str, nodes: Set[str]) -> bool:
+        """Whether the manager's refusal to remove an overlay ("network X is in use by task
+        T") names an attachment of one of ``nodes`` (down: it will not detach)."""
+        found = re.search(r"in use by task ([a-z0-9]+)", refusal)
+        if not nodes or found is None:
+            return False
+        try:
+            task = self.client.api.inspect_task(found.group(1))
+        except docker.errors.APIError:
+            return False
+        return task.get("NodeID") in nodes
 
     def _release_swarm(self, client: Optional[docker.DockerClient]) -> None:
         """Drop our shared hold on a simulator-made swarm; the last run out leaves it."""
