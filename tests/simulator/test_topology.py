@@ -691,3 +691,17 @@ def test_public_names_exist():
         assert hasattr(topology_module, name), name
     for name in units.__all__:
         assert hasattr(units, name), name
+
+
+def test_the_model_does_not_import_the_faults():
+    """Faults depend on the model, not the reverse: loading topology.py pulls in no fault
+    (nor any backend) module."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, simulator.topology; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('simulator.'))))")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == ["simulator.topology", "simulator.units"]
