@@ -233,7 +233,8 @@ def _container_states(record: Any) -> dict:
         return {}
     try:
         run = record.resources.get("run")
-        containers = client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run}"})
+        containers = client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run}"},
+                                            ignore_removed=True)
         return {c.labels.get(LABEL_HOST): f"container {c.name} {c.status}" for c in containers}
     finally:
         client.close()

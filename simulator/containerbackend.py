@@ -286,7 +286,7 @@ class ContainerBackend(Backend):
         engines = self._engines()
         removed = []
         for client in engines:
-            for container in client.containers.list(all=True, filters=label):
+            for container in client.containers.list(all=True, filters=label, ignore_removed=True):
                 removed += remove_labelled(client, {"id": container.id})
         for client in engines:
             removed += remove_labelled(client, label)

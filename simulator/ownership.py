@@ -51,7 +51,7 @@ def remove_labelled(client: docker.DockerClient, filters: Dict[str, Any],
     the swarm has not detached yet) is retried for ``network_wait`` seconds, then left: it
     keeps its labels, so the next sweep finds it again."""
     removed = []
-    for container in client.containers.list(all=True, filters=filters):
+    for container in client.containers.list(all=True, filters=filters, ignore_removed=True):
         try:
             container.remove(force=True)
             removed.append(container.name)
@@ -135,7 +135,8 @@ def sweep_stale_keys() -> List[str]:
 def stale_runs(client: docker.DockerClient) -> List[str]:
     """The runs with a container or network on this engine whose runner is gone."""
     stale = set()
-    for resource in [*client.containers.list(all=True, filters={"label": LABEL_OWNER}),
+    for resource in [*client.containers.list(all=True, filters={"label": LABEL_OWNER},
+                                             ignore_removed=True),
                      *client.networks.list(filters={"label": LABEL_OWNER})]:
         labels = resource.attrs.get("Labels") or resource.attrs.get("Config", {}).get(
             "Labels") or {}
@@ -239,7 +240,7 @@ def remove_run(run: str, keys_dir: Optional[str] = None, engines: Sequence[str] 
     label = {"label": f"{LABEL_RUN}={run}"}
     try:
         for client in clients:
-            for container in client.containers.list(all=True, filters=label):
+            for container in client.containers.list(all=True, filters=label, ignore_removed=True):
                 removed += remove_labelled(client, {"id": container.id})
         for client in clients:
             removed += remove_labelled(client, label)

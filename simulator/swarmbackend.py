@@ -514,7 +514,7 @@ class SwarmBackend(ContainerBackend):
                     client.close()
                     del self._node_clients[node_id]
                 continue
-            for container in client.containers.list(all=True, filters=label):
+            for container in client.containers.list(all=True, filters=label, ignore_removed=True):
                 removed += remove_labelled(client, {"id": container.id})
         self._gateway = None
         gone, held = remove_networks(self.client, label, NETWORK_REMOVE_WAIT,

@@ -321,7 +321,7 @@ class SwarmLab:
 
     def _leave(self, client: docker.DockerClient) -> None:
         try:
-            for container in client.containers.list(all=True):
+            for container in client.containers.list(all=True, ignore_removed=True):
                 container.remove(force=True)
             client.swarm.leave(force=True)
         except (docker.errors.DockerException, OSError):

@@ -133,7 +133,7 @@ def test_down_leaves_no_container_network_or_swarm_it_made():
         backend.destroy()
     try:
         label = {"label": f"{LABEL_RUN}={run}"}
-        assert client.containers.list(all=True, filters=label) == []
+        assert client.containers.list(all=True, filters=label, ignore_removed=True) == []
         deadline = time.monotonic() + 30
         while client.networks.list(filters=label) and time.monotonic() < deadline:
             time.sleep(0.2)  # the swarm removes overlays asynchronously: polled
@@ -176,7 +176,8 @@ def _round_trip(context) -> float:
 
 def _resources(lab, run):
     label = {"label": f"{LABEL_RUN}={run}"}
-    return {i: [c.name for c in client.containers.list(all=True, filters=label)]
+    return {i: [c.name for c in client.containers.list(all=True, filters=label,
+                                                       ignore_removed=True)]
             + [n.name for n in client.networks.list(filters=label)]
             for i, client in lab.clients.items() if i not in lab.killed}
 
