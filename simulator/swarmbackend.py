@@ -95,6 +95,8 @@ LABEL_ENGINE = images.LABEL_PREFIX + "engine"
 LABEL_SWARM = images.LABEL_PREFIX + "swarm"
 GATEWAY_NAME = "gateway"
 NETWORK_REMOVE_WAIT = 20.0
+#: How long a node's probe of a fault tool (one throwaway container) may take.
+PROBE_TIMEOUT = 60.0
 GWBRIDGE = "docker_gwbridge"
 #: The internal docker_gwbridge of a swarm the simulator makes (no container uses it: every
 #: overlay is internal); outside the default supernet.
@@ -592,18 +594,28 @@ class SwarmBackend(ContainerBackend):
             found = {}
             for tool, argv in (("iptables", ["iptables", "-w", "-S", "OUTPUT"]),
                                ("tc", ["tc", "qdisc", "show"])):
-                try:
-                    client.containers.run(tag, entrypoint=argv, network_mode="none",
-                                          cap_add=["NET_ADMIN"], labels=self._labels(),
-                                          remove=True, stdout=True, stderr=True)
-                    found[tool] = True
-                except docker.errors.ContainerError:
-                    found[tool] = False
+                found[tool] = self._tool_works(client, tag, argv)
             self._node_tools[node_id] = found
             missing = sorted(t for t, ok in found.items() if not ok)
             if missing:
                 self.timeline.record("capability", node=node_id, missing=missing,
                                      faults=sorted(k for k, t in _NEEDS.items() if t in missing))
+
+    def _tool_works(self, client: docker.DockerClient, tag: str, argv: List[str]) -> bool:
+        """Run ``argv`` in a throwaway container with NET_ADMIN: does it succeed? A tool the
+        image lacks fails the container's start; one the kernel cannot serve, its exit."""
+        container = client.containers.create(tag, entrypoint=argv, network_mode="none",
+                                             cap_add=["NET_ADMIN"], labels=self._labels())
+        try:
+            try:
+                container.start()
+            except docker.errors.APIError as exc:
+                if "executable file not found" not in str(exc):
+                    raise
+                return False
+            return container.wait(timeout=PROBE_TIMEOUT)["StatusCode"] == 0
+        finally:
+            container.remove(force=True)
 
     def capability_gaps(self) -> Dict[str, List[str]]:
         """Node hostname/id -> the fault kinds it cannot do (its tools are missing)."""

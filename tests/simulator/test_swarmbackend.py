@@ -1,14 +1,16 @@
-"""The swarm backend: placement rules and capability reports (no Docker needed), clean-up of
-the one-node swarm it makes on this machine's engine, and a three-node swarm of three engines
-in their own network namespaces (simulator/swarmlab.py) with a tree spread over them, faults
-applied on other nodes, and a whole node killed mid-run.
+"""The swarm backend: placement rules and capability reports (no Docker needed), and a
+three-node swarm of three engines in their own network namespaces (simulator/swarmlab.py)
+with a tree spread over them, a node lacking a tool, faults applied on other nodes, and a
+whole node killed mid-run.
 
-The conformance suite (every fault kind on a small tree) runs on this backend too, in
-test_dockerbackend.py, on the one-node swarm.
+On the one-node swarm the backend makes on this machine's engine: the conformance suite
+(every fault kind on a small tree) and a killed runner's reaper in test_dockerbackend.py,
+``up``/``status``/``down`` in test_main.py (each checks the made swarm is left).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Dict
@@ -20,7 +22,7 @@ from simulator import probes
 from simulator.backend import BackendError
 from simulator.faults import Bandwidth, Kill, Latency, Loss, Partition, Pause
 from simulator.ownership import LABEL_RUN
-from simulator.swarmbackend import NodeInfo, SwarmBackend, SwarmUse, place
+from simulator.swarmbackend import NodeInfo, SwarmBackend, place
 from simulator.topology import parse_topology
 from tests.support import funcs
 
@@ -105,51 +107,6 @@ def test_a_node_without_a_tool_is_reported_and_its_faults_refused():
 
 
 # --------------------------------------------------------------------------------------------
-# The one-node swarm the backend makes on this machine's engine
-# --------------------------------------------------------------------------------------------
-
-
-def _require_swarm() -> None:
-    from simulator.swarmbackend import swarm_unavailable
-
-    reason = swarm_unavailable(["bookworm"])
-    if reason:
-        pytest.skip(reason)
-
-
-@pytest.mark.docker
-def test_down_leaves_no_container_network_or_swarm_it_made():
-    _require_swarm()
-    from simulator.dockerd import engine_client
-
-    client = engine_client()
-    backend = SwarmBackend()
-    try:
-        backend.create(parse_topology({**TREE, "tree": {"gate": None}}, "one.yml"))
-        run = backend._run
-        assert client.info()["Swarm"]["LocalNodeState"] == "active"
-        assert backend.placement("gate").labels["backend"] == "swarm"
-    finally:
-        backend.destroy()
-    try:
-        label = {"label": f"{LABEL_RUN}={run}"}
-        assert client.containers.list(all=True, filters=label, ignore_removed=True) == []
-        deadline = time.monotonic() + 30
-        while client.networks.list(filters=label) and time.monotonic() < deadline:
-            time.sleep(0.2)  # the swarm removes overlays asynchronously: polled
-        assert client.networks.list(filters=label) == []
-        use = SwarmUse()
-        try:
-            if use.exclusive(wait=False):  # no other run on this machine uses the swarm
-                assert client.info()["Swarm"]["LocalNodeState"] == "inactive"
-                assert client.networks.list(names=["docker_gwbridge", "ingress"]) == []
-        finally:
-            use.release()
-    finally:
-        client.close()
-
-
-# --------------------------------------------------------------------------------------------
 # Three engines, three nodes
 # --------------------------------------------------------------------------------------------
 
@@ -162,6 +119,21 @@ def _require_lab() -> None:
     reason = lab_unavailable()
     if reason:
         pytest.skip(reason)
+
+
+def _remove_from_image(client, tag: str, path: str) -> None:
+    """Replace ``tag`` on one engine by the same image without ``path`` (a node whose image
+    lacks a tool), keeping its entrypoint and command."""
+    config = client.images.get(tag).attrs["Config"]
+    container = client.containers.run(tag, entrypoint=["rm", path], network_mode="none",
+                                       detach=True)
+    try:
+        assert container.wait(timeout=60)["StatusCode"] == 0
+        repository, version = tag.rsplit(":", 1)
+        container.commit(repository, version, changes=[
+            f"ENTRYPOINT {json.dumps(config['Entrypoint'])}", f"CMD {json.dumps(config['Cmd'])}"])
+    finally:
+        container.remove(force=True)
 
 
 def _round_trip(context) -> float:
@@ -195,8 +167,10 @@ def test_a_tree_over_three_nodes_survives_faults_there_and_a_node_killed():
     from simulator.swarmlab import SwarmLab
 
     topology = _tree({"rule": "subtree", "depth": 1})
+    tag = images.image_tag("bookworm")
     with SwarmLab(3) as lab:
-        lab.load_images([images.image_tag("bookworm")])
+        lab.load_images([tag])
+        _remove_from_image(lab.clients[3], tag, "/usr/sbin/tc")  # node 3 cannot shape
         backend = SwarmBackend(engine=lab.manager)
         try:
             backend.create(topology)
@@ -206,6 +180,16 @@ def test_a_tree_over_three_nodes_survives_faults_there_and_a_node_killed():
             east, west = nodes["gate/east"], nodes["gate/west"]
             assert {east, west} == {lab.node_ids[2], lab.node_ids[3]}
             assert nodes["gate/east/e1"] == nodes["gate/east/e2"] == east
+            # What a node lacks is found at start, reported, and refused by name.
+            lacking = lab.node_ids[3]
+            assert backend.capability_gaps() == {lacking: ["bandwidth"]}
+            assert "bandwidth" not in backend.capabilities()
+            (event,) = backend.timeline.events(kinds=["capability"])
+            assert (event["node"], event["missing"]) == (lacking, ["tc"])
+            there = next(h for h, n in nodes.items() if n == lacking and h.count("/") == 2)
+            with pytest.raises(BackendError, match=f"swarm node {lacking[:12]} cannot apply "
+                                                   f"bandwidth to {there!r}: it lacks tc"):
+                backend.apply(Bandwidth(there))
             for host in topology.hosts:  # every hop crosses or stays on a node as placed
                 assert backend.context(host.id).call(probes.identity, host.id) == host.id
             # Faults where the container runs, each way of applying one on another node:
