@@ -264,8 +264,9 @@ def test_latency_comes_from_the_relay_and_bandwidth_from_tbf(healed):
     handle = healed.apply(Bandwidth("leaf", rate="2mbit"))
     qdiscs = _qdiscs(healed, "leaf") + _qdiscs(healed, "gate")
     began = time.monotonic()
-    # 4 Mbit each way, over a second at 2 Mbit/s; random, as ssh compresses the stream.
-    ctx.call(probes.identity, os.urandom(500_000))
+    # 2 Mbit each way: about a second each at 2 Mbit/s, well inside the keepalive's 2 s (a
+    # keepalive queued behind 2 s of data would end the link); random, as ssh compresses.
+    ctx.call(probes.identity, os.urandom(250_000))
     healed.heal(handle)
     assert time.monotonic() - began >= 1.5
     assert "qdisc tbf" in qdiscs and "qdisc htb" in qdiscs, qdiscs
