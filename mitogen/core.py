@@ -548,7 +548,8 @@ class Decoder:
     memory that doubles as the bytes arrive (``mremap``, no copy): a header that claims
     128 MiB and then stalls costs HEAP_BODY, not what it claimed. A frame longer than
     ``max_message_size`` is skipped without being buffered and returned as a Message with
-    ``oversize`` set and no body, so that the stream can refuse it and stay up. Bytes that are not a frame raise CorruptFrameError.
+    ``oversize`` set and no body, so that the stream can refuse it and stay up. Bytes that
+    are not a frame raise CorruptFrameError.
     """
 
     #: Bodies at least this long are received into a dedicated buffer.
