@@ -91,6 +91,8 @@ def remove_networks(client: docker.DockerClient, filters: Dict[str, Any],
             except docker.errors.APIError as exc:
                 if "not a swarm manager" in str(exc):
                     continue
+                if "not found" in str(exc):
+                    continue  # removed meanwhile by another sweeper (the swarm says so by 500)
                 if "in use" not in str(exc):
                     raise
                 if for_good is not None and for_good(str(exc)):
