@@ -71,10 +71,11 @@ def remove_networks(client: docker.DockerClient, filters: Dict[str, Any],
     """Remove the networks matching ``filters``: (removed names, [(name, why)] still held).
 
     The swarm detaches a node from an overlay asynchronously after its last container there
-    is gone, so "in use" is retried for ``wait`` seconds (polled: the engine has no event
-    for it), except for a network whose refusal ``for_good(message)`` says will not change
-    (held by a node that is down). A swarm worker sees overlays but only a manager removes
-    them: skipped there."""
+    is gone, and another sweeper (a reaper, ``down``) may be removing the containers of the
+    same run, so "in use" and "has active endpoints" are retried for ``wait`` seconds (polled:
+    the engine has no event for it), except for a network whose refusal ``for_good(message)``
+    says will not change (held by a node that is down). A swarm worker sees overlays but
+    only a manager removes them: skipped there."""
     removed: List[str] = []
     deadline = time.monotonic() + wait
     final: List[Tuple[str, str]] = []
@@ -93,8 +94,8 @@ def remove_networks(client: docker.DockerClient, filters: Dict[str, Any],
                     continue
                 if "not found" in str(exc):
                     continue  # removed meanwhile by another sweeper (the swarm says so by 500)
-                if "in use" not in str(exc):
-                    raise
+                if "in use" not in str(exc) and "active endpoints" not in str(exc):
+                    raise  # in use: by a swarm node, or by containers another sweeper removes
                 if for_good is not None and for_good(str(exc)):
                     final.append((network.name, str(exc)))
                 else:

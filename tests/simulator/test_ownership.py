@@ -50,6 +50,13 @@ def test_in_use_is_retried_until_free_and_a_dead_nodes_hold_is_not_waited_for():
     assert [name for name, _ in held] == ["msim-x-s2"] and dead.calls == 1
 
 
+def test_active_endpoints_are_waited_for_as_another_sweeper_removes_them():
+    busy = _Network("msim-x-s4", ['403 Forbidden ("network msim-x-s4 id 1 has active '
+                                  'endpoints")'])
+    assert remove_networks(_Client([busy]), {}, wait=30) == (["msim-x-s4"], [])
+    assert busy.calls == 2
+
+
 def test_any_other_refusal_is_raised():
     odd = _Network("msim-x-s3", ["403 Forbidden: not yours"])
     with pytest.raises(docker.errors.APIError, match="not yours"):
