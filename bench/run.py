@@ -63,8 +63,8 @@ IMPLS: Dict[str, tuple] = {
 }
 IMPL_ORDER = ("ours", "mitogen", "execnet")
 MITOGEN_LIKE = ("ours", "mitogen")  # workloads execnet has no counterpart for
-WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "fanout", "multihop",
-                  "remote_import", "bootstrap", "memory", "ssh")
+WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "tail", "fanout",
+                  "multihop", "remote_import", "bootstrap", "memory", "scale", "ssh")
 
 
 @dataclass(frozen=True)
@@ -244,26 +244,50 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         Step("throughput", "throughput", everyone, pick(5, 1),
              pick({"small_bytes": MIB, "small_count": 64, "big_bytes": 64 * MIB},
                   {"small_bytes": MIB, "small_count": 8, "big_bytes": 8 * MIB}), 150),
+        # A probe child's round trips, idle and while another child receives big arguments.
+        Step("tail", "tail", everyone, pick(2, 1),
+             pick({"big_bytes": 256 * MIB, "rounds": 3, "idle_calls": 1000, "transfers": 2,
+                   "warmup": 200},
+                  {"big_bytes": 16 * MIB, "rounds": 1, "idle_calls": 200, "transfers": 1,
+                   "warmup": 20}), pick(900, 120)),
     ]
     sizes = pick([(1, mitogen_like, 3), (4, mitogen_like, 3), (16, everyone, 3),
-                  (64, everyone, 3), (256, mitogen_like, 1)],
+                  (64, everyone, 3), (256, everyone, 2)],
                  [(1, mitogen_like, 1), (4, mitogen_like, 1), (16, everyone, 1)])
-    steps += [Step("fanout", "fanout", who, reps, {"children": n}, 60 + 0.6 * n)
-              for n, who, reps in sizes]
+    steps += [_fanout_step(n, who, reps) for n, who, reps in sizes]
     steps += [
+        _fanout_step(pick(64, 8), everyone, pick(3, 1), via=True),
         Step("multihop", "multihop", mitogen_like, pick(5, 1),
-             pick({"rounds": 10, "calls_per_round": 100, "warmup": 100},
-                  {"rounds": 2, "calls_per_round": 50, "warmup": 20}), 90),
+             pick({"hops": 5, "rounds": 10, "calls_per_round": 100, "warmup": 100},
+                  {"hops": 5, "rounds": 2, "calls_per_round": 50, "warmup": 20}), 120),
         Step("remote_import", "remote_import", mitogen_like, pick(5, 1), {}, 90),
         Step("bootstrap", "bootstrap", everyone, 1, {}, 60),
-        Step("memory", "memory", everyone, pick(3, 1), {"children": pick(16, 4)}, 120),
+        Step("memory", "memory", everyone, pick(3, 1), {"children": pick(64, 8)}, 300),
+        # 1,000 children in one master; the workload refuses (recorded as a skip, with the
+        # reason) where their memory would not fit in half of what the machine has free.
+        Step("scale", "scale", everyone, 1,
+             pick({"children": 1000, "workers": 32}, {"children": 20, "workers": 4}),
+             pick(1800, 120)),
         # The sshd's address and key are added by with_ssh_target() once it runs; "machine"
         # measures the bare ssh login, the floor under every library's connect.
         Step("ssh", "ssh", ["machine", *everyone], pick(3, 1),
              pick({"connects": 10, "warmup": 200, "calls": 2000},
                   {"connects": 3, "warmup": 20, "calls": 200}), 240),
+        # One connection per account of the sshd's own, all at once.
+        Step("ssh", "ssh_fanout", ["machine", *everyone], pick(3, 1),
+             {"accounts": pick(16, 4)}, 300),
     ]
     return [step for step in steps if step.workload in only and step.impls]
+
+
+def _fanout_step(children: int, impls: Sequence[str], reps: int, via: bool = False) -> Step:
+    """N children started concurrently (through one intermediate with ``via``). The limits
+    grow with N: on two cores, hundreds of children booting at once take minutes."""
+    timeout = 120 + 2.0 * children
+    params: Dict[str, Any] = {"children": children, "connect_timeout": 0.9 * timeout}
+    if via:
+        params["via"] = True
+    return Step("fanout", "fanout", impls, reps, params, timeout)
 
 
 def with_ssh_target(steps: Sequence[Step], stack: contextlib.ExitStack) -> List[Step]:
@@ -271,8 +295,10 @@ def with_ssh_target(steps: Sequence[Step], stack: contextlib.ExitStack) -> List[
     steps its address; or mark them skipped, saying why the server cannot run."""
     if not any(step.workload == "ssh" for step in steps):
         return list(steps)
+    accounts = max(int(step.params.get("accounts", 0)) for step in steps
+                   if step.workload == "ssh")
     try:
-        target: Optional[sshd.SshTarget] = stack.enter_context(sshd.serve())
+        target: Optional[sshd.SshTarget] = stack.enter_context(sshd.serve(accounts))
         skip = None
     except sshd.SshdUnavailable as exc:
         target, skip = None, str(exc)
@@ -360,13 +386,13 @@ def prepare_envs(impls: Sequence[str], log: List[str]) -> tuple:
     for impl in impls:
         spec = specs[IMPLS[impl][0]]
         try:
-            pythons[impl] = envs.ensure_env(spec, log=log)
+            python = pythons[impl] = envs.ensure_env(spec, log=log)
         except RuntimeError as exc:
             unavailable[impl] = str(exc).splitlines()[0]
             versions[impl] = {"python": None, "version": None, "error": str(exc)[-1000:]}
             log.append(f"{impl}: {exc}")
             continue
-        versions[impl] = envs.probe_version(pythons[impl], spec.distribution)
+        versions[impl] = envs.probe_version(python, spec.distribution)
         versions[impl]["requirement"] = " ".join(spec.requirements).replace(
             str(envs.REPO_ROOT), ".")
     if "ours" in versions:
@@ -399,8 +425,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None,
                         help="where RESULTS.md goes (default: bench/RESULTS.md for a complete "
                              "run, else next to run.json)")
-    parser.add_argument("--budget", type=float, default=900.0,
-                        help="seconds after which remaining jobs are skipped (default 900)")
+    parser.add_argument("--budget", type=float, default=5400.0,
+                        help="seconds after which remaining jobs are skipped (default 5400)")
     return parser.parse_args(argv)
 
 
@@ -454,8 +480,11 @@ def _save(run_dir: Path, meta: Dict[str, Any], records: List[Dict[str, Any]]) ->
 def _progress(number: int, total: int, job: Job, rec: Dict[str, Any]) -> str:
     status = "ok" if rec["ok"] else ("skipped" if rec["skipped"] else "FAILED")
     what = job.step.workload
+    if job.step.script_workload != job.step.workload:
+        what += f" ({job.step.script_workload})"
     if job.step.workload == "fanout":
-        what += f" x{job.step.params['children']}"
+        what += f" x{job.step.params['children']}" + (" via one" if job.step.params.get(
+            "via") else "")
     detail = "" if rec["ok"] else f": {(rec.get('error') or '')[:150]}"
     wall = f" {rec['wall']:.1f}s" if "wall" in rec else ""
     return f"[{number}/{total}] {what} {job.impl} #{job.rep + 1}: {status}{wall}{detail}"
@@ -472,7 +501,7 @@ def _report(run_json: Path, results: Path, plots_dir: Path) -> None:
         plots = report.write_plots(run, plots_dir)
     except ImportError:
         plots = _plots_in_tools_venv(run_json, plots_dir)
-    report.write_results(run, results, plots)
+    report.write_results(run, results, plots, report.goals.load_baseline())
     _say(f"report: {results}")
 
 

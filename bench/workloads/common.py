@@ -13,24 +13,40 @@ reports what it measured before the failure.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import platform
+import resource
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "RESULT_MARKER",
+    "NotRunnable",
     "Recorder",
+    "become_subreaper",
+    "check_memory_for",
+    "cpu_seconds",
+    "live_children",
     "make_package",
     "measure",
+    "open_fds",
+    "private_bytes",
+    "raise_nofile",
     "read_rss_bytes",
+    "reap_children",
     "run_main",
     "ssh_client_args",
     "timed",
+    "under_load",
+    "warm_pool",
 ]
 
 #: Prefix of the one stdout line that carries the result.
@@ -49,7 +65,7 @@ class Recorder:
         self.metrics: Dict[str, Dict[str, Any]] = {}
         self.info: Dict[str, Any] = {}
 
-    def samples(self, name: str, unit: str, values: List[float], **extra: Any) -> None:
+    def samples(self, name: str, unit: str, values: Sequence[float], **extra: Any) -> None:
         """Record repeated measurements (seconds, bytes...) of one metric."""
         if not values:
             raise ValueError(f"metric {name!r}: no samples")
@@ -80,6 +96,156 @@ def read_rss_bytes(pid: int) -> int:
                 kib = int(line.split()[1])
                 return kib * 1024
     raise RuntimeError(f"no VmRSS line in /proc/{pid}/status")
+
+
+def private_bytes(pid: int) -> int:
+    """Memory only this process holds (private clean + dirty pages, ``smaps_rollup``): what
+    another copy of it would add to the machine, unlike RSS, which counts shared pages."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable line in /proc/meminfo")
+
+
+class NotRunnable(Exception):
+    """This implementation cannot run the workload here; the message says why. Recorded as a
+    skip with that reason, not as a failure."""
+
+
+def check_memory_for(children: int, sample_pid: int, share: float = 0.5) -> None:
+    """Refuse (:class:`NotRunnable`) to start ``children`` more children like ``sample_pid``
+    when their private memory would take more than ``share`` of the memory available: the
+    machine is shared, and an out-of-memory kill would hit whoever comes first."""
+    need, available = children * private_bytes(sample_pid), _mem_available()
+    if need > share * available:
+        raise NotRunnable(f"{children} children would need {need / (1 << 30):.1f} GiB of "
+                          f"private memory ({private_bytes(sample_pid) >> 10} KiB each), over "
+                          f"{share:.0%} of the {available / (1 << 30):.1f} GiB available")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread) and of every descendant it
+    has waited for (``RUSAGE_CHILDREN`` counts a grandchild once its parent waited for it
+    and was itself waited for; :func:`become_subreaper` makes orphans ours to wait for)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux ``prctl``), so that a
+    grandchild whose parent exits first is still waited for here, and its CPU counted."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def live_children(pids: Optional[Sequence[int]] = None) -> List[int]:
+    """Processes (running or zombie) whose parent is this process: all of them, or those
+    among ``pids``."""
+    me, found = os.getpid(), []
+    for name in (os.listdir("/proc") if pids is None else [str(pid) for pid in pids]):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me:
+            found.append(int(name))
+    return found
+
+
+def reap_children(timeout: float) -> int:
+    """Wait for every child of this process to exit, and reap it, for at most ``timeout``
+    seconds; return how many were left. Call it only once the library has shut down: it
+    reaps children the library may have meant to wait for itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            return len(live_children())
+        time.sleep(0.01)  # no event says "a child exited" without a SIGCHLD handler
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def raise_nofile(needed: int) -> int:
+    """Raise this process's open-file limit to at least ``needed`` (the hard limit too, when
+    root); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))  # root only
+    else:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@contextlib.contextmanager
+def warm_pool(workers: int, first: Callable[[], Any]) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool whose ``workers`` threads all exist already and have each run
+    ``first()`` (a call, which may leave a per-thread resource behind), so that memory and
+    descriptors counted after this point are not theirs."""
+    barrier = threading.Barrier(workers)
+
+    def warm() -> None:
+        first()
+        barrier.wait(60.0)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(warm) for _ in range(workers)]:
+            future.result()
+        yield pool
+
+
+def under_load(big: Callable[[], Any], small: Callable[[], Any], transfers: int) -> List[float]:
+    """Round trips of ``small()``, made back to back for as long as another thread runs
+    ``big()`` ``transfers`` times in a row: the latency one caller sees while another moves a
+    large message. Raises what ``big()`` raised."""
+    done = threading.Event()
+    errors: List[BaseException] = []
+
+    def pump() -> None:
+        try:
+            for _ in range(transfers):
+                big()
+        except BaseException as exc:  # handed to the measuring thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=pump, name="bench-big-transfers", daemon=True)
+    thread.start()
+    samples = []
+    while not done.is_set():
+        samples.append(timed(small))
+    thread.join()
+    if errors:
+        raise errors[0]
+    return samples
 
 
 def _module_body(index: int) -> str:
@@ -159,7 +325,7 @@ def ssh_client_args(params: Dict[str, Any]) -> List[str]:
             "-l", str(params["username"]), str(params["hostname"])]
 
 
-def _parse_argv(argv: List[str], workloads: Dict[str, Workload]) -> tuple:
+def _parse_argv(argv: List[str], workloads: Mapping[str, Workload]) -> tuple:
     if len(argv) not in (2, 3):
         raise SystemExit(f"usage: {Path(sys.argv[0]).name} WORKLOAD [PARAMS_JSON]; "
                          f"workloads: {', '.join(sorted(workloads))}")
@@ -172,7 +338,7 @@ def _parse_argv(argv: List[str], workloads: Dict[str, Workload]) -> tuple:
     return name, params
 
 
-def run_main(workloads: Dict[str, Workload], load: Optional[Callable[[], str]] = None,
+def run_main(workloads: Mapping[str, Workload], load: Optional[Callable[[], str]] = None,
              argv: Optional[List[str]] = None) -> int:
     """Run the workload named on the command line and print its result line.
 
@@ -190,6 +356,8 @@ def run_main(workloads: Dict[str, Workload], load: Optional[Callable[[], str]] =
         if load is not None:
             rec.info["version"] = load()
         workloads[name](params, rec)
+    except NotRunnable as exc:
+        result.update(ok=False, skipped=True, error=f"skipped: {exc}"[:2000])
     except BaseException as exc:  # reported, never raised: the harness decides
         result["ok"] = False
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
