@@ -17,11 +17,19 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script (in the tools venv): make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import goals
+from bench.stats import Stats, aggregate, fmt_value
+from bench.stats import fmt_bytes as _fmt_bytes
+from bench.stats import fmt_time as _fmt_time
+from bench.stats import sig as _sig
 
 __all__ = [
     "Stats",
@@ -36,43 +44,8 @@ __all__ = [
 
 IMPLS = ("ours", "mitogen", "execnet")
 PEERS = ("mitogen", "execnet")
-P99_MIN_SAMPLES = 100
-PLOT_FILES = ("fanout.png", "roundtrip.png", "hops.png")
+PLOT_FILES = ("targets.png", "fanout.png", "roundtrip.png", "hops.png", "tail.png")
 COLOURS = {"ours": "tab:blue", "mitogen": "tab:orange", "execnet": "tab:green"}
-
-
-@dataclass(frozen=True)
-class Stats:
-    """One implementation's numbers for one metric, pooled over the run's repetitions."""
-
-    unit: str
-    samples: Tuple[float, ...]
-    run_medians: Tuple[float, ...]
-    nbytes: Optional[int] = None  # set for transfers: the figure shown is a rate
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def p99(self) -> Optional[float]:
-        """Nearest-rank 99th percentile, only where there are enough samples to mean it."""
-        if len(self.samples) < P99_MIN_SAMPLES:
-            return None
-        ordered = sorted(self.samples)
-        return ordered[math.ceil(0.99 * len(ordered)) - 1]
-
-    @property
-    def headline(self) -> float:
-        """The number compared across implementations: the median, or the median's rate."""
-        return self.nbytes / self.median if self.nbytes else self.median
-
-    def spread(self) -> Optional[Tuple[float, float]]:
-        if len(self.run_medians) < 2:
-            return None
-        values = [self.nbytes / m for m in self.run_medians] if self.nbytes else \
-            list(self.run_medians)
-        return min(values), max(values)
 
 
 @dataclass(frozen=True)
@@ -142,15 +115,37 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Cold start", ("cold_start.next_child",),
            lambda k: "later children of the same master"),
     Family("Round trip", ("roundtrip.call",),
-           lambda k: "trivial call (os.getpid) to a warm child", Target("ratio_le", 0.25)),
+           lambda k: "trivial call (os.getpid) to a warm child"),
+    Family("Round trip", ("roundtrip_per_pipe.call",),
+           lambda k: "its median over the raw pipe round trip of this run"),
     Family("Throughput", ("throughput.*",), _throughput_label, Target("ratio_ge", 10),
            reverse=True),
+    Family("Tail under load", ("tail.idle",),
+           lambda k: "round trip to a probe child, nothing else going on"),
+    Family("Tail under load", ("tail.loaded",),
+           lambda k: "the same while another child receives 256 MiB arguments back to back"),
+    Family("Tail under load", ("tail_ratio.p99",),
+           lambda k: "p99 under load over idle p99"),
+    Family("Tail under load", ("tail.same_stream",),
+           lambda k: "round trip to the child receiving them, one on its way (same stream)"),
     Family("Fan-out", ("fanout.*",), lambda k: (
         "1 child started, one call (wall)" if _suffix(k) == "1" else
         f"{_suffix(k)} children started concurrently, one call each (wall)")),
+    Family("Fan-out", ("fanout_via.*",), lambda k: (
+        f"{_suffix(k)} children started concurrently through one intermediate (wall)")),
+    Family("Fan-out", ("fanout_cpu.*",), lambda k: (
+        f"CPU per child, {_suffix(k)} started concurrently (master + children, user + sys)")),
+    Family("Fan-out", ("fanout_cpu_per_start.*",),
+           lambda k: f"the same, {_suffix(k)} children, over a bare interpreter start's CPU"),
+    Family("Fan-out", ("fanout_via_cpu.*",),
+           lambda k: f"CPU per child, {_suffix(k)} through one intermediate"),
+    Family("Fan-out", ("fanout_via_cpu_per_start.*",),
+           lambda k: "the same over a bare interpreter start's CPU"),
     Family("Multi-hop", ("multihop.*",),
-           lambda k: f"trivial call through {_suffix(k)} hop{'s' if _suffix(k) != '1' else ''}",
-           Target("ratio_le", 0.25)),
+           lambda k: f"trivial call through {_suffix(k)} hop{'s' if _suffix(k) != '1' else ''}"),
+    Family("Multi-hop", ("multihop_added.*",),
+           lambda k: f"added by hop {_suffix(k)} (median {_suffix(k)} hops - median "
+                     f"{int(_suffix(k)) - 1})"),
     Family("Remote import", ("remote_import.static",),
            lambda k: "first call into a 30-module package, static imports",
            Target("ratio_le", 0.5)),
@@ -169,23 +164,50 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Memory", ("memory.child_rss",), lambda k: "RSS of a fresh idle child",
            Target("ratio_le", 1.0)),
     Family("Memory", ("memory.master_per_child",),
-           lambda k: "master RSS growth per connected child"),
+           lambda k: "master RSS growth per connected child (64 started one by one)"),
+    Family("Memory", ("memory.master_residual",),
+           lambda k: "master RSS growth left once they have all disconnected (in all)"),
+    Family("Memory", ("memory.master_leak_per_child",),
+           lambda k: "left per child by a second cycle of as many (connect, disconnect)"),
+    Family("1,000 children", ("scale.start",),
+           lambda k: "1,000 children in one master (20 with --quick) started from 32 threads, "
+                     "one call each (wall)"),
+    Family("1,000 children", ("scale.shutdown",),
+           lambda k: "all asked to shut down at once, until each has disconnected (wall)"),
+    Family("1,000 children", ("scale.master_rss",), lambda k: "master RSS with all connected"),
+    Family("1,000 children", ("scale.master_per_child",),
+           lambda k: "master RSS growth per child (starting threads' arenas included)"),
+    Family("1,000 children", ("scale.master_residual",),
+           lambda k: "master RSS growth left once all have exited"),
+    Family("1,000 children", ("scale.left_behind",),
+           lambda k: "child processes not reaped and descriptors not closed after 30 s"),
     Family("SSH", ("ssh.connect",),
-           lambda k: "connect over ssh to sshd on 127.0.0.1, first call returns",
-           Target("ratio_le", 0.5)),
+           lambda k: "connect over ssh to sshd on 127.0.0.1, first call returns"),
+    Family("SSH", ("ssh_overhead.connect",),
+           lambda k: "its overhead above a bare ssh host python3 -c print of this run"),
     Family("SSH", ("ssh.call",),
            lambda k: "trivial call (os.getpid) over the ssh connection", Target("ratio_le", 0.5)),
+    Family("SSH", ("ssh.concurrent",),
+           lambda k: "16 connections at once (4 with --quick), one account each, all first "
+                     "calls returned (wall)"),
 )
 
 LIMIT_LABELS = {
     "limits.interpreter_start": "bare interpreter start: python -I -S -c pass",
+    "limits.interpreter_start_cpu": "CPU of a bare interpreter start (user + sys)",
     "limits.pipe_rt": "pipe round trip, 64 bytes, between two Python processes",
     "limits.socketpair_rt": "socketpair round trip, 64 bytes",
     "limits.pipe_tp": "pipe throughput, one way",
     "limits.socketpair_tp": "socketpair throughput, one way",
     "ssh.login": "ssh login to the bench's sshd on 127.0.0.1: first output of echo",
     "ssh.login_python": "ssh login: first output of /usr/bin/python3 -c print",
+    "ssh.login_python_concurrent": "16 such logins at once, one account each: the last one's "
+                                   "first output",
 }
+
+#: Figures derived from others (``bench/goals.py``), by the workload whose records they need.
+DERIVED_FROM = {"roundtrip_per_pipe": "roundtrip", "multihop_added": "multihop",
+                "ssh_overhead": "ssh", "tail_ratio": "tail"}
 
 #: Static text of the methods section (changes only when the harness does).
 METHODS = """\
@@ -228,23 +250,6 @@ def load_run(path: Path) -> Dict[str, Any]:
     return data
 
 
-def aggregate(records: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str], Stats]:
-    """Pool each (implementation, metric)'s samples over every record that has them."""
-    pooled: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
-    for rec in records:
-        for key, metric in (rec.get("metrics") or {}).items():
-            if metric.get("samples"):
-                pooled.setdefault((rec["impl"], key), []).append(metric)
-    stats = {}
-    for (impl, key), metrics in pooled.items():
-        samples = tuple(s for m in metrics for s in m["samples"])
-        stats[(impl, key)] = Stats(
-            unit=metrics[0]["unit"], samples=samples,
-            run_medians=tuple(statistics.median(m["samples"]) for m in metrics),
-            nbytes=metrics[0].get("bytes"))
-    return stats
-
-
 def _keys_of(family: Family, stats: Dict[Tuple[str, str], Stats]) -> List[str]:
     keys: List[str] = []
     for pattern in family.keys:
@@ -259,39 +264,10 @@ def _keys_of(family: Family, stats: Dict[Tuple[str, str], Stats]) -> List[str]:
 
 # Formatting ---------------------------------------------------------------------------------
 
-def _fmt_time(seconds: float) -> str:
-    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
-        if seconds >= scale or unit == "µs":
-            return f"{_sig(seconds / scale)} {unit}"
-    raise AssertionError("unreachable")
-
-
-def _sig(value: float) -> str:
-    """Three significant figures, without scientific notation."""
-    if value == 0:
-        return "0"
-    digits = max(0, 2 - math.floor(math.log10(abs(value))))
-    return f"{value:.{digits}f}"
-
-
-def _fmt_bytes(value: float) -> str:
-    if abs(value) >= 1 << 30:
-        return f"{_sig(value / (1 << 30))} GiB"
-    if abs(value) >= 1 << 20:
-        return f"{_sig(value / (1 << 20))} MiB"
-    if abs(value) >= 1 << 10:
-        return f"{_sig(value / 1024)} KiB"
-    return f"{value:,.0f} B"
-
-
 def _fmt(value: float, stats: Stats) -> str:
     if stats.nbytes:
         return f"{_sig(value / 1e6)} MB/s"
-    if stats.unit == "s":
-        return _fmt_time(value)
-    if stats.unit == "B":
-        return _fmt_bytes(value)
-    return f"{value:g}"
+    return fmt_value(value, stats.unit)
 
 
 def _cell(stats: Stats) -> str:
@@ -326,8 +302,9 @@ class Table:
         self.meta = run["meta"]
         self.records = run["records"]
         self.stats = aggregate(self.records)
+        self.stats.update(goals.derive(self.stats))
         versions = self.meta.get("versions", {})
-        self.names = {"ours": "ours"}
+        self.names = {"ours": "ours", "machine": "this machine"}
         for impl, title in (("mitogen", "Mitogen"), ("execnet", "execnet")):
             version = (versions.get(impl) or {}).get("version")
             self.names[impl] = f"{title} {version}" if version else title
@@ -336,12 +313,15 @@ class Table:
         return self.stats.get((impl, key))
 
     def _attempts(self, impl: str, key: str) -> List[Dict[str, Any]]:
-        workload, suffix = key.split(".", 1)
+        prefix, suffix = key.split(".", 1)
+        workload = "fanout" if prefix.startswith("fanout") else DERIVED_FROM.get(prefix, prefix)
         found = []
         for rec in self.records:
             if rec["impl"] != impl or rec["workload"] != workload:
                 continue
-            if workload == "fanout" and str(rec.get("params", {}).get("children")) != suffix:
+            params = rec.get("params", {})
+            if workload == "fanout" and (str(params.get("children")) != suffix or
+                                         bool(params.get("via")) != ("_via" in prefix)):
                 continue
             found.append(rec)
         return found
@@ -357,15 +337,21 @@ class Table:
             return "skipped"
         if any(rec.get("timed_out") for rec in attempts):
             return "timeout"
+        if all(rec.get("ok") for rec in attempts):
+            return "no data"  # a derived figure whose other half is missing
         return "failed"
 
 
-def render_results(run: Dict[str, Any], plots: Sequence[str] = ()) -> str:
-    """The whole of RESULTS.md as text."""
+def render_results(run: Dict[str, Any], plots: Sequence[str] = (),
+                   baseline: Optional[Dict[str, Any]] = None) -> str:
+    """The whole of RESULTS.md as text; ``baseline`` is the recorded run the kept ratios are
+    compared with (``goals.load_baseline()``), or None."""
     table = Table(run)
     lines = ["# Benchmark results", ""]
     lines += _header(table)
-    lines += ["", "## Targets", "",
+    lines += _goal_lines(table)
+    lines += _kept_lines(table, baseline)
+    lines += ["", "## Targets of earlier issues", "",
               f"Ratio to {table.names['mitogen']} in the same run, medians.", "",
               f"| Metric | ours | {table.names['mitogen']} | ours/Mitogen | Target | Status |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -393,6 +379,69 @@ def render_results(run: Dict[str, Any], plots: Sequence[str] = ()) -> str:
     lines += [f"![{Path(p).stem}]({p})" for p in plots] or ["No plots (matplotlib missing)."]
     lines += ["", "## How it is measured", "", METHODS, ""]
     return "\n".join(lines)
+
+
+def _goal_lines(table: Table) -> List[str]:
+    """Issue 16's targets, one status line each (``bench/goals.py``)."""
+    lines = ["", "## Targets of issue 16", "",
+             "Each against a reference from this same run: a peer's figure, a limit of this "
+             "machine, or ours idle. \"Out of reach\" names the limit of this run that is "
+             "already above the bound.", "",
+             "| Target | ours | reference | ours / reference | target | status |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for goal in goals.GOALS:
+        verdict = goals.evaluate(goal, table.stats, table.meta)
+        lines.append(_goal_row(table, verdict))
+    return lines
+
+
+def _goal_row(table: Table, verdict: goals.Verdict) -> str:
+    goal, ref = verdict.goal, verdict.goal.reference
+    suffix = " (p99)" if goal.stat == "p99" else ""
+    ours = (fmt_value(verdict.ours, verdict.unit) + suffix if verdict.ours is not None
+            else table.cell("ours", goal.key))
+    if ref.impl == "fixed":
+        reference = "—"
+    else:
+        who = "ours idle" if ref.impl == "ours" else table.names.get(ref.impl, ref.impl)
+        value = (fmt_value(verdict.reference, verdict.unit) if verdict.reference is not None
+                 else table.cell(ref.impl, ref.key or goal.key))
+        reference = f"{who}: {value}" + (" (p99)" if ref.stat == "p99" else "")
+    ratio = f"{_sig(verdict.ratio)}x" if verdict.ratio is not None else "—"
+    bound = f"<= {goal.factor:g}x" if ref.impl != "fixed" else \
+        f"<= {fmt_value(goal.factor * ref.amount, verdict.unit)}"
+    status = verdict.status()
+    if status == "no data" and verdict.missing:
+        status += " (" + ", ".join(f"{table.names.get(i, i)} {k}: {table.cell(i, k)}"
+                                   for i, k in verdict.missing) + ")"
+    return f"| {goal.section}: {goal.text} | {ours} | {reference} | {ratio} | {bound} | " \
+           f"{status} |"
+
+
+def _kept_lines(table: Table, baseline: Optional[Dict[str, Any]]) -> List[str]:
+    """The ratios that must not slip by more than 5 % against the recorded baseline."""
+    lines = ["", "## Kept ratios", "",
+             "Each ratio to a peer must stay within 5 % of its ratio in the baseline run, "
+             "or get better (throughput: ratio of the rates, higher is better; the others: "
+             f"of the medians, lower is better); {goals.describe_source(baseline)}.", "",
+             "| Metric | against | ratio then | ratio now | status |",
+             "| --- | --- | --- | --- | --- |"]
+    for kept in goals.kept_rows(table.stats, baseline):
+        then = f"{_sig(kept.baseline)}x" if kept.baseline is not None else "—"
+        now = f"{_sig(kept.now)}x" if kept.now is not None else \
+            f"{table.cell('ours', kept.key)} / {table.cell(kept.peer, kept.key)}"
+        lines.append(f"| {_label_of(kept.key)} | {table.names[kept.peer]} | {then} | {now} | "
+                     f"{kept.status()} |")
+    return lines
+
+
+def _label_of(key: str) -> str:
+    """"Section: label" of a metric, from the family that shows it."""
+    for family in FAMILIES:
+        if any(key == pattern or (pattern.endswith(".*") and key.startswith(pattern[:-1]))
+               for pattern in family.keys):
+            return f"{family.section}: {family.label(key)}"
+    return key
 
 
 def _header(table: Table) -> List[str]:
@@ -461,12 +510,13 @@ def _failures(records: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def write_results(run: Dict[str, Any], path: Path, plots: Sequence[Path] = ()) -> Path:
+def write_results(run: Dict[str, Any], path: Path, plots: Sequence[Path] = (),
+                  baseline: Optional[Dict[str, Any]] = None) -> Path:
     """Write RESULTS.md, linking the plots relative to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rel = [_relative(Path(p), path.parent) for p in plots]
-    path.write_text(render_results(run, rel))
+    path.write_text(render_results(run, rel, baseline))
     return path
 
 
@@ -480,7 +530,8 @@ def _relative(target: Path, base: Path) -> str:
 # Plots --------------------------------------------------------------------------------------
 
 def write_plots(run: Dict[str, Any], directory: Path) -> List[Path]:
-    """Draw the fan-out curve, the round-trip distribution and the hop latencies as PNGs."""
+    """Draw every target against its bound, the fan-out curve, the round-trip distribution,
+    the hop latencies and the tail under load as PNGs (``PLOT_FILES``, in that order)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -490,8 +541,10 @@ def write_plots(run: Dict[str, Any], directory: Path) -> List[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw in zip(PLOT_FILES, (_plot_fanout, _plot_roundtrip, _plot_hops)):
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    drawers = (_plot_targets, _plot_fanout, _plot_roundtrip, _plot_hops, _plot_tail)
+    for name, draw in zip(PLOT_FILES, drawers):
+        size = (8, 7) if draw is _plot_targets else (7, 4.5)
+        fig, ax = plt.subplots(figsize=size, dpi=100)
         try:
             if not draw(ax, table):
                 ax.text(0.5, 0.5, "no data in this run", ha="center", va="center",
@@ -523,25 +576,59 @@ def _plain_log_labels(axis: Any) -> None:
     axis.set_minor_formatter(FuncFormatter(label))
 
 
+def _plot_targets(ax: Any, table: Table) -> bool:
+    """Every target of issue 16 as ours over its bound (left of 1 is met, log scale), with
+    the machine's floor over the same bound where the run measured one."""
+    rows = []
+    for goal in goals.GOALS:
+        verdict = goals.evaluate(goal, table.stats, table.meta)
+        if verdict.ours is not None and verdict.bound:
+            floor = verdict.floor / verdict.bound if verdict.floor is not None else None
+            rows.append((goal.label, verdict.ours / verdict.bound, bool(verdict.met), floor))
+    if not rows:
+        return False
+    ys = list(range(len(rows)))[::-1]
+    for y, (_, ratio, met, floor) in zip(ys, rows):
+        ax.plot([1, max(ratio, 1e-3)], [y, y], color="tab:green" if met else "tab:red",
+                linewidth=4, solid_capstyle="butt")
+        if floor is not None:
+            ax.plot([max(floor, 1e-3)], [y], marker="|", markersize=14, color="black")
+    ax.axvline(1.0, color="grey", linestyle="--")
+    ax.set_xscale("log")
+    _plain_log_labels(ax.xaxis)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([label for label, *_ in rows], fontsize=8)
+    ax.set_xlabel("ours / bound (green: met; black tick: the machine's floor / bound)")
+    ax.set_title("Issue 16's targets in this run (those without data left out)")
+    return True
+
+
 def _plot_fanout(ax: Any, table: Table) -> bool:
     drawn = False
     for impl in IMPLS:
-        points = sorted((int(_suffix(key)), stats) for (who, key), stats in table.stats.items()
-                        if who == impl and key.startswith("fanout."))
-        if not points:
-            continue
-        xs = [n for n, _ in points]
-        ys = [s.median for _, s in points]
-        lo = [s.median - min(s.run_medians) for _, s in points]
-        hi = [max(s.run_medians) - s.median for _, s in points]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=table.names[impl],
-                    color=COLOURS[impl])
-        drawn = True
+        for prefix, marker, line, via in (("fanout.", "o", "-", ""),
+                                          ("fanout_via.", "s", ":", " through one")):
+            points = sorted((int(_suffix(key)), stats) for (who, key), stats
+                            in table.stats.items() if who == impl and key.startswith(prefix))
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            ys = [s.median for _, s in points]
+            lo = [s.median - min(s.run_medians) for _, s in points]
+            hi = [max(s.run_medians) - s.median for _, s in points]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=line, capsize=3,
+                        label=table.names[impl] + via, color=COLOURS[impl])
+            drawn = True
     from matplotlib.ticker import FixedLocator, ScalarFormatter
 
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     sizes = sorted({int(_suffix(key)) for (_, key) in table.stats if key.startswith("fanout.")})
+    start_cpu = table.get("machine", "limits.interpreter_start_cpu")
+    cores = (table.meta.get("machine") or {}).get("usable_cores") or 1
+    if sizes and start_cpu is not None:
+        ax.plot(sizes, [n * start_cpu.median / cores for n in sizes], color="grey",
+                linestyle="--", label=f"N bare starts' CPU over {cores} cores")
     if sizes:
         ax.xaxis.set_major_locator(FixedLocator(sizes))
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -581,12 +668,14 @@ def _plot_roundtrip(ax: Any, table: Table) -> bool:
 
 def _plot_hops(ax: Any, table: Table) -> bool:
     drawn = False
+    depths: List[int] = []
     for impl in IMPLS:
         points = sorted((int(_suffix(key)), stats) for (who, key), stats in table.stats.items()
                         if who == impl and key.startswith("multihop."))
         if not points:
             continue
         xs = [n for n, _ in points]
+        depths = sorted(set(depths) | set(xs))
         ax.plot(xs, [s.median * 1e6 for _, s in points], marker="o", color=COLOURS[impl],
                 label=f"{table.names[impl]} median")
         p99 = [(n, s.p99) for n, s in points if s.p99 is not None]
@@ -594,13 +683,42 @@ def _plot_hops(ax: Any, table: Table) -> bool:
             ax.plot([n for n, _ in p99], [v * 1e6 for _, v in p99], marker="x",
                     linestyle="--", color=COLOURS[impl], label=f"{table.names[impl]} p99")
         drawn = True
-    ax.set_xticks([1, 2, 3])
+    pipe, first = table.get("machine", "limits.pipe_rt"), table.get("ours", "multihop.1")
+    if depths and pipe is not None and first is not None:
+        ax.plot(depths, [(first.median + 2 * (n - 1) * pipe.median) * 1e6 for n in depths],
+                color="grey", linestyle=":", label="target: ours at 1 hop + 2x pipe per hop")
+    ax.set_xticks(depths or [1, 2, 3, 4, 5])
     ax.set_xlabel("hops (via=)")
     ax.set_ylabel("round trip (µs)")
     ax.set_ylim(bottom=0)
     ax.set_title("Trivial call through a chain of contexts")
     if drawn:
-        ax.legend()
+        ax.legend(fontsize=8)
+    return drawn
+
+
+def _plot_tail(ax: Any, table: Table) -> bool:
+    """Distribution of the probe's round trips, idle (dashed) and while another child
+    receives big arguments (solid)."""
+    drawn = False
+    for impl in IMPLS:
+        for key, line, what in (("tail.idle", "--", "idle"), ("tail.loaded", "-", "loaded")):
+            stats = table.get(impl, key)
+            if stats is None:
+                continue
+            xs = sorted(s * 1e6 for s in stats.samples)
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            p99 = f", p99 {_fmt_time(stats.p99)}" if stats.p99 is not None else ""
+            ax.plot(xs, ys, linestyle=line, color=COLOURS[impl],
+                    label=f"{table.names[impl]} {what}{p99}")
+            drawn = True
+    ax.set_xscale("log")
+    _plain_log_labels(ax.xaxis)
+    ax.set_xlabel("round trip to the probe child (µs)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title("Tail under load: another child receiving 256 MiB arguments")
+    if drawn:
+        ax.legend(loc="lower right", fontsize=8)
     return drawn
 
 
@@ -613,18 +731,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "(default: next to run.json)")
     parser.add_argument("--plots-dir", type=Path, help="where PNGs go (default: beside "
                         "RESULTS.md)")
+    parser.add_argument("--baseline", type=Path, default=goals.BASELINE,
+                        help="the recorded run the kept ratios are compared with "
+                             "(default: bench/baseline.json)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--plots-only", action="store_true", help="print plot paths, no md")
     group.add_argument("--no-plots", action="store_true")
+    group.add_argument("--save-baseline", type=Path, metavar="PATH",
+                       help="record this run's kept ratios as the baseline in PATH, and stop")
     args = parser.parse_args(argv)
     run = load_run(args.run)
+    if args.save_baseline:
+        print(goals.save_baseline(run, Table(run).stats, args.save_baseline))
+        return 0
     results = args.results or args.run.parent / "RESULTS.md"
     plots_dir = args.plots_dir or results.parent
     plots = [] if args.no_plots else write_plots(run, plots_dir)
     if args.plots_only:
         print("\n".join(str(p) for p in plots))
         return 0
-    write_results(run, results, plots)
+    write_results(run, results, plots, goals.load_baseline(args.baseline))
     print(results)
     return 0
 
