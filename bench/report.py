@@ -134,9 +134,11 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Fan-out", ("fanout_via.*",), lambda k: (
         f"{_suffix(k)} children started concurrently through one intermediate (wall)")),
     Family("Fan-out", ("fanout_cpu.*",), lambda k: (
-        f"CPU per child, {_suffix(k)} started concurrently (master + children, user + sys)")),
+        f"CPU per child, {_suffix(k)} started concurrently (master + children, user + sys)"
+        if _suffix(k) != "1" else "CPU of 1 child started (master + child, user + sys)")),
     Family("Fan-out", ("fanout_cpu_per_start.*",),
-           lambda k: f"the same, {_suffix(k)} children, over a bare interpreter start's CPU"),
+           lambda k: f"the same, {_suffix(k)} {'child' if _suffix(k) == '1' else 'children'}, "
+                     "over a bare interpreter start's CPU"),
     Family("Fan-out", ("fanout_via_cpu.*",),
            lambda k: f"CPU per child, {_suffix(k)} through one intermediate"),
     Family("Fan-out", ("fanout_via_cpu_per_start.*",),
@@ -217,6 +219,13 @@ METHODS = """\
   only within one run.
 - Cells read: median (p99, only over >= 100 samples; range of the per-repetition medians).
   Ratios are ours / peer of the medians; for throughput, of the rates (higher is better).
+- Issue 16's targets compare ours with a reference of the same run: a peer's median (or p99),
+  a limit of this machine (the raw pipe round trip), or ours idle. A target out of reach names
+  the limit of the same run that is already above its bound: the raw pipe round trip for a
+  round trip; for fan-out, N bare interpreter starts' CPU spread over the usable cores; for
+  16 ssh connections, 16 bare ssh logins at once. Kept ratios are compared with
+  `bench/baseline.json` (`python bench/report.py --run RUN --save-baseline PATH` records
+  one).
 - Calls are `ctx.call(os.getpid)` / `ctx.call(len, data)` through the Mitogen API
   (`bench/workloads/mitogen_api.py`, unchanged for ours and Mitogen). execnet has no call
   API: its "call" is one request/reply on a channel to a dispatch loop started once per
@@ -225,21 +234,48 @@ METHODS = """\
   execnet counterpart (n/a).
 - Cold start, first child: from `router.local()` to the first call's return in a fresh master,
   so it includes the master's one-time preparation of the bootstrap payload.
+- Round trip: 5,000 calls after 500 of warm-up, per repetition. Multi-hop: a chain of 5
+  contexts built with `via=`, the depths taking turns in rounds of 100 calls; "added by hop
+  N" is the median through N hops less the median through N - 1.
+- Tail under load: two children, a probe and a sink. Each round: 1,000 idle round trips to
+  the probe; then round trips to the probe, back to back, for as long as another thread
+  passes a 256 MiB bytes argument to the sink twice in a row (`ctx.call(len, data)`); then
+  round trips to the sink itself while one more is on its way (execnet: on a second channel
+  of the sink's gateway). Three rounds per repetition.
 - Fan-out: one thread per child, each starting its child and calling it once; wall time of
-  the whole. Remote import: a fresh child per variant, time of its first call into the
-  package and the change in `router.get_stats()['get_module_count']`.
+  the whole. Through one intermediate: `router.local(via=intermediate)` (execnet:
+  `popen//via=...`), the intermediate started first, untimed. CPU per child: user + system
+  seconds of the master (every thread) and of every descendant, reaped (the workload is a
+  child subreaper, so that grandchildren are counted too), from before the router exists to
+  after it has shut down, divided by N; the intermediate's own CPU is included. The bare
+  interpreter start's CPU is measured the same way (`RUSAGE_CHILDREN`).
+- Remote import: a fresh child per variant, time of its first call into the package and the
+  change in `router.get_stats()['get_module_count']`.
 - Bootstrap bytes: Mitogen-API implementations through `mitogen.parent.Connection`
   (`get_preamble()`, `get_boot_command()`); execnet: bytes written to the child's stdin while
   its gateway is made (uncompressed source).
-- Memory: VmRSS from /proc of a child right after its first call; master growth over 16 more
-  children after a first one (so one-time costs are not charged to them).
+- Memory: VmRSS from /proc of a child right after its first call; the master's growth over 64
+  more children started one by one after a first one (so one-time costs are not charged to
+  them), after `gc.collect()`; what is left of it once those 64 have disconnected; and what a
+  second cycle of 64 (connect, disconnect) leaves on top of that, per child.
+- 1,000 children: started from 32 threads (created, and each having made a call, before the
+  baseline RSS), one call each, then all asked to shut down at once (execnet:
+  `Group.terminate()`). Left behind: child processes still there (running or zombie) and
+  descriptors above the count before, 30 s after the last disconnect. An implementation
+  whose children would need more than half of the memory available (measured on a first
+  child's private pages) is not run, and the report says so. The open-file limit is raised
+  as needed.
 - SSH: one sshd for the whole run on 127.0.0.1, own config, host key and client key (login
-  root, key only), started by the harness. `router.ssh(check_host_keys='ignore',
+  root, key only), started by the harness, with 16 accounts of its own for the concurrent
+  connections (deleted at the end). `router.ssh(check_host_keys='ignore',
   python_path='/usr/bin/python3')`, `-F /dev/null` and no known_hosts files; execnet:
   `ssh=... -p PORT -i KEY -l root 127.0.0.1//python=/usr/bin/python3` with the same options.
   Connect: fresh connections one after another, each closed before the next; round trip:
-  calls over the last one after a warm-up. The bare ssh logins under the physical limits use
-  the same sshd and options. Skipped (with the reason) when not root or no sshd.
+  calls over the last one after a warm-up; connect overhead: the connect's median less the
+  bare `ssh host python3 -c print`'s. 16 at once: one connection per account, each from its
+  own thread, until every first call has returned; the bare counterpart keeps every session
+  open until all have printed. The bare ssh logins use the same sshd and options. Skipped
+  (with the reason) when not root or no sshd.
 - A failed, timed-out or skipped run is listed under Failures; it never fails a test suite."""
 
 
@@ -286,7 +322,7 @@ def _cell(stats: Stats) -> str:
 
 
 def _ratio(ours: Optional[Stats], peer: Optional[Stats]) -> str:
-    if ours is None or peer is None or peer.headline == 0:
+    if ours is None or peer is None or peer.headline <= 0 or ours.headline < 0:
         return "—"
     return f"{_sig(ours.headline / peer.headline)}x"
 

@@ -266,7 +266,8 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         # 1,000 children in one master; the workload refuses (recorded as a skip, with the
         # reason) where their memory would not fit in half of what the machine has free.
         Step("scale", "scale", everyone, 1,
-             pick({"children": 1000, "workers": 32}, {"children": 20, "workers": 4}),
+             pick({"children": 1000, "workers": 32},
+                  {"children": 20, "workers": 4, "reap_timeout": 5}),
              pick(1800, 120)),
         # The sshd's address and key are added by with_ssh_target() once it runs; "machine"
         # measures the bare ssh login, the floor under every library's connect.
