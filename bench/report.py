@@ -148,6 +148,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Multi-hop", ("multihop_added.*",),
            lambda k: f"added by hop {_suffix(k)} (median {_suffix(k)} hops - median "
                      f"{int(_suffix(k)) - 1})"),
+    Family("asyncio", ("aio.*",), lambda k: "%s calls awaited at once from one event loop, "
+           "%s children (wall); Mitogen: run_in_executor" % tuple(_suffix(k).split("x"))),
     Family("Remote import", ("remote_import.static",),
            lambda k: "first call into a 30-module package, static imports",
            Target("ratio_le", 0.5)),

@@ -64,7 +64,7 @@ IMPLS: Dict[str, tuple] = {
 IMPL_ORDER = ("ours", "mitogen", "execnet")
 MITOGEN_LIKE = ("ours", "mitogen")  # workloads execnet has no counterpart for
 WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "tail", "fanout",
-                  "multihop", "remote_import", "bootstrap", "memory", "scale", "ssh")
+                  "multihop", "aio", "remote_import", "bootstrap", "memory", "scale", "ssh")
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,8 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         Step("multihop", "multihop", mitogen_like, pick(5, 1),
              pick({"hops": 5, "rounds": 10, "calls_per_round": 100, "warmup": 100},
                   {"hops": 5, "rounds": 2, "calls_per_round": 50, "warmup": 20}), 120),
+        Step("aio", "aio", mitogen_like, pick(3, 1),
+             {"children": 10, "calls": 1000, "repeat": pick(5, 2)}, 120),
         Step("remote_import", "remote_import", mitogen_like, pick(5, 1), {}, 90),
         Step("bootstrap", "bootstrap", everyone, 1, {}, 60),
         Step("memory", "memory", everyone, pick(3, 1), {"children": pick(64, 8)}, 300),
