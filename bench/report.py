@@ -419,13 +419,18 @@ def render_results(run: Dict[str, Any], plots: Sequence[str] = (),
     return "\n".join(lines)
 
 
+GOALS_INTRO = ("Each against a reference from this same run: a peer's figure, a limit of this "
+               "machine, or ours idle. \"Out of reach\" names the limit of this run that is "
+               "already above the bound.")
+
+
 def _goal_lines(table: Table) -> List[str]:
     """Issue 16's targets, one status line each (``bench/goals.py``)."""
-    lines = ["", "## Targets of issue 16", "",
-             "Each against a reference from this same run: a peer's figure, a limit of this "
-             "machine, or ours idle. \"Out of reach\" names the limit of this run that is "
-             "already above the bound.", "",
-             "| Target | ours | reference | ours / reference | target | status |",
+    return ["", "## Targets of issue 16", "", GOALS_INTRO, "", *_goal_table(table)]
+
+
+def _goal_table(table: Table) -> List[str]:
+    lines = ["| Target | ours | reference | ours / reference | target | status |",
              "| --- | --- | --- | --- | --- | --- |"]
     for goal in goals.GOALS:
         verdict = goals.evaluate(goal, table.stats, table.meta)
@@ -458,11 +463,18 @@ def _goal_row(table: Table, verdict: goals.Verdict) -> str:
 
 def _kept_lines(table: Table, baseline: Optional[Dict[str, Any]]) -> List[str]:
     """The ratios that must not slip by more than 5 % against the recorded baseline."""
-    lines = ["", "## Kept ratios", "",
-             "Each ratio to a peer must stay within 5 % of its ratio in the baseline run, "
-             "or get better (throughput: ratio of the rates, higher is better; the others: "
-             f"of the medians, lower is better); {goals.describe_source(baseline)}.", "",
-             "| Metric | against | ratio then | ratio now | status |",
+    return ["", "## Kept ratios", "", _kept_intro(baseline), "",
+            *_kept_table(table, baseline)]
+
+
+def _kept_intro(baseline: Optional[Dict[str, Any]]) -> str:
+    return ("Each ratio to a peer must stay within 5 % of its ratio in the baseline run, "
+            "or get better (throughput: ratio of the rates, higher is better; the others: "
+            f"of the medians, lower is better); {goals.describe_source(baseline)}.")
+
+
+def _kept_table(table: Table, baseline: Optional[Dict[str, Any]]) -> List[str]:
+    lines = ["| Metric | against | ratio then | ratio now | status |",
              "| --- | --- | --- | --- | --- |"]
     for kept in goals.kept_rows(table.stats, baseline):
         then = f"{_sig(kept.baseline)}x" if kept.baseline is not None else "—"
@@ -546,6 +558,40 @@ def _failures(records: Sequence[Dict[str, Any]]) -> List[str]:
         lines.append(f"- {impl} / {workload} ({len(hits)} of {totals[(impl, workload)]} runs): "
                      f"{error.replace('|', '/')}")
     return lines
+
+
+README_START = "<!-- bench-table:start -->"
+README_END = "<!-- bench-table:end -->"
+
+
+def render_readme_block(run: Dict[str, Any], baseline: Optional[Dict[str, Any]] = None) -> str:
+    """The README's benchmark tables, from one complete run: issue 16's targets and the kept
+    ratios, with the run's date, command, code and load, between the block's markers."""
+    table = Table(run)
+    meta = table.meta
+    load = meta.get("loadavg_start"), meta.get("loadavg_end")
+    commit = ((meta.get("versions") or {}).get("ours") or {}).get("commit") or "?"
+    duration = f", {meta['duration'] / 60:.0f} min" if "duration" in meta else ""
+    when = (f"Generated from the run of {meta.get('date', '?')}{duration}: "
+            f"`{meta.get('command', '?')}`, ours at {commit}, "
+            f"{(meta.get('machine') or {}).get('cores', '?')} cores, load average "
+            + (f"{load[0][0]:.1f} at its start and {load[1][0]:.1f} at its end"
+               if load[0] and load[1] else "unknown")
+            + " (all figures in [`bench/RESULTS.md`](bench/RESULTS.md)).")
+    lines = [README_START, when, "", GOALS_INTRO, "", *_goal_table(table), "",
+             _kept_intro(baseline), "", *_kept_table(table, baseline), README_END]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, block: str) -> Path:
+    """Replace the README's generated block (between its markers) with ``block``."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no {README_START} ... {README_END} block to replace")
+    path.write_text(text[:start] + block + text[end + len(README_END):])
+    return path
 
 
 def write_results(run: Dict[str, Any], path: Path, plots: Sequence[Path] = (),
@@ -777,10 +823,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--no-plots", action="store_true")
     group.add_argument("--save-baseline", type=Path, metavar="PATH",
                        help="record this run's kept ratios as the baseline in PATH, and stop")
+    group.add_argument("--readme", type=Path, metavar="PATH",
+                       help="rewrite the benchmark tables in README PATH from this run, and "
+                            "stop")
     args = parser.parse_args(argv)
     run = load_run(args.run)
     if args.save_baseline:
         print(goals.save_baseline(run, Table(run).stats, args.save_baseline))
+        return 0
+    if args.readme:
+        block = render_readme_block(run, goals.load_baseline(args.baseline))
+        print(update_readme(args.readme, block))
         return 0
     results = args.results or args.run.parent / "RESULTS.md"
     plots_dir = args.plots_dir or results.parent

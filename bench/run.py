@@ -14,9 +14,10 @@ recorded with its error text, never stops the run, and never fails anything: thi
 reports where we stand.
 
 The raw results go to ``OUT/<timestamp>/run.json``. A complete run (no ``--quick``,
-``--only`` or ``--impls``) then rewrites ``bench/RESULTS.md`` and the plots in ``bench/``;
-a partial run writes them next to its ``run.json`` instead, so it never replaces the
-reference table.
+``--only``, ``--impls`` or ``--results``) then rewrites ``bench/RESULTS.md``, the plots in
+``bench/`` and the tables in README.md's Benchmarks section (between its
+``bench-table`` markers); a partial run writes its report next to its ``run.json`` instead,
+so it never replaces the reference tables.
 
 The ``ssh`` workload logs in to one private sshd on 127.0.0.1 that the harness starts for the
 whole run (``bench/sshd.py``) and stops at its end; where that cannot run (not root, no
@@ -51,6 +52,7 @@ from bench.workloads.common import RESULT_MARKER
 __all__ = ["IMPL_ORDER", "WORKLOAD_NAMES", "Job", "Step", "build_plan", "main", "run_job"]
 
 BENCH_DIR = Path(__file__).resolve().parent
+README = BENCH_DIR.parent / "README.md"
 WORKLOAD_DIR = BENCH_DIR / "workloads"
 MIB = 1 << 20
 
@@ -466,9 +468,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta["duration"] = time.monotonic() - runner.started
     path = _save(run_dir, meta, runner.records)
     _say(f"raw results: {path} ({meta['duration']:.0f} s)")
-    results = args.results or (BENCH_DIR / "RESULTS.md" if complete else run_dir / "RESULTS.md")
-    plots_dir = BENCH_DIR if complete and args.results is None else results.parent
-    _report(path, results, plots_dir)
+    reference = complete and args.results is None
+    results = args.results or (BENCH_DIR / "RESULTS.md" if reference else run_dir / "RESULTS.md")
+    plots_dir = BENCH_DIR if reference else results.parent
+    _report(path, results, plots_dir, README if reference else None)
     return 0
 
 
@@ -493,8 +496,9 @@ def _progress(number: int, total: int, job: Job, rec: Dict[str, Any]) -> str:
     return f"[{number}/{total}] {what} {job.impl} #{job.rep + 1}: {status}{wall}{detail}"
 
 
-def _report(run_json: Path, results: Path, plots_dir: Path) -> None:
-    """Write RESULTS.md here; plots where matplotlib is (our interpreter or the tools venv)."""
+def _report(run_json: Path, results: Path, plots_dir: Path, readme: Optional[Path]) -> None:
+    """Write RESULTS.md here; plots where matplotlib is (our interpreter or the tools venv);
+    and the README's tables, for the reference run."""
     from bench import report
 
     run = report.load_run(run_json)
@@ -504,8 +508,12 @@ def _report(run_json: Path, results: Path, plots_dir: Path) -> None:
         plots = report.write_plots(run, plots_dir)
     except ImportError:
         plots = _plots_in_tools_venv(run_json, plots_dir)
-    report.write_results(run, results, plots, report.goals.load_baseline())
+    baseline = report.goals.load_baseline()
+    report.write_results(run, results, plots, baseline)
     _say(f"report: {results}")
+    if readme is not None:
+        report.update_readme(readme, report.render_readme_block(run, baseline))
+        _say(f"README tables: {readme}")
 
 
 def _plots_in_tools_venv(run_json: Path, plots_dir: Path) -> List[Path]:

@@ -561,3 +561,29 @@ def test_accounts_a_killed_run_left_are_deleted_by_the_next():
             pwd.getpwnam(name)
     finally:
         run.sshd._remove_account(name)
+
+
+def test_readme_tables_are_regenerated_between_their_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{report.README_START}\nold table\n"
+                      f"{report.README_END}\n\nafter\n")
+    block = report.render_readme_block(_goal_run())
+    report.update_readme(readme, block)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n<!-- bench-table:start -->\nGenerated from the "
+                           "run of 2026-11-22T10:00:00+00:00, 5 min: `python bench/run.py`, "
+                           "ours at abc123, 2 cores, load average 0.5 at its start and 1.0 at "
+                           "its end")
+    assert text.endswith(f"{report.README_END}\n\nafter\n") and "old table" not in text
+    assert _row(text, "Round trip: median <= 0.7x")[-1] == "met"
+    assert "| Metric | against | ratio then | ratio now | status |" in text
+    # Again: the same text, not a second block.
+    report.update_readme(readme, block)
+    assert readme.read_text() == text
+    with pytest.raises(ValueError, match="no <!-- bench-table:start -->"):
+        bare = tmp_path / "bare.md"
+        bare.write_text("# no markers\n")
+        report.update_readme(bare, block)
+    # The project's README has the block a complete run rewrites.
+    project = (Path(run.__file__).resolve().parent.parent / "README.md").read_text()
+    assert project.count(report.README_START) == project.count(report.README_END) == 1
