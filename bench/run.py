@@ -66,7 +66,8 @@ IMPLS: Dict[str, tuple] = {
 IMPL_ORDER = ("ours", "mitogen", "execnet")
 MITOGEN_LIKE = ("ours", "mitogen")  # workloads execnet has no counterpart for
 WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "tail", "fanout",
-                  "multihop", "aio", "remote_import", "bootstrap", "memory", "scale", "ssh")
+                  "multihop", "aio", "remote_import", "bootstrap", "memory", "scale",
+                  "services", "files", "ssh")
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,17 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
              pick({"children": 1000, "workers": 32},
                   {"children": 20, "workers": 4, "reap_timeout": 5}),
              pick(1800, 120)),
+        Step("services", "call_service", mitogen_like, pick(5, 1),
+             pick({"warmup": 500, "calls": 5000}, {"warmup": 50, "calls": 500}), 120),
+        # FileService against the raw socketpair in the same run, then against Mitogen.
+        Step("files", "socketpair_transfer", ["machine"], pick(3, 1),
+             {"bytes": pick(512, 64) * MIB, "repeat": 2}, 120),
+        Step("files", "file_service", mitogen_like, pick(3, 1),
+             {"bytes": pick(512, 64) * MIB, "repeat": 2}, 300),
+        Step("files", "push_file", mitogen_like, pick(2, 1),
+             {"bytes": pick(256, 16) * MIB, "leaves": 8}, 600),
+        Step("files", "file_memory", mitogen_like, pick(2, 1),
+             {"bytes": pick(1024, 64) * MIB}, 300),
         # The sshd's address and key are added by with_ssh_target() once it runs; "machine"
         # measures the bare ssh login, the floor under every library's connect.
         Step("ssh", "ssh", ["machine", *everyone], pick(3, 1),
