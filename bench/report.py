@@ -58,6 +58,8 @@ class Target:
     #: The peer's metric, when it is not the same key: this prefix, then the key's last part
     #: (the machine's raw socketpair transfer of the same size as ours, for one).
     peer_metric: Optional[str] = None
+    #: What to call the peer in the target's text, when its name alone would not say it.
+    peer_label: Optional[str] = None
 
     def peer_key(self, key: str) -> str:
         if self.peer_metric is None:
@@ -65,7 +67,7 @@ class Target:
         return self.peer_metric + key[key.rindex("."):]
 
     def describe(self, names: Dict[str, str]) -> str:
-        peer = names.get(self.peer, self.peer)
+        peer = self.peer_label or names.get(self.peer, self.peer)
         if self.kind == "ratio_le":
             return f"<= {self.bound:g}x {peer}"
         if self.kind == "ratio_ge":
@@ -205,7 +207,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Files", ("files.file_service.*",),
            lambda k: f"FileService.get() of a {_size_label(k)} file by a local child",
            Target("ratio_ge", 3),
-           also=(Target("ratio_ge", 0.5, peer="machine", peer_metric="files.socketpair"),)),
+           also=(Target("ratio_ge", 0.5, peer="machine", peer_metric="files.socketpair",
+                         peer_label="raw socketpair (same size, same run)"),)),
     Family("Files", ("files.push_file.*",),
            lambda k: f"PushFileService: {_size_label(k)} to 8 leaves behind one "
                      "intermediary, until every leaf has it (rate: bytes delivered)",
@@ -370,7 +373,7 @@ class Table:
         self.stats = aggregate(self.records)
         self.stats.update(goals.derive(self.stats))
         versions = self.meta.get("versions", {})
-        self.names = {"ours": "ours", "machine": "raw socketpair (same size, same run)"}
+        self.names = {"ours": "ours", "machine": "this machine"}
         for impl, title in (("mitogen", "Mitogen"), ("execnet", "execnet")):
             version = (versions.get(impl) or {}).get("version")
             self.names[impl] = f"{title} {version}" if version else title
@@ -391,6 +394,11 @@ class Table:
                 continue
             found.append(rec)
         return found
+
+    def attempted(self, impl: str, key: str) -> bool:
+        """Whether this run had a job that should have measured ``key`` (it may have failed);
+        False for a figure its plan (``--quick``, ``--only``) left out."""
+        return bool(self._attempts(impl, key))
 
     def cell(self, impl: str, key: str) -> str:
         stats = self.get(impl, key)
@@ -483,7 +491,10 @@ def _goal_row(table: Table, verdict: goals.Verdict) -> str:
     bound = f"<= {goal.factor:g}x" if ref.impl != "fixed" else \
         f"<= {fmt_value(goal.factor * ref.amount, verdict.unit)}"
     status = verdict.status()
-    if status == "no data" and verdict.missing:
+    if status == "no data" and verdict.missing and all(
+            not table.attempted(impl, key) for impl, key in verdict.missing):
+        status = "not in this run"
+    elif status == "no data" and verdict.missing:
         status += " (" + ", ".join(f"{table.names.get(i, i)} {k}: {table.cell(i, k)}"
                                    for i, k in verdict.missing) + ")"
     return f"| {goal.section}: {goal.text} | {ours} | {reference} | {ratio} | {bound} | " \

@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import threading
@@ -34,14 +35,16 @@ __all__ = [
     "become_subreaper",
     "check_memory_for",
     "cpu_seconds",
+    "fd_table",
     "live_children",
     "make_package",
     "measure",
-    "open_fds",
+    "new_fds",
     "private_bytes",
     "raise_nofile",
     "read_rss_bytes",
     "reap_children",
+    "record_leftovers",
     "run_main",
     "ssh_client_args",
     "timed",
@@ -187,8 +190,38 @@ def reap_children(timeout: float) -> int:
         time.sleep(0.01)  # no event says "a child exited" without a SIGCHLD handler
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def fd_table() -> Dict[int, str]:
+    """This process's open descriptors and what each refers to (``socket:[inode]``, a path)."""
+    table = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, or one closed meanwhile
+            continue
+    return table
+
+
+def new_fds(before: Mapping[int, str]) -> List[str]:
+    """What the descriptors opened since ``before`` (a :func:`fd_table`) refer to; socket
+    inodes are dropped (``socket``), so that equal leftovers read alike in a report."""
+    return sorted(re.sub(r"\[\d+\]$", "", target) for fd, target in fd_table().items()
+                  if before.get(fd) != target)
+
+
+def record_leftovers(rec: Recorder, pids: Sequence[int], fds_before: Mapping[int, str],
+                     rss_before: int, reap_timeout: float, rss: Callable[[], int]) -> None:
+    """Wait (bounded) for the library to reap the children and close their descriptors, then
+    record what it left behind (``scale.left_behind``: children not reaped + descriptors not
+    closed, and which ones in ``info``) and the master's RSS against its baseline."""
+    deadline = time.monotonic() + reap_timeout
+    while (live_children(pids) or new_fds(fds_before)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the library's reaper and closing threads run on their own schedule
+    unreaped, fds = len(live_children(pids)), new_fds(fds_before)
+    rec.value("scale.left_behind", "count", unreaped + len(fds))
+    rec.value("scale.master_residual", "B", rss() - rss_before)
+    rec.info["scale_unreaped"] = unreaped
+    if fds:
+        rec.info["scale_open_fds"] = fds
 
 
 def raise_nofile(needed: int) -> int:

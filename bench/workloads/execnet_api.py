@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List
 
@@ -291,7 +290,7 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
         first = _start_and_call(group)
         common.check_memory_for(children, first.call("getpid"))
         with common.warm_pool(workers, lambda: None) as pool:
-            rss_before, fds_before = _master_rss(), common.open_fds()
+            rss_before, fds_before = _master_rss(), common.fd_table()
             many = execnet.Group()
             elapsed, kids = measure(lambda: list(pool.map(lambda _: _start_and_call(many),
                                                           range(children))))
@@ -304,22 +303,10 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
             rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
             del kids
             rec.samples("scale.shutdown", "s", [timed(many.terminate, None)])
-            _record_scale_leftovers(rec, pids, fds_before, rss_before, reap_timeout)
+            common.record_leftovers(rec, pids, fds_before, rss_before, reap_timeout,
+                                    _master_rss)
 
     _with_group(body)
-
-
-def _record_scale_leftovers(rec: Recorder, pids: List[int], fds_before: int, rss_before: int,
-                            reap_timeout: float) -> None:
-    """As ``mitogen_api._record_scale_leftovers``."""
-    deadline = time.monotonic() + reap_timeout
-    while (common.live_children(pids) or common.open_fds() > fds_before) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)  # threads of the group may still be closing their pipes
-    unreaped = len(common.live_children(pids))
-    rec.value("scale.left_behind", "count", unreaped + max(0, common.open_fds() - fds_before))
-    rec.value("scale.master_residual", "B", _master_rss() - rss_before)
-    rec.info["scale_unreaped"] = unreaped
 
 
 def ssh_spec(params: Dict[str, Any]) -> str:

@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List
@@ -383,7 +382,7 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
         common.check_memory_for(children, first.call(os.getpid))
         with common.warm_pool(workers, _getpid_of(first)) as pool:
             gc.collect()
-            rss_before, fds_before = read_rss_bytes(os.getpid()), common.open_fds()
+            rss_before, fds_before = read_rss_bytes(os.getpid()), common.fd_table()
 
             def one(_: int) -> Any:
                 return _start_and_call(router, connect_timeout=connect_timeout)
@@ -399,27 +398,13 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
             rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
             rec.samples("scale.shutdown", "s", [timed(_shutdown_all, ctxs, connect_timeout)])
             del ctxs
-            _record_scale_leftovers(rec, pids, fds_before, rss_before, reap_timeout)
+            common.record_leftovers(rec, pids, fds_before, rss_before, reap_timeout,
+                                    _master_rss)
 
     _with_router(body)
 
 
-def _record_scale_leftovers(rec: Recorder, pids: List[int], fds_before: int, rss_before: int,
-                            reap_timeout: float) -> None:
-    """Wait (bounded) for the library to reap the children and close their descriptors, then
-    record what it left behind and the master's RSS against its baseline."""
-    deadline = time.monotonic() + reap_timeout
-    while (common.live_children(pids) or common.open_fds() > fds_before) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)  # the library's reaper runs on its own schedule
-    unreaped = len(common.live_children(pids))
-    rec.value("scale.left_behind", "count", unreaped + max(0, common.open_fds() - fds_before))
-    gc.collect()
-    rec.value("scale.master_residual", "B", read_rss_bytes(os.getpid()) - rss_before)
-    rec.info["scale_unreaped"] = unreaped
-
-
-#: Keep ssh away#: Keep ssh away from the invoking user's own ssh setup: no ~/.ssh/config, and no
+#: Keep ssh away from the invoking user's own ssh setup: no ~/.ssh/config, and no
 #: known_hosts read or written (check_host_keys='ignore' says the same; this makes it so
 #: whatever a library does with that).
 SSH_ISOLATION = ["-F", "/dev/null", "-o", "UserKnownHostsFile=/dev/null",
