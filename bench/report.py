@@ -189,6 +189,9 @@ FAMILIES: Tuple[Family, ...] = (
            lambda k: "master RSS growth left once they have all disconnected (in all)"),
     Family("Memory", ("memory.master_leak_per_child",),
            lambda k: "left per child by a second cycle of as many (connect, disconnect)"),
+    Family("Memory", ("memory.master_objects_kept_per_child",),
+           lambda k: "Python objects kept per child by a further cycle, once its children are "
+                     "reaped (tracemalloc; RSS above also holds allocator reserves)"),
     Family("1,000 children", ("scale.start",),
            lambda k: "1,000 children in one master (20 with --quick) started from 32 threads, "
                      "one call each (wall)"),
@@ -290,7 +293,11 @@ METHODS = """\
 - Memory: VmRSS from /proc of a child right after its first call; the master's growth over 64
   more children started one by one after a first one (so one-time costs are not charged to
   them), after `gc.collect()`; what is left of it once those 64 have disconnected; and what a
-  second cycle of 64 (connect, disconnect) leaves on top of that, per child.
+  second cycle of 64 (connect, disconnect) leaves on top of that, per child. RSS counts what
+  the allocators keep for reuse (glibc's free chunks, CPython's free pool blocks) and one-time
+  costs a first cycle pays (a thread's read buffer, tables grown to 64 entries); the objects
+  kept are the growth of tracemalloc's live total across one more cycle, measured between the
+  ends of two traced cycles once each's children are reaped, after every RSS figure.
 - 1,000 children: started from 32 threads (created, and each having made a call, before the
   baseline RSS), one call each, then all asked to shut down at once (execnet:
   `Group.terminate()`). Left behind: child processes still there (running or zombie) and

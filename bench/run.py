@@ -267,7 +267,7 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
              {"children": 10, "calls": 1000, "repeat": pick(5, 2)}, 120),
         Step("remote_import", "remote_import", mitogen_like, pick(5, 1), {}, 90),
         Step("bootstrap", "bootstrap", everyone, 1, {}, 60),
-        Step("memory", "memory", everyone, pick(3, 1), {"children": pick(64, 8)}, 300),
+        Step("memory", "memory", everyone, pick(3, 1), {"children": pick(64, 8)}, 600),
         # 1,000 children in one master; the workload refuses (recorded as a skip, with the
         # reason) where their memory would not fit in half of what the machine has free.
         Step("scale", "scale", everyone, 1,

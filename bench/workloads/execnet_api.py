@@ -270,6 +270,15 @@ def memory(params: Dict[str, Any], rec: Recorder) -> None:
         rec.value("memory.master_leak_per_child", "B",
                   (_master_rss() - after_first) / children)
 
+        def traced(pids: Any) -> None:
+            third = execnet.Group()
+            for i in range(children):
+                pids[i] = _start_and_call(third).call("getpid")
+            third.terminate(timeout=60.0)
+
+        rec.value("memory.master_objects_kept_per_child", "B",
+                  common.bytes_kept_per_cycle(traced, children) / children)
+
     _with_group(body)
 
 

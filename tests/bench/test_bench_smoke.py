@@ -503,11 +503,43 @@ def test_tail_fanout_memory_and_scale_workloads_measure_ours(tmp_path):
     assert 0 < fan["fanout_via_cpu.2"]["samples"][0] < 60
     memory = _workload("mitogen_api.py", "memory", {"children": 2}, tmp_path)
     assert set(memory) == {"memory.child_rss", "memory.master_per_child",
-                           "memory.master_residual", "memory.master_leak_per_child"}
+                           "memory.master_residual", "memory.master_leak_per_child",
+                           "memory.master_objects_kept_per_child"}
     assert len(memory["memory.child_rss"]["samples"]) == 3
     scale = _workload("mitogen_api.py", "scale", {"children": 3, "workers": 2}, tmp_path)
     assert scale["scale.left_behind"]["samples"] == [0]  # every child reaped, every fd closed
     assert scale["scale.master_rss"]["samples"][0] > scale["scale.master_per_child"]["samples"][0]
+
+
+def test_bytes_kept_per_cycle_counts_what_a_cycle_keeps_and_not_what_it_replaces():
+    kept: list = []
+    replaced = [bytearray(64 * 1024)]
+
+    def keeps_1000_bytes_per_child(pids) -> None:
+        kept.extend(bytes(1000) for _ in pids)
+        replaced[0] = bytearray(64 * 1024)  # a same-size buffer rebuilt: not a leak
+
+    def keeps_nothing(pids) -> None:
+        replaced[0] = bytearray(64 * 1024)
+        ephemeral = [bytes(1000) for _ in pids]
+        del ephemeral
+
+    per_child = common.bytes_kept_per_cycle(keeps_1000_bytes_per_child, 50) / 50
+    assert 1000 <= per_child < 1200  # the bytes objects, and the list's growth
+    assert abs(common.bytes_kept_per_cycle(keeps_nothing, 50)) < 1000
+
+
+def test_record_leftovers_names_the_descriptors_left_open():
+    rec = common.Recorder()
+    before = common.fd_table()
+    left_open = os.pipe()
+    try:
+        common.record_leftovers(rec, [], before, 0, reap_timeout=0.2, rss=lambda: 0)
+    finally:
+        for fd in left_open:
+            os.close(fd)
+    assert rec.metrics["scale.left_behind"]["samples"] == [2]
+    assert rec.info["scale_open_fds"] == ["pipe:", "pipe:"]
 
 
 def test_a_workload_that_cannot_run_here_is_recorded_as_skipped(tmp_path):
