@@ -22,7 +22,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import common
 from common import Recorder, measure, read_rss_bytes, timed
@@ -40,23 +40,24 @@ def _load() -> str:
     return ".".join(str(part) for part in mitogen.__version__)
 
 
-def _with_router(body: Any) -> None:
+def _with_router(body: Any, max_message_size: Optional[int] = None) -> None:
     """Run ``body(router)`` with a fresh router that is always shut down afterwards.
 
     Through ``mitogen.utils.run_with_router`` where it exists; otherwise (a partial
-    implementation) with the same Broker/Router steps spelled out, so the core can be measured
-    before its utilities exist.
+    implementation), or when the router must accept messages larger than its default
+    ``max_message_size`` (which its children inherit), with the same Broker/Router steps
+    spelled out.
     """
     try:
         utils = importlib.import_module("mitogen.utils")
     except ImportError:
         utils = None
-    if utils is not None:
+    if utils is not None and max_message_size is None:
         utils.run_with_router(body)
         return
     broker = mitogen.master.Broker()
     try:
-        body(mitogen.master.Router(broker))
+        body(mitogen.master.Router(broker, max_message_size=max_message_size))
     finally:
         broker.shutdown()
         broker.join()
@@ -177,7 +178,10 @@ def tail(params: Dict[str, Any], rec: Recorder) -> None:
         for name, values in samples.items():
             rec.samples(f"tail.{name}", "s", values, big_bytes=len(payload))
 
-    _with_router(body)
+    # Both libraries refuse messages above 128 MiB by default: room for the argument as each
+    # pickles it (Mitogen's protocol 2 turns bytes into latin-1 text, up to twice the size),
+    # on both sides (children inherit the limit).
+    _with_router(body, max_message_size=max(128 << 20, 2 * big + (16 << 20)))
 
 
 def _getpid_of(ctx: Any) -> Any:
