@@ -190,6 +190,10 @@ def run_job(python: Path, script: Path, workload: str, params: Dict[str, Any],
         timed_out = True
         _kill_group(proc.pid)
         out, err = proc.communicate()
+    except BaseException:  # the harness interrupted (Ctrl-C, SIGTERM): take the job with it
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
     _kill_group(proc.pid)
     wall = time.monotonic() - start
     result = _parse_result(out.decode(errors="replace"))
@@ -447,6 +451,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_job, which kills the running job
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -548,4 +556,5 @@ def _say(text: str) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

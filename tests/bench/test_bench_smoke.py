@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import pwd
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,38 @@ def test_run_job_kills_the_whole_group_on_timeout(tmp_path):
     assert "timed out after 5 s" in rec["error"]
     grandchild = int(pid_file.read_text())
     assert _gone_or_zombie(grandchild)
+
+
+def test_an_interrupted_harness_kills_the_running_job_and_its_children(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r} + '.tmp', 'w').write(str(child.pid))\n"
+        f"__import__('os').rename({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\n"
+        "time.sleep(120)\n")
+    harness = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, sys\n"
+         "from pathlib import Path\n"
+         "from bench import run\n"
+         "signal.signal(signal.SIGTERM, run._exit_on_sigterm)\n"
+         f"run.run_job(Path(sys.executable), Path({str(script)!r}), 'any', {{}}, timeout=120,"
+         f" cwd=Path({str(tmp_path)!r}))\n"],
+        cwd=Path(run.__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and harness.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polls for the job's grandchild to exist
+        assert pid_file.exists(), "the job never started its child"
+        harness.send_signal(signal.SIGTERM)
+        assert harness.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+    assert _gone_or_zombie(int(pid_file.read_text()))
 
 
 def _gone_or_zombie(pid: int) -> bool:
