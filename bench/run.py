@@ -446,8 +446,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None,
                         help="where RESULTS.md goes (default: bench/RESULTS.md for a complete "
                              "run, else next to run.json)")
-    parser.add_argument("--budget", type=float, default=5400.0,
-                        help="seconds after which remaining jobs are skipped (default 5400)")
+    parser.add_argument("--budget", type=float, default=7200.0,
+                        help="seconds after which remaining jobs are skipped (default 7200)")
     return parser.parse_args(argv)
 
 
