@@ -53,6 +53,7 @@ __all__ = [
     "ssh_client_args",
     "timed",
     "under_load",
+    "wait_reaped",
     "warm_pool",
 ]
 
@@ -242,17 +243,27 @@ def new_fds(before: Mapping[int, str]) -> List[str]:
                   if before.get(fd) != target)
 
 
+def wait_reaped(pids: Sequence[int], deadline: float) -> None:
+    """Wait until none of ``pids`` is this process's child any more (reaped by the library),
+    or until ``deadline`` (``time.monotonic()``)."""
+    while live_children(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the library's reaper runs on its own schedule
+
+
 def record_leftovers(rec: Recorder, pids: Sequence[int], fds_before: Mapping[int, str],
-                     rss_before: int, reap_timeout: float, rss: Callable[[], int]) -> None:
-    """Wait (bounded) for the library to reap the children and close their descriptors, then
-    record what it left behind (``scale.left_behind``: children not reaped + descriptors not
-    closed, and which ones in ``info``) and the master's RSS against its baseline."""
-    deadline = time.monotonic() + reap_timeout
-    while (live_children(pids) or new_fds(fds_before)) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the library's reaper and closing threads run on their own schedule
+                     deadline: float) -> None:
+    """Record what the library left behind (``scale.left_behind``: children not reaped and
+    descriptors not closed, which ones in ``info``), waiting for them until ``deadline``.
+
+    Call it once the threads the workload started have exited: a library may keep a
+    descriptor per thread for the thread's life (ours: the socketpair a thread sleeps on,
+    made the first time it has to wait), which is the thread's, not the children's.
+    """
+    wait_reaped(pids, deadline)
+    while new_fds(fds_before) and time.monotonic() < deadline:
+        time.sleep(0.05)  # closing threads of the library may still be finishing
     unreaped, fds = len(live_children(pids)), new_fds(fds_before)
     rec.value("scale.left_behind", "count", unreaped + len(fds))
-    rec.value("scale.master_residual", "B", rss() - rss_before)
     rec.info["scale_unreaped"] = unreaped
     if fds:
         rec.info["scale_open_fds"] = fds

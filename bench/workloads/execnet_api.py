@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List
 
@@ -312,8 +313,10 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
             rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
             del kids
             rec.samples("scale.shutdown", "s", [timed(many.terminate, None)])
-            common.record_leftovers(rec, pids, fds_before, rss_before, reap_timeout,
-                                    _master_rss)
+            deadline = time.monotonic() + reap_timeout
+            common.wait_reaped(pids, deadline)
+            rec.value("scale.master_residual", "B", _master_rss() - rss_before)
+        common.record_leftovers(rec, pids, fds_before, deadline)
 
     _with_group(body)
 

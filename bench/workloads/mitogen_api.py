@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -385,7 +386,8 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
     counted). The starting threads exist before the master's baseline RSS is taken and until
     the last RSS is read, so that their stacks are not charged to the children. Clean means:
     every child process gone and reaped by the library within ``reap_timeout`` seconds of
-    the last disconnect, and the master's descriptors back to their count before.
+    the last disconnect, and, once the starting threads have exited too, no descriptor open
+    that was not before (a thread's own descriptors are the thread's).
     """
     children, workers = int(params.get("children", 1000)), int(params.get("workers", 32))
     reap_timeout = float(params.get("reap_timeout", 30.0))
@@ -413,8 +415,10 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
             rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
             rec.samples("scale.shutdown", "s", [timed(_shutdown_all, ctxs, connect_timeout)])
             del ctxs
-            common.record_leftovers(rec, pids, fds_before, rss_before, reap_timeout,
-                                    _master_rss)
+            deadline = time.monotonic() + reap_timeout
+            common.wait_reaped(pids, deadline)
+            rec.value("scale.master_residual", "B", _master_rss() - rss_before)
+        common.record_leftovers(rec, pids, fds_before, deadline)
 
     _with_router(body)
 
