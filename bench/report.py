@@ -403,6 +403,13 @@ class Table:
             found.append(rec)
         return found
 
+    def produced(self, impl: str, key: str) -> bool:
+        """Whether this run should have given ``key`` for ``impl``: a job of its workload failed,
+        or one gave that very metric. False when every job of the workload succeeded without it
+        (the plan asked for other sizes) or there was no such job."""
+        return any(not rec.get("ok") or key in rec.get("metrics", {})
+                   for rec in self._attempts(impl, key))
+
     def attempted(self, impl: str, key: str) -> bool:
         """Whether this run had a job that should have measured ``key`` (it may have failed);
         False for a figure its plan (``--quick``, ``--only``) left out."""
@@ -528,8 +535,13 @@ def _kept_table(table: Table, baseline: Optional[Dict[str, Any]]) -> List[str]:
         then = f"{_sig(kept.baseline)}x" if kept.baseline is not None else "—"
         now = f"{_sig(kept.now)}x" if kept.now is not None else \
             f"{table.cell('ours', kept.key)} / {table.cell(kept.peer, kept.key)}"
+        status = kept.status()
+        if kept.now is None and not (table.produced("ours", kept.key) or
+                                     table.produced(kept.peer, kept.key)):
+            status = "not in this run"  # the plan measured other sizes (--quick) or no such step
+            now = "—"
         lines.append(f"| {_label_of(kept.key)} | {table.names[kept.peer]} | {then} | {now} | "
-                     f"{kept.status()} |")
+                     f"{status} |")
     return lines
 
 

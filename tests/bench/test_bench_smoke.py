@@ -504,6 +504,17 @@ def test_kept_ratios_are_compared_with_the_saved_baseline(tmp_path):
         "Mitogen 0.3.54", "0.857x", "0.857x", "met: within 5 %"]
     assert "| Remote import: first call into a 30-module package, static imports | " \
            "execnet" not in text  # no counterpart: no row
+    # A --quick run measures other sizes: the kept row says so; a failed job stays "no data".
+    quick = _synthetic_run()
+    for rec in quick["records"]:
+        if rec["workload"] == "throughput":
+            rec["metrics"] = {"throughput.8x1MiB": rec["metrics"]["throughput.64x1MiB"]}
+        if rec["workload"] == "cold_start" and rec["impl"] == "mitogen":
+            rec.update(ok=False, error="boom", metrics={})
+    quick_text = report.render_results(quick, baseline=baseline)
+    assert _row(quick_text, "Throughput: 64 x 1 MiB", section)[1:] == [
+        "Mitogen 0.3.54", "10.0x", "—", "not in this run"]
+    assert _row(quick_text, "Cold start: first child", section)[-1] == "no data"
     with pytest.raises(ValueError, match="not a bench baseline"):
         bad = tmp_path / "bad.json"
         bad.write_text("{}")
