@@ -159,8 +159,17 @@ class Verdict:
         return None if self.reference is None else self.goal.factor * self.reference
 
     @property
+    def below_noise(self) -> bool:
+        """A figure that cannot be negative came out so: a difference of two medians (a hop's
+        increment, an overhead over a bare login) that the run's noise outweighs."""
+        negative_ours = self.ours is not None and self.ours < 0
+        nonpositive_reference = self.goal.reference.impl != "fixed" and \
+            self.reference is not None and self.reference <= 0
+        return negative_ours or nonpositive_reference
+
+    @property
     def met(self) -> Optional[bool]:
-        if self.ours is None or self.bound is None:
+        if self.ours is None or self.bound is None or self.below_noise:
             return None
         return self.ours <= self.bound
 
@@ -171,13 +180,15 @@ class Verdict:
 
     @property
     def ratio(self) -> Optional[float]:
-        if self.ours is None or not self.reference:
+        if self.ours is None or not self.reference or self.below_noise:
             return None
         return self.ours / self.reference
 
     def status(self) -> str:
         """``met``, ``NOT met`` (saying which limit of the run puts it out of reach, if one
-        does), or ``no data``."""
+        does), ``no data``, or ``not judged`` (a figure below the run's noise)."""
+        if self.below_noise:
+            return "not judged: a difference of medians came out <= 0 (noise above the effect)"
         if self.met is None:
             return "no data"
         if self.met:

@@ -725,7 +725,7 @@ def _plot_targets(ax: Any, table: Table) -> bool:
     rows = []
     for goal in goals.GOALS:
         verdict = goals.evaluate(goal, table.stats, table.meta)
-        if verdict.ours is not None and verdict.bound:
+        if verdict.ours is not None and verdict.bound and not verdict.below_noise:
             floor = verdict.floor / verdict.bound if verdict.floor is not None else None
             rows.append((goal.label, verdict.ours / verdict.bound, bool(verdict.met), floor))
     if not rows:

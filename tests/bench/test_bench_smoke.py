@@ -478,6 +478,21 @@ def test_goals_judge_each_target_against_the_same_run():
     assert _row(text, "p99 under load over idle p99", "Tail under load")[1] == "10.0x"
 
 
+def test_a_difference_below_the_runs_noise_is_not_judged():
+    by_key = {(g.key, g.reference.impl): g for g in goals.GOALS}
+    # Libraries' connects faster than the bare login: overheads of -112 and -227 ms.
+    ssh = goals.Verdict(by_key[("ssh_overhead.connect", "mitogen")], "s", -0.112, -0.227,
+                        None, ())
+    hop = goals.Verdict(by_key[("multihop_added.4", "machine")], "s", -146e-6, 14e-6,
+                        None, ())
+    for verdict in (ssh, hop):
+        assert verdict.met is None and verdict.ratio is None
+        assert verdict.status().startswith("not judged")
+    # A fixed bound of 0 is a bound, not noise.
+    clean = goals.Verdict(by_key[("scale.left_behind", "fixed")], "count", 0, 0, None, ())
+    assert clean.status() == "met"
+
+
 def test_kept_ratios_are_compared_with_the_saved_baseline(tmp_path):
     then = _synthetic_run()
     path = goals.save_baseline(then, report.Table(then).stats, tmp_path / "baseline.json")
