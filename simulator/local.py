@@ -76,7 +76,7 @@ from simulator.relay import RelayControl, RelayControlError
 from simulator.timeline import Timeline
 from simulator.topology import Host, Topology
 
-__all__ = ["RELAY_PATH", "LocalBackend", "sweep_stale_dirs"]
+__all__ = ["RELAY_PATH", "LocalBackend", "interpreters", "sweep_stale_dirs"]
 
 RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
 #: Seconds a relay keeps a link open after its parent side closed; also how long a paused
@@ -167,8 +167,12 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, timeline: Optional[Timeline] = None, keepalive: bool = True,
-                 router: Optional[mitogen.master.Router] = None) -> None:
+                 router: Optional[mitogen.master.Router] = None,
+                 on_start: Optional[Callable[[str], None]] = None) -> None:
         self.timeline = timeline or Timeline()
+        #: Called with a host's id each time it (re)starts, once its contexts answer and
+        #: before anything else sees them (the fault campaign installs its probes there).
+        self.on_start = on_start
         self.keepalive = keepalive
         self._router = router
         self._own_router = router is None
@@ -339,6 +343,8 @@ class LocalBackend(Backend):
                              accounts={k: v[0].context_id for k, v in accounts.items()})
         self.timeline.record("route", action="add", host=host.id,
                              context_id=context.context_id)
+        if self.on_start is not None:
+            self.on_start(host.id)
         return state
 
     def _watch(self, host_id: str, context: mitogen.core.Context,
@@ -658,6 +664,18 @@ class _KeepaliveMonitor(threading.Thread):
             parent_fine = parent is None or silent.get(parent, 0.0) < bound
             if quiet >= bound and parent_fine and state.alive:
                 self.backend.give_up_link(state.host.id, quiet)
+
+
+#: The interpreter names a topology may ask the local backend for.
+KNOWN_PYTHONS = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13",
+                 "python3.14")
+
+
+def interpreters() -> Tuple[str, ...]:
+    """The interpreters a local host can really run here (others fall back to the runner's):
+    its own version always, the others where this machine has them (on PATH, or pyenv's)."""
+    mine = "python%d.%d" % sys.version_info[:2]
+    return tuple(name for name in KNOWN_PYTHONS if name == mine or _find_python(name))
 
 
 def _find_python(name: str) -> Optional[str]:
