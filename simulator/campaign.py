@@ -57,6 +57,7 @@ __all__ = [
     "Finding",
     "RunPlan",
     "RunResult",
+    "command",
     "execute",
     "load_replay",
     "plan_run",
@@ -528,3 +529,65 @@ def settings_from(options: Mapping[str, Any], **fields: Any) -> CampaignSettings
     """Settings from a replay file's ``settings`` plus explicit fields."""
     known = {f.name for f in dataclasses.fields(CampaignSettings)}
     return CampaignSettings(**{**{k: v for k, v in options.items() if k in known}, **fields})
+
+
+# --------------------------------------------------------------------------------------------
+# python -m simulator campaign
+# --------------------------------------------------------------------------------------------
+
+
+def command(args: Any) -> int:
+    """``python -m simulator campaign``: run, print one line per run and every finding;
+    exit status 1 when a run broke an invariant."""
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        settings, topology, plans = _command_plans(args)
+    except (CampaignError, ValueError, OSError) as exc:
+        raise SystemExit(f"simulator campaign: {exc}") from None
+    shape = "random trees" if settings.shape is not None else f"the tree of {topology.name}"
+    say(f"campaign: seed {settings.seed}, {len(plans)} run(s) on {shape} (local backend), "
+        f"faults {', '.join(settings.kinds)}; writing under {settings.out_dir}")
+    failed = 0
+    for plan, directory in plans:
+        try:
+            _result, finding = run_and_report(plan, settings, progress=say,
+                                              directory=directory)
+        except CampaignError as exc:
+            say(f"{plan.label}: {exc}")
+            failed += 1
+            continue
+        if finding is not None:
+            say(finding.text())
+            failed += 1
+    say(f"campaign: {len(plans)} run(s), {failed} with violations or errors")
+    return 1 if failed else 0
+
+
+def _command_plans(args: Any) -> Tuple[CampaignSettings, Any, List[Tuple[RunPlan, Optional[str]]]]:
+    from simulator.local import interpreters
+
+    if args.replay:
+        plan, options = load_replay(args.replay)
+        settings = settings_from(options, seed=plan.seed, shrink_runs=args.shrink,
+                                 out_dir=args.out)
+        directory = os.path.join(os.path.dirname(os.path.abspath(args.replay)), "replay")
+        return settings, plan.topology, [(plan, directory)]
+    topology = load_topology(args.file) if args.file else None
+    random_shapes = (args.shape or ("file" if args.file else "random")) == "random"
+    if not random_shapes and topology is None:
+        raise CampaignError("--shape file needs a topology FILE")
+    low, _, high = args.faults.partition("-")
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else CAMPAIGN_KINDS
+    missing = sorted(set(kinds) - set(supported_kinds(kinds)))
+    if missing:
+        raise CampaignError(f"--kinds: the local backend cannot apply {', '.join(missing)}")
+    seed = args.seed if args.seed is not None else (topology.seed if topology else None) or 0
+    settings = CampaignSettings(
+        seed=seed, runs=args.runs, kinds=kinds, faults=(int(low), int(high or low)),
+        horizon=args.horizon, shrink_runs=args.shrink, out_dir=args.out,
+        shape=TreeShape(pythons=interpreters(), max_hosts=args.max_hosts)
+        if random_shapes else None)
+    runs = args.only or range(1, settings.runs + 1)
+    return settings, topology, [(plan_run(settings, run, topology), None) for run in runs]

@@ -70,6 +70,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="base directory of the run reports, written to "
                          "DIR/<topology>/<backend>/<run>/ (default: .sim/report under the "
                          "root directory)")
+    group.addoption("--topology-campaign", metavar="N", type=int, default=None,
+                    help="run a fault campaign instead of the tests: N runs of generated, "
+                         "overlapping fault schedules over the tree under load, each checked "
+                         "(seeded by --topology-seed; local backend)")
+    group.addoption("--topology-campaign-shape", choices=("file", "random"), default="file",
+                    help="the campaign's trees: the --topology file's (default), or a random "
+                         "tree per run (depth 1-5, fan-out 1-8, mixed interpreters)")
+    group.addoption("--topology-campaign-shrink", metavar="N", type=int, default=6,
+                    help="at most N more runs to shrink a failing schedule (default 6)")
+    group.addoption("--topology-campaign-replay", metavar="SCHEDULE", default=None,
+                    help="run again the campaign run recorded in SCHEDULE (the schedule.json "
+                         "of a finding)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -81,6 +93,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "docker: needs a running Docker engine (every test of the tree on "
                    "--topology-backend=docker)")
     path = config.getoption("topology", None)
+    if _campaign_wanted(config) and config.getoption("topology_backend") != "local":
+        raise pytest.UsageError("--topology-campaign: campaigns run on the local backend "
+                                "only (for now); drop --topology-backend")
     if not path:
         return
     from simulator.preflight import refusals
@@ -96,8 +111,23 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_TOPOLOGY_KEY] = topology
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """On the docker backend every test of the tree needs Docker: mark it so."""
+def _campaign_wanted(config: pytest.Config) -> bool:
+    return bool(config.getoption("topology_campaign", None)
+                or config.getoption("topology_campaign_replay", None))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: List[pytest.Item]) -> None:
+    """A campaign replaces the collected tests (before ``-k`` and ``-m`` select); on the
+    docker backend every test of the tree needs Docker: mark it so."""
+    if _campaign_wanted(config):
+        from simulator.pytest_campaign import make_items
+
+        if items:
+            config.hook.pytest_deselected(items=list(items))
+        items[:] = make_items(session, _topology_of(config))
+        return
     if _topology_of(config) is None or config.getoption("topology_backend") != "docker":
         return
     for item in items:
@@ -128,6 +158,10 @@ def pytest_report_header(config: pytest.Config) -> List[str]:
     from simulator.faults import describe_seeds
 
     topology = _topology_of(config)
+    if _campaign_wanted(config):
+        from simulator.pytest_campaign import header
+
+        return header(config, topology)
     if topology is None:
         return []
     accounts = sum(len(h.accounts) - 1 for h in topology.hosts)
@@ -396,7 +430,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     return report
 
 
+def _campaign_lines(terminalreporter: Any) -> List[str]:
+    """Each campaign run's one-line summary (it travels from xdist workers with its report)."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                lines += [value for key, value in getattr(report, "user_properties", ())
+                          if key == "campaign"]
+    return sorted(lines)
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    campaign = _campaign_lines(terminalreporter)
+    if campaign:
+        terminalreporter.write_sep("-", "fault campaign")
+        for line in campaign:
+            terminalreporter.write_line(line)
     simulation = config.stash.get(_SIM_KEY, None)
     if simulation is None:
         return
