@@ -23,10 +23,14 @@ takes), the history (JSONL) and the timeline picture with the violations marked
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -60,6 +64,8 @@ __all__ = [
     "command",
     "execute",
     "load_replay",
+    "picture",
+    "picture_events",
     "plan_run",
     "run_and_report",
     "shrink",
@@ -93,6 +99,7 @@ class CampaignSettings:
     out_dir: str = os.path.join(".sim", "campaign")
     workers: int = 4
     pace: float = 0.05
+    hold: Tuple[float, float] = (0.2, 1.5)
     immediate: float = 2.0
     healthy: float = 10.0
     shutdown: float = 5.0
@@ -105,7 +112,8 @@ class CampaignSettings:
 
     def workload_options(self) -> Dict[str, Any]:
         """The settings a replay needs to run the same load (shape and seed travel apart)."""
-        return {"workers": self.workers, "pace": self.pace, "horizon": self.horizon,
+        return {"workers": self.workers, "pace": self.pace, "hold": list(self.hold),
+                "horizon": self.horizon,
                 "immediate": self.immediate, "healthy": self.healthy,
                 "shutdown": self.shutdown}
 
@@ -206,7 +214,8 @@ def execute(plan: RunPlan, settings: CampaignSettings, directory: str,
     token = uuid.uuid4().hex
     workload = Workload(None, plan.topology, history, f"campaign:{plan.seed}:{plan.run}:load",
                         wait=bounds.healthy + bounds.silent + longest_grace + 2.0,
-                        workers=settings.workers, pace=settings.pace, hooks=hooks)
+                        workers=settings.workers, pace=settings.pace,
+                        hold=settings.hold, hooks=hooks)
     backend = LocalBackend(timeline, on_start=workload.on_start)
     workload.backend = backend
     history.record("campaign", action="begin", seed=plan.seed, run=plan.run,
@@ -223,7 +232,7 @@ def execute(plan: RunPlan, settings: CampaignSettings, directory: str,
             raise CampaignError(f"{plan.label}: the tree did not come up: {exc}") from exc
         workload.start()
         injector, applied = _play(backend, history, plan.steps, settings.horizon)
-        _final_heal(injector, history, applied, plan.steps)
+        _final_heal(backend, injector, history, applied, plan.steps)
         workload.stop()
         workload.final_sweep()
         workload.collect()
@@ -251,17 +260,19 @@ def _fault_fields(fid: int, step: PlannedFault) -> Dict[str, Any]:
 
 def _play(backend: Any, history: History, steps: Sequence[PlannedFault], horizon: float
           ) -> Tuple[FaultInjector, Dict[int, AppliedFault]]:
-    """Apply and heal every step on time (as far as a backend call that takes a while, a
-    restart, lets it), and keep the load going until ``horizon`` at least, whatever the
-    schedule (a shrunk schedule must not shorten the run); a step that cannot be applied
-    or healed now is recorded and left to the final heal."""
+    """Apply every step on time and heal it ``duration`` seconds after it was applied (a
+    backend call that takes a while, a restart, delays what follows, never shortens a
+    fault); keep the load going until ``horizon`` at least, whatever the schedule (a shrunk
+    schedule must not shorten the run). A step that cannot be applied or healed now is
+    recorded and left to the final heal."""
     injector = FaultInjector(backend)
-    actions = sorted([(s.start, 1, fid, "apply") for fid, s in enumerate(steps)]
-                     + [(s.end, 0, fid, "heal") for fid, s in enumerate(steps)]
-                     + [(horizon, 2, -1, "end")])
+    actions = [(s.start, 1, fid, "apply") for fid, s in enumerate(steps)]
+    actions.append((horizon, 2, -1, "end"))
+    heapq.heapify(actions)
     applied: Dict[int, AppliedFault] = {}
     began = time.monotonic()
-    for when, _order, fid, action in actions:
+    while actions:
+        when, _order, fid, action = heapq.heappop(actions)
         delay = began + when - time.monotonic()
         if delay > 0:
             time.sleep(delay)  # the schedule's own clock, not a wait for something to happen
@@ -276,7 +287,9 @@ def _play(backend: Any, history: History, steps: Sequence[PlannedFault], horizon
                 history.record("fault", action="apply_failed", error=_text(exc), **fields)
             else:
                 history.record("fault", action="apply", **fields)
-        elif fid in applied:
+                heapq.heappush(actions, (time.monotonic() - began + steps[fid].duration, 0,
+                                         fid, "heal"))
+        else:
             try:
                 injector.heal(applied[fid])
             except Exception as exc:
@@ -287,10 +300,11 @@ def _play(backend: Any, history: History, steps: Sequence[PlannedFault], horizon
     return injector, applied
 
 
-def _final_heal(injector: FaultInjector, history: History, applied: Dict[int, AppliedFault],
-                steps: Sequence[PlannedFault]) -> None:
-    """Heal what is still applied, newest first, then let the backend restore everything
-    (restart hosts that are down); a fault counts as healed once either worked."""
+def _final_heal(backend: Any, injector: FaultInjector, history: History,
+                applied: Dict[int, AppliedFault], steps: Sequence[PlannedFault]) -> None:
+    """Heal what is still applied, newest first, then have the backend restore everything
+    (start every host that is down); a fault whose own heal failed (its host's parent was
+    down, say) counts as healed once that worked."""
     for fid in sorted(applied, reverse=True):
         fields = _fault_fields(fid, steps[fid])
         try:
@@ -301,7 +315,7 @@ def _final_heal(injector: FaultInjector, history: History, applied: Dict[int, Ap
             del applied[fid]
             history.record("fault", action="heal", **fields)
     try:
-        injector.heal_all()
+        backend.heal_all()
     except Exception as exc:
         history.record("fault", action="heal_all_failed", error=_text(exc), fid=None)
         return
@@ -378,12 +392,16 @@ def shrink(first: RunResult, settings: CampaignSettings,
     simply not taken; the one reported did fail, and its history shows how."""
     wanted = {v.invariant for v in first.violations}
     best, tried = first, 0
+    seen = {_schedule_key(first.plan.steps)}
     improved = True
     while improved and tried < settings.shrink_runs:
         improved = False
         for candidate in _smaller(best.plan.steps):
             if tried >= settings.shrink_runs:
                 break
+            if _schedule_key(candidate) in seen:
+                continue
+            seen.add(_schedule_key(candidate))
             tried += 1
             directory = os.path.join(first.directory, f"shrink-{tried}")
             result = execute(best.plan.with_steps(candidate), settings, directory, hooks)
@@ -395,6 +413,10 @@ def shrink(first: RunResult, settings: CampaignSettings,
                 break
             shutil.rmtree(directory, ignore_errors=True)
     return best, tried
+
+
+def _schedule_key(steps: Sequence[PlannedFault]) -> str:
+    return json.dumps([step.as_dict() for step in steps], sort_keys=True)
 
 
 @dataclasses.dataclass
@@ -464,10 +486,41 @@ def _replay_document(result: RunResult, settings: CampaignSettings) -> Dict[str,
 
 
 def picture(result: RunResult, path: str) -> None:
-    """The run's timeline (faults, contexts started and lost, DEL_ROUTE per hop, failed ops)
-    with its violations marked."""
-    from simulator.report import RunInfo, plot_timeline
+    """Draw the run's timeline (:func:`picture_events`) into ``path``, in a process of its own:
+    matplotlib keeps its font files open for as long as the process that drew lives."""
+    import simulator
 
+    data = {"events": picture_events(result), "topology": result.plan.topology_text,
+            "source": result.plan.topology.source,
+            "seeds": f"{result.plan.seed}, run {result.plan.run} (fault campaign)"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as stream:
+        json.dump(data, stream, default=str)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(simulator.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-c", _DRAW, stream.name, path], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        os.unlink(stream.name)
+    if done.returncode != 0:
+        raise CampaignError(f"could not draw {path}: {done.stderr.strip()[-2000:]}")
+
+
+_DRAW = """
+import json, sys, yaml
+from simulator.report import RunInfo, plot_timeline
+from simulator.topology import parse_topology
+with open(sys.argv[1]) as stream:
+    data = json.load(stream)
+topology = parse_topology(yaml.safe_load(data["topology"]), data["source"])
+plot_timeline(data["events"], topology, sys.argv[2], RunInfo("local", data["seeds"]))
+"""
+
+
+def picture_events(result: RunResult) -> List[Dict[str, Any]]:
+    """What the picture shows: faults, contexts started and lost, keepalive give-ups,
+    DEL_ROUTE per hop, the shutdown, failed ops, and the violations, marked."""
     shown = []
     for event in result.events:
         kind = event.get("kind")
@@ -476,9 +529,7 @@ def picture(result: RunResult, path: str) -> None:
                 shown.append({**event, "kind": "op_failed"})
             continue
         shown.append(event)
-    shown += [v.as_event() for v in result.violations]
-    info = RunInfo(backend="local", seeds=f"campaign {result.plan.label}")
-    plot_timeline(shown, result.plan.topology, path, info)
+    return shown + [v.as_event() for v in result.violations]
 
 
 def load_replay(path: str) -> Tuple[RunPlan, Dict[str, Any]]:
@@ -528,7 +579,9 @@ def run_directory(settings: CampaignSettings, plan: RunPlan) -> str:
 def settings_from(options: Mapping[str, Any], **fields: Any) -> CampaignSettings:
     """Settings from a replay file's ``settings`` plus explicit fields."""
     known = {f.name for f in dataclasses.fields(CampaignSettings)}
-    return CampaignSettings(**{**{k: v for k, v in options.items() if k in known}, **fields})
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()
+             if k in known}
+    return CampaignSettings(**{**given, **fields})
 
 
 # --------------------------------------------------------------------------------------------

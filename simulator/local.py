@@ -539,9 +539,12 @@ class LocalBackend(Backend):
         nbytes = fault.nbytes or 0
         if fault.kind == "reset" and not nbytes:
             self.relay(target, lambda c: c.fault("reset"))
-        else:
-            self.relay(target, lambda c: c.fault("cut_after", nbytes=nbytes))
-        return _Handle(fault, target, "revive")
+            return _Handle(fault, target, "revive")
+        # A cut that has not happened yet must not happen after the heal: the relay is
+        # healed too (which disarms it), then the host started again if it did happen.
+        self._relay_changed[target] = "cut"
+        self.relay(target, lambda c: c.fault("cut_after", nbytes=nbytes))
+        return _Handle(fault, target, "relay")
 
     def heal(self, handle: object) -> None:
         if not isinstance(handle, _Handle):

@@ -93,9 +93,14 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "docker: needs a running Docker engine (every test of the tree on "
                    "--topology-backend=docker)")
     path = config.getoption("topology", None)
-    if _campaign_wanted(config) and config.getoption("topology_backend") != "local":
-        raise pytest.UsageError("--topology-campaign: campaigns run on the local backend "
-                                "only (for now); drop --topology-backend")
+    if _campaign_wanted(config):
+        if config.getoption("topology_backend") != "local":
+            raise pytest.UsageError("--topology-campaign: campaigns run on the local backend "
+                                    "only (for now); drop --topology-backend")
+        if not path and not config.getoption("topology_campaign_replay") and \
+                config.getoption("topology_campaign_shape") == "file":
+            raise pytest.UsageError("--topology-campaign: give --topology=FILE, or "
+                                    "--topology-campaign-shape=random to draw the trees")
     if not path:
         return
     from simulator.preflight import refusals

@@ -119,7 +119,8 @@ def make_items(session: pytest.Session, topology: Optional[Topology]) -> List[py
         runs = [(f"{settings.seed}-{run}", run) for run in range(1, settings.runs + 1)]
     items: List[pytest.Item] = []
     for name, run in runs:
-        item = CampaignRun.from_parent(session, name=f"campaign[{name}]", settings=settings,
+        item = CampaignRun.from_parent(session, name=f"campaign[{name}]",
+                                       nodeid=f"campaign[{name}]", settings=settings,
                                        run=run, topology=topology, replay=replay)
         if config.pluginmanager.hasplugin("timeout"):
             item.add_marker(pytest.mark.timeout(_time_limit(settings, topology)))

@@ -163,14 +163,18 @@ class Workload:
         order = list(self.targets)
         rng.shuffle(order)
         kinds = [kind for kind, weight in _MIX for _ in range(weight)]
+        partners = {}  # each sender goes round every other context in turn: every path
+        for target in order:
+            others = [t for t in self.targets if t != target] or [target]
+            rng.shuffle(others)
+            partners[target] = itertools.cycle(others)
         for turn in itertools.count():
             if self._stop.is_set():
                 return
             target = order[turn % len(order)]
             kind = rng.choice(kinds)
             if kind == "channel":
-                self._channel(target, rng.choice([t for t in self.targets if t != target]
-                                                 or [target]))
+                self._channel(target, next(partners[target]))
             else:
                 self._call(kind, target, "load", rng)
             self._stop.wait(self.pace)
