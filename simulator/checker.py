@@ -176,7 +176,7 @@ class _Run:
             breaks = self._breaks(start["path"], began, finished)
             name = _op_name(start)
             host = start["dst"]["host"]
-            deadline, why = self._deadline(began, breaks)
+            deadline, why = self._deadline(began, breaks, outcome)
             if outcome == "timeout" or end is None:
                 if deadline < finished:
                     self._flag("bounded", f"{name} hung: still pending "
@@ -198,8 +198,11 @@ class _Run:
                 self._flag("delivery", f"{name} got the answer of another op: "
                            f"{end['error']}", finished, host)
 
-    def _deadline(self, began: float, breaks: Sequence[_Window]) -> Tuple[float, str]:
-        """By when an op that began at ``began`` must have ended, and why."""
+    def _deadline(self, began: float, breaks: Sequence[_Window],
+                  outcome: str) -> Tuple[float, str]:
+        """By when an op that began at ``began`` must have ended, and why: a failure within
+        the bound of a break on its path; a success (the break healed before it was found)
+        within ``healthy`` of the path being whole again."""
         healthy = began + self.bounds.healthy
         if not breaks:
             return healthy, f"its path stayed whole: {self.bounds.healthy:g} s"
@@ -208,8 +211,14 @@ class _Run:
             return healthy, f"its path stayed whole for {self.bounds.healthy:g} s"
         latest = max(breaks, key=lambda w: max(began, w.start) + w.bound)
         deadline = max(began, latest.start) + latest.bound
-        return deadline, (f"{latest.what} at +{max(began, latest.start) - began:.1f} s, "
-                          f"bound {latest.bound:g} s")
+        why = (f"{latest.what} at +{max(began, latest.start) - began:.1f} s, bound "
+               f"{latest.bound:g} s")
+        whole = max(w.end for w in breaks) + self.bounds.healthy
+        if outcome != "error" and whole > deadline:
+            deadline = whole
+            why = (f"its path whole again at +{whole - self.bounds.healthy - began:.1f} s, "
+                   f"then {self.bounds.healthy:g} s")
+        return deadline, why
 
     def _check_deliveries(self) -> None:
         ops = ops_of(self.events)

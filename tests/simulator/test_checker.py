@@ -131,6 +131,17 @@ def test_a_silent_partition_gives_ops_the_keepalive_bound():
     assert [v.invariant for v in found] == ["bounded"] + ["recovery"] * 4  # no final sweep
 
 
+def test_an_op_that_succeeds_once_the_break_is_healed_has_the_healthy_bound_from_then():
+    story = Story()
+    story.fault(0, 2.0, 6.0, "pause", "top/mid")  # healed before the keepalives found it
+    story.op(1.0, 6.5, "top/mid", kind="hold")  # waited out the pause, then answered: fine
+    story.op(3.0, 15.0, "top/mid")  # answered 9 s after the path was whole: fine
+    story.op(3.0, 16.5, "top/mid")  # 10.5 s after: too late
+    found = check(story.finish())
+    assert [v.invariant for v in found] == ["bounded"]
+    assert "its path whole again at +3.0 s, then 10 s" in found[0].message
+
+
 def test_overlapping_breaks_allow_the_latest_bound():
     story = Story()
     story.fault(0, 2.0, 20.0, "partition", "top/mid", mode="drop")
