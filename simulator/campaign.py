@@ -69,6 +69,7 @@ __all__ = [
     "plan_run",
     "run_and_report",
     "shrink",
+    "supported_kinds",
     "write_finding",
 ]
 
