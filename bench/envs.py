@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["REPO_ROOT", "VENV_ROOT", "EnvSpec", "ensure_env", "env_specs", "probe_version"]
+__all__ = ["REPO_ROOT", "VENV_ROOT", "EnvSpec", "ensure_env", "env_specs", "main",
+           "probe_version"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_ROOT = REPO_ROOT / "bench" / ".venvs"
@@ -120,3 +121,19 @@ def probe_version(python: Path, distribution: Optional[str]) -> Dict[str, Option
     if done.returncode != 0:
         return {"python": None, "version": None, "error": done.stderr.strip()[-500:]}
     return json.loads(done.stdout)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m bench.envs NAME``: build the venv NAME if needed and print its interpreter
+    (``.ci/run`` gets Mitogen 0.3.54's this way, for the parity test)."""
+    names = sys.argv[1:] if argv is None else argv
+    specs = env_specs()
+    if len(names) != 1 or names[0] not in specs:
+        print("usage: python -m bench.envs {%s}" % ",".join(sorted(specs)), file=sys.stderr)
+        return 2
+    print(ensure_env(specs[names[0]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

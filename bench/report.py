@@ -151,6 +151,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Multi-hop", ("multihop.*",),
            lambda k: f"trivial call through {_suffix(k)} hop{'s' if _suffix(k) != '1' else ''}",
            Target("ratio_le", 0.25)),
+    Family("asyncio", ("aio.*",), lambda k: "%s calls awaited at once from one event loop, "
+           "%s children (wall); Mitogen: run_in_executor" % tuple(_suffix(k).split("x"))),
     Family("Remote import", ("remote_import.static",),
            lambda k: "first call into a 30-module package, static imports",
            Target("ratio_le", 0.5)),

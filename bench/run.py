@@ -63,7 +63,7 @@ IMPLS: Dict[str, tuple] = {
 }
 IMPL_ORDER = ("ours", "mitogen", "execnet")
 MITOGEN_LIKE = ("ours", "mitogen")  # workloads execnet has no counterpart for
-WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "fanout", "multihop",
+WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "fanout", "multihop", "aio",
                   "remote_import", "bootstrap", "memory", "ssh")
 
 
@@ -254,6 +254,8 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         Step("multihop", "multihop", mitogen_like, pick(5, 1),
              pick({"rounds": 10, "calls_per_round": 100, "warmup": 100},
                   {"rounds": 2, "calls_per_round": 50, "warmup": 20}), 90),
+        Step("aio", "aio", mitogen_like, pick(3, 1),
+             {"children": 10, "calls": 1000, "repeat": pick(5, 2)}, 120),
         Step("remote_import", "remote_import", mitogen_like, pick(5, 1), {}, 90),
         Step("bootstrap", "bootstrap", everyone, 1, {}, 60),
         Step("memory", "memory", everyone, pick(3, 1), {"children": pick(16, 4)}, 120),

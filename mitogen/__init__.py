@@ -32,15 +32,22 @@ def main(log_level="INFO", profiling=None):
     """Decorate a script's entry point to run it with a fresh Router.
 
     The decorated function must live in ``__main__``: it is called at once with the router as
-    its only argument, and the router is shut down afterwards whatever happens.
+    its only argument, and the router is shut down afterwards whatever happens. With
+    `profiling` (by default: whether ``MITOGEN_PROFILING`` is set), the router and every
+    context it starts are profiled (see :mod:`mitogen.profiling`).
     """
 
     def wrapper(func):
         if func.__module__ != "__main__":
             return func
+        import os
+
+        import mitogen.master
         import mitogen.utils
 
         mitogen.utils.log_to_file(level=log_level)
+        if profiling or (profiling is None and os.environ.get("MITOGEN_PROFILING")):
+            mitogen.master.Router.profiling = True
         return mitogen.utils.run_with_router(func)
 
     return wrapper

@@ -17,7 +17,28 @@ from typing import Any, Callable
 import mitogen.core
 from mitogen.core import CALL_FUNCTION, Message
 
-__all__ = ["CallChain"]
+__all__ = ["CallChain", "CallSpec"]
+
+
+class CallSpec:
+    """A call, printed as ``module.function(args, key=value)`` (for a log line: formatted
+    only when the line is written). Mind secrets among the arguments."""
+
+    def __init__(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+
+    def __str__(self) -> str:
+        owner = getattr(self.func, '__self__', None)
+        name = getattr(self.func, '__qualname__', None) or getattr(self.func, '__name__', '?')
+        if isinstance(owner, type):
+            name = '%s.%s' % (owner.__qualname__, self.func.__name__)
+        words = [repr(a) for a in self.args]
+        words += ['%s=%r' % item for item in sorted(self.kwargs.items())]
+        return '%s.%s(%s)' % (getattr(self.func, '__module__', '?'), name, ', '.join(words))
+
+    __repr__ = __str__
 
 
 #: (module, class path, name) of the functions called so far, for the next call.
@@ -34,6 +55,14 @@ class CallChain:
 
     _counter = itertools.count(1)
     chain_id: str | None
+
+    lambda_msg = ("cannot call a lambda in another context: it has no importable name; "
+                  "define it at module level instead")
+    closures_msg = ("cannot call a closure in another context: the variables it captures "
+                    "cannot be sent; define it at module level and pass them as arguments")
+    method_msg = ("cannot call a bound instance method in another context: its instance "
+                  "cannot be sent; use a module-level function, a classmethod or a "
+                  "staticmethod")
 
     def __init__(self, context: mitogen.core.Context, pipelined: bool = False) -> None:
         self.context = context
@@ -64,17 +93,12 @@ class CallChain:
     def _describe(fn: Callable[..., Any]) -> tuple[str, str | None, str]:
         """(module, class path, function name) naming `fn` so the target can import it."""
         if getattr(fn, '__name__', None) == '<lambda>':
-            raise TypeError('cannot call a lambda in another context: it has no importable '
-                            'name; define it at module level instead')
+            raise TypeError(CallChain.lambda_msg)
         if getattr(fn, '__closure__', None):
-            raise TypeError('cannot call a closure in another context: the variables it '
-                            'captures cannot be sent; define it at module level and pass '
-                            'them as arguments')
+            raise TypeError(CallChain.closures_msg)
         owner = getattr(fn, '__self__', None)
         if isinstance(fn, types.MethodType) and not isinstance(owner, type):
-            raise TypeError('cannot call a bound instance method in another context: its '
-                            'instance cannot be sent; use a module-level function, a '
-                            'classmethod or a staticmethod')
+            raise TypeError(CallChain.method_msg)
         if isinstance(owner, type):
             return owner.__module__, owner.__qualname__, fn.__name__
         qualname = getattr(fn, '__qualname__', fn.__name__)

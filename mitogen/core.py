@@ -175,6 +175,8 @@ class Error(Exception):
     def __init__(self, fmt=None, *args):
         if args:
             fmt %= args
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode('utf-8', 'replace')
         if fmt is None:
             Exception.__init__(self)
         else:
@@ -718,8 +720,7 @@ class _ThreadWaker:
             self.poller.poll(_poll_ms(timeout))
             return
         deadline = None if timeout is None else now() + timeout
-        poller = select.poll()
-        poller.register(self.rfd, select.POLLIN)
+        poller = self.poller
         poller.register(lease.fd, select.POLLIN)
         try:
             while lease.active:
@@ -731,6 +732,7 @@ class _ThreadWaker:
                 if self.woke_itself:
                     return
         finally:
+            poller.unregister(lease.fd)
             lease.end()
         remaining = None if deadline is None else deadline - now()
         self.poller.poll(_poll_ms(remaining))
@@ -799,21 +801,25 @@ class Latch:
     woken for an item another thread then steals.
     """
 
+    notify = None
+
     def __init__(self):
         self._lock = threading.Lock()
         self._queue = []
         self._sleeping = []
         self._waking = 0
         self.closed = False
-        self.notify = None
 
     def __repr__(self):
         return 'Latch(%#x, size=%d)' % (id(self), len(self._queue))
 
     def empty(self):
-        return not self._queue
+        return not self.size()
 
     def size(self):
+        """Items queued now; LatchError once the latch is closed."""
+        if self.closed:
+            raise LatchError('the latch is closed')
         return len(self._queue)
 
     def close(self):
@@ -995,8 +1001,8 @@ class Sender:
     def __reduce__(self):
         return (_unpickle_sender, (self.context.context_id, self.dst_handle))
 
-    def send(self, data):
-        self.context.send(Message.pickled(data, handle=self.dst_handle))
+    def send(self, data, enc=ENC_PKL):
+        self.context.send(Message.encoded(data, enc, handle=self.dst_handle))
 
     def close(self):
         """Tell the receiver nothing more will come."""
@@ -1538,9 +1544,10 @@ class Stream:
     """
 
     keep_alive = False
-    rfd = wfd = None
+    rfd = None  # type: int | None
+    wfd = None  # type: int | None
     #: The stream whose full output queue this one waits for before it is read again.
-    paused = None
+    paused = None  # type: Stream | None
 
     def __init__(self, name='stream'):
         self.name = name
@@ -2507,47 +2514,19 @@ class Importer:
         entry = self._cache.get(fullname)
         return entry is not None and entry[0] is not None
 
+    # importlib.resources and pkgutil.get_data() read the files of a package served by the
+    # master from the master too, with mitogen.resources, fetched on first use.
+
+    def get_resource_reader(self, fullname):
+        return importlib.import_module('mitogen.resources').reader(self, fullname)
+
+    def get_data(self, path):
+        return importlib.import_module('mitogen.resources').get_data(self, path)
+
 
 # ---------------------------------------------------------------------------------------------
 # 9. Logging and stdio forwarding
 # ---------------------------------------------------------------------------------------------
-
-
-_LogHandler = None
-
-
-def make_log_handler(context):
-    """A ``logging.Handler`` that forwards records to `context`'s FORWARD_LOG handle.
-
-    Records logged while forwarding (by the router or a stream) are dropped, otherwise a
-    broken link would log about itself forever. The class is made on first use, because
-    defining it needs the logging module, which a child imports only when something logs.
-    """
-    global _LogHandler
-    if _LogHandler is None:
-        import logging
-
-        class LogHandler(logging.Handler):
-            def __init__(self, context):
-                logging.Handler.__init__(self)
-                self.context = context
-                self._local = threading.local()
-
-            def emit(self, record):
-                if getattr(self._local, 'busy', False) or record.name == 'mitogen.io':
-                    return
-                self._local.busy = True
-                try:
-                    text = self.format(record)
-                    self.context.send(Message.pickled((record.name, record.levelno, text),
-                                                      handle=FORWARD_LOG))
-                except Exception:
-                    pass
-                finally:
-                    self._local.busy = False
-
-        _LogHandler = LogHandler
-    return _LogHandler(context)
 
 
 class _AfterImport:
@@ -2740,14 +2719,15 @@ class ExternalContext:
             self._master.send(Message.pickled((name, level, text), handle=FORWARD_LOG))
 
     def _forward_logging(self, logging):
+        """logging is here: install mitogen.logforward's handler (fetched now). Until it is
+        in place the core's own records keep going straight to the master."""
+        try:
+            importlib.import_module('mitogen.logforward').install(
+                self._master, self.config.get('log_level', _INFO), self.config.get('debug'))
+        except ImportError as e:  # imported on the broker thread, or the parent is gone
+            LOG.error('cannot forward log records: %s', e)
+            return
         _Logger.direct = None
-        root = logging.getLogger()
-        root.setLevel(self.config.get('log_level', _INFO))
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        root.addHandler(make_log_handler(self._master))
-        if self.config.get('debug'):
-            logging.getLogger('mitogen').setLevel(logging.DEBUG)
 
     def _setup_stdio(self):
         enabled = self.config.get('log_level', _INFO) <= _INFO
@@ -2809,7 +2789,11 @@ class ExternalContext:
         sys.path[:] = [p for p in sys.path if p]
         rfd, wfd, core_src = self._setup_fds()
         self._start_router(rfd, wfd, core_src)
+        if sys.version_info < (3, 10):  # its resources.files() never asks the loader
+            sys.meta_path.insert(0, _AfterImport('importlib._common', lambda m: importlib.
+                                                 import_module('mitogen.resources').fix_files(m)))
         self._setup_logging()
+        LOG.debug('context %d started under %r', mitogen.context_id, mitogen.parent_ids)
         if self.config.get('stdio', True):
             self._setup_stdio()
         try:
@@ -2819,3 +2803,11 @@ class ExternalContext:
             self._main_done.set()
             self.broker.shutdown()
             self.broker.join()
+
+
+def __getattr__(name):
+    """Names that exist only for compatibility with Mitogen live in mitogen.parity, which
+    is loaded (fetched, in a child) the first time one is used."""
+    if name[0] == '_':
+        raise AttributeError(name)
+    return importlib.import_module('mitogen.parity').lookup(__name__, name)

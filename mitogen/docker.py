@@ -11,6 +11,14 @@ __all__ = ["Connection", "Options"]
 
 
 class Options(mitogen.parent.Options):
+    #: A running container to execute in...
+    container: str | None = None
+    #: ...or an image to start a temporary container from.
+    image: str | None = None
+    docker_path = "docker"
+    #: The account to run as inside the container (``--user``).
+    username: str | None = None
+
     def __init__(
         self,
         container: str | None = None,
@@ -33,18 +41,32 @@ class Options(mitogen.parent.Options):
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "docker"
+    child_is_immediate_subprocess = False
+    eager_payload = False
 
     def make_stream_name(self, pid: int) -> str:
         return "docker.%s" % (self.options.container or self.options.image,)
 
     def get_boot_command(self) -> list:
+        """``docker exec --interactive [--user=U] CONTAINER python ...`` or ``docker run
+        --interactive [--user=U] --rm IMAGE python ...``, as Mitogen runs them."""
         opts = self.options
-        if opts.container:
-            argv = [opts.docker_path, "exec", "--interactive"]
-        else:
-            argv = [opts.docker_path, "run", "--interactive", "--rm"]
+        flags = ["--interactive"]
         if opts.username:
-            argv += ["--user", opts.username]
-        argv.append(opts.container or opts.image)
+            flags.append("--user=" + opts.username)
+        if opts.container:
+            argv = [opts.docker_path, "exec", *flags, opts.container]
+        else:
+            argv = [opts.docker_path, "run", *flags, "--rm", str(opts.image)]
         return argv + super().get_boot_command()
+
+
+def __getattr__(name: str) -> Any:
+    """Names kept only for compatibility with Mitogen: see mitogen/parity.py."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import mitogen.parity
+
+    return mitogen.parity.lookup(__name__, name)

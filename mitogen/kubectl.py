@@ -1,4 +1,4 @@
-"""``router.kubectl()``: a child inside a Kubernetes pod (``kubectl exec -i``)."""
+"""``router.kubectl()``: a child inside a Kubernetes pod (``kubectl exec``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ __all__ = ["Connection", "Options"]
 
 
 class Options(mitogen.parent.Options):
+    pod: str | None = None
+    kubectl_path = "kubectl"
+    #: Arguments for kubectl itself (``--context``, ``--namespace``, ...), before ``exec``.
+    kubectl_args: list | None = None
+
     def __init__(
         self,
         pod: str,
@@ -28,13 +33,17 @@ class Options(mitogen.parent.Options):
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "kubectl"
+    child_is_immediate_subprocess = True
+    eager_payload = False
 
     def make_stream_name(self, pid: int) -> str:
         return "kubectl.%s" % (self.options.pod,)
 
     def get_boot_command(self) -> list:
+        """``kubectl [kubectl_args] exec -it POD -- python ...``, as Mitogen runs it. The
+        child's stdin is a socket, not a terminal, so kubectl allocates no TTY for -t."""
         opts = self.options
-        # No -t: a terminal in the pod would mangle the binary stream.
-        return [opts.kubectl_path, *opts.kubectl_args, "exec", "-i", opts.pod, "--",
+        return [opts.kubectl_path, *(opts.kubectl_args or ()), "exec", "-it", opts.pod, "--",
                 *super().get_boot_command()]

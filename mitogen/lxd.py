@@ -5,11 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import mitogen.parent
+from mitogen.lxc import LXC_EOF_HINT
 
 __all__ = ["Connection", "Options"]
 
 
 class Options(mitogen.parent.Options):
+    container: str | None = None
+    lxc_path = "lxc"
+    python_path = "python"
+
     def __init__(
         self,
         container: str,
@@ -24,12 +29,17 @@ class Options(mitogen.parent.Options):
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "lxd"
+    child_is_immediate_subprocess = False
+    eager_payload = False
+    eof_error_hint = LXC_EOF_HINT
 
     def make_stream_name(self, pid: int) -> str:
         return "lxd.%s" % (self.options.container,)
 
     def get_boot_command(self) -> list:
-        # noninteractive: no terminal in the container, which would mangle the stream.
+        """``lxc exec --mode=noninteractive CONTAINER -- python ...``, as Mitogen (no
+        terminal in the container, which would mangle the stream)."""
         return [self.options.lxc_path, "exec", "--mode=noninteractive",
                 self.options.container, "--", *super().get_boot_command()]

@@ -7,6 +7,7 @@ the local logging package.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dis
 import importlib.machinery
@@ -20,12 +21,15 @@ import select
 import sys
 import threading
 import types
+import weakref
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mitogen
 import mitogen.core
 import mitogen.parent
+import mitogen.parity  # what Mitogen's classes have that the bootstrap has no room for
+import mitogen.resources
 from mitogen.core import (
     ALLOCATE_ID,
     FORWARD_LOG,
@@ -36,14 +40,34 @@ from mitogen.core import (
 )
 
 __all__ = ["Broker", "IdAllocator", "LogForwarder", "ModuleFinder", "ModuleResponder",
-           "PollPoller", "Router"]
+           "PollPoller", "ResourceResponder", "Router"]
 
 LOG = logging.getLogger("mitogen")
 
 
+_watched_brokers: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shut_down_watched_brokers() -> None:
+    """At interpreter exit (the main thread has returned): shut down every broker still
+    running, gracefully, so that children are told to exit instead of finding their
+    stream cut when the process dies."""
+    for broker in list(_watched_brokers):
+        if not broker._exited:
+            broker.shutdown()
+            broker._thread.join(broker.shutdown_timeout + 5.0)
+
+
+atexit.register(_shut_down_watched_brokers)
+
+
 class Broker(mitogen.core.Broker):
     """The master's broker: children get 5 s to disconnect gracefully at shutdown, and work
-    that can wait runs when the broker has nothing else to do (see when_idle())."""
+    that can wait runs when the broker has nothing else to do (see when_idle()).
+
+    With `install_watcher`, a broker still running when the program's main thread ends is
+    shut down gracefully at interpreter exit.
+    """
 
     shutdown_timeout = 5.0
 
@@ -52,6 +76,8 @@ class Broker(mitogen.core.Broker):
         self._no_idle_jobs = threading.Event()
         self._no_idle_jobs.set()
         super().__init__(poller_class=poller_class)
+        if install_watcher:
+            _watched_brokers.add(self)
 
     def when_idle(self, func: Callable[[], None]) -> None:
         """Run `func` on the broker thread once no event is ready and nothing is deferred:
@@ -119,11 +145,13 @@ class IdAllocator:
     1000 to children that start children (so IDs match what Mitogen users see), recorded
     against the stream they went down (see :meth:`mitogen.parent.Router.grant_ids`)."""
 
+    BLOCK_SIZE = mitogen.parent.ID_BLOCK_SIZE
+
     def __init__(self, router: Router) -> None:
         self.router = router
         self._lock = threading.Lock()
         self._next = 1
-        router.add_handler(self._on_allocate_id, ALLOCATE_ID, overwrite=True)
+        router.add_handler(self.on_allocate_id, ALLOCATE_ID, overwrite=True)
 
     def allocate(self) -> int:
         with self._lock:
@@ -134,10 +162,11 @@ class IdAllocator:
     def allocate_block(self) -> tuple[int, int]:
         with self._lock:
             start = self._next
-            self._next += mitogen.parent.ID_BLOCK_SIZE
+            self._next += self.BLOCK_SIZE
             return start, self._next
 
-    def _on_allocate_id(self, msg: Message) -> None:
+    def on_allocate_id(self, msg: Message) -> None:
+        """ALLOCATE_ID from a direct child: a block of IDs for its own children."""
         if msg.is_dead:
             return
         stream = self.router.adjacent_stream(msg, "ALLOCATE_ID")
@@ -199,20 +228,54 @@ class LogForwarder:
 
 #: Where a script's program starts: its ``if __name__ == '__main__':`` guard, or the
 #: ``@mitogen.main()`` decorator, which runs the function it decorates at once.
-_MAIN_GUARD = re.compile(
+MAIN_RE = re.compile(
     r"""^(if\s+__name__\s*==\s*['"]__main__['"]\s*:|@mitogen\.main\b)""", re.MULTILINE)
+
+#: Why a script without such a point is not sent.
+MAIN_GUARD_MSG = (
+    "refusing to send __main__ (%s) to a child: it has no `if __name__ == '__main__':` "
+    "guard, so importing it there would run the whole script again. Move the script's "
+    "top-level code under such a guard.")
 
 
 def neutralize_main(path: str, source: str) -> str:
     """Cut a script where its program starts, so importing it in a child defines its
     functions without running the program; refuse a script without such a point."""
-    match = _MAIN_GUARD.search(source)
+    match = MAIN_RE.search(source)
     if match is None:
-        raise ImportError(
-            "refusing to send __main__ (%s) to a child: it has no "
-            "`if __name__ == '__main__':` guard, so importing it there would run the whole "
-            "script again. Move the script's top-level code under such a guard." % (path,))
+        raise ImportError(MAIN_GUARD_MSG % (path,))
     return source[: match.start()]
+
+
+def get_child_modules(path: str, fullname: str) -> list[str]:
+    """The names (last component only) of the modules directly inside package `fullname`,
+    whose ``__init__`` is at `path`."""
+    directory = os.path.dirname(path)
+    if os.path.isdir(directory):
+        return sorted(_modules_in_directory(directory))
+    return sorted(info.name for info in pkgutil.iter_modules([directory]))
+
+
+def is_stdlib_name(modname: str) -> bool:
+    """Whether `modname` belongs to the standard library (or is built in)."""
+    top = modname.split(".", maxsplit=1)[0]
+    if top in sys.builtin_module_names:
+        return True
+    names = getattr(sys, "stdlib_module_names", None)
+    if names is not None:  # Python 3.10+
+        return top in names
+    module = sys.modules.get(top)
+    return module is not None and is_stdlib_path(getattr(module, "__file__", None) or "")
+
+
+def is_stdlib_path(path: str) -> bool:
+    """Whether file `path` lies in the standard library's directories."""
+    import sysconfig
+
+    roots = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib")}
+    path = os.path.realpath(path) if path else ""
+    return bool(path) and "site-packages" not in path and "dist-packages" not in path and \
+        any(path.startswith(os.path.realpath(root) + os.sep) for root in roots)
 
 
 class ModuleFinder:
@@ -223,19 +286,81 @@ class ModuleFinder:
         self._deps: dict[str, list[str]] = {}
         self._codes: dict[str, types.CodeType | None] = {}
         self._loaders: dict[str, Any] = {}
+        self._modifiers: dict[str, list[Callable[..., tuple]]] = {}
+
+    def add_source_override(self, fullname: str, path: str, source: str | bytes,
+                            is_pkg: bool) -> None:
+        """Serve `source` as module `fullname` (found at `path`, a package if `is_pkg`,
+        whose submodules are then looked for beside `path`) instead of looking it up;
+        source modifiers do not apply. Takes effect for modules not yet served."""
+        if isinstance(source, bytes):
+            source = source.decode("utf-8")
+        submodules = self._submodules(fullname, [os.path.dirname(path)]) if is_pkg else None
+        self._found[fullname] = (path, source, submodules)
+        self._codes.pop(fullname, None)
+        self._deps.pop(fullname, None)
+
+    def add_source_modifier(self, fullname: str, callable: Callable[..., tuple]) -> None:
+        """Have ``callable(fullname, path, source, is_pkg)`` return the (path, source,
+        is_pkg) to serve for module `fullname` when it is found."""
+        self._modifiers.setdefault(fullname, []).append(callable)
+
+    def _apply_modifiers(self, fullname: str, found: tuple) -> tuple:
+        path, source, submodules = found
+        is_pkg = submodules is not None
+        for modify in self._modifiers.get(fullname, ()):
+            path, source, is_pkg = modify(fullname, path, source, is_pkg)
+            if isinstance(source, bytes):
+                source = source.decode("utf-8")
+        if is_pkg and submodules is None:
+            submodules = self._submodules(fullname, [os.path.dirname(path)])
+        return path, source, submodules if is_pkg else None
 
     def find(self, fullname: str) -> tuple[str, str, list[str] | None] | str | None:
         """(path, source, submodule names or None); None when the master has no such module;
         for a module that exists but cannot be sent, a string saying why."""
         if fullname not in self._found:
             try:
-                self._found[fullname] = self._find(fullname)
+                found = self._find(fullname)
+                if isinstance(found, tuple) and fullname in self._modifiers:
+                    found = self._apply_modifiers(fullname, found)
+                self._found[fullname] = found
             except ImportError as e:
                 self._found[fullname] = str(e)
             except Exception as e:
                 self._found[fullname] = "cannot find %s: %s: %s" % (
                     fullname, type(e).__name__, e)
         return self._found[fullname]
+
+    def get_module_source(self, fullname: str) -> tuple:
+        """(path, source, is package) of `fullname`, or (None, None, None)."""
+        found = self.find(fullname)
+        if not isinstance(found, tuple):
+            return None, None, None
+        return found[0], found[1], found[2] is not None
+
+    @staticmethod
+    def generate_parent_names(fullname: str) -> Iterator[str]:
+        """``a.b`` then ``a`` for ``a.b.c``: the packages above a module, nearest first."""
+        while "." in fullname:
+            fullname = fullname.rpartition(".")[0]
+            yield fullname
+
+    def find_related_imports(self, fullname: str) -> list[str]:
+        """The modules `fullname` imports directly that are loaded in this process."""
+        return self.dependencies(fullname)
+
+    def find_related(self, fullname: str) -> list[str]:
+        """The modules `fullname` imports directly or indirectly (loaded here), sorted."""
+        found: set[str] = set()
+        stack = [fullname]
+        while stack:
+            for name in self.find_related_imports(stack.pop()):
+                if name not in found:
+                    found.add(name)
+                    stack.append(name)
+        found.discard(fullname)
+        return sorted(found)
 
     def _find(self, fullname: str) -> tuple[str, str, list[str] | None] | str | None:
         if fullname == "__main__":
@@ -249,7 +374,7 @@ class ModuleFinder:
         locations = spec.submodule_search_locations
         is_pkg = locations is not None
         if spec.loader is None or spec.origin in (None, "namespace"):
-            if is_pkg:  # PEP 420 namespace package: no source of its own
+            if locations is not None:  # PEP 420 namespace package: no source of its own
                 path = os.path.join(next(iter(locations)), "__init__.py")
                 return path, "", self._submodules(fullname, locations)
             return "%s has no loader in the master" % (fullname,)
@@ -272,7 +397,7 @@ class ModuleFinder:
         if not path:
             raise ImportError("__main__ has no file (interactive session?): define the "
                               "function in a module instead")
-        loader = getattr(main, "__loader__", None)
+        loader: Any = getattr(main, "__loader__", None)
         source = loader.get_source("__main__") if hasattr(loader, "get_source") else None
         if source is None:
             with open(path, encoding="utf-8") as f:
@@ -283,10 +408,7 @@ class ModuleFinder:
     def _submodules(fullname: str, locations: Any) -> list[str]:
         names: set[str] = set()
         for location in locations:
-            if os.path.isdir(location):
-                names.update(_modules_in_directory(location))
-            else:  # a zip file, or whatever else an import hook understands
-                names.update(info.name for info in pkgutil.iter_modules([location]))
+            names.update(get_child_modules(os.path.join(location, "__init__.py"), fullname))
         return sorted("%s.%s" % (fullname, name) for name in names)
 
     def code(self, fullname: str, compile_source: bool = True) -> types.CodeType | None:
@@ -309,7 +431,7 @@ class ModuleFinder:
         return self._codes[fullname]
 
     def _cached_code(self, fullname: str, path: str) -> types.CodeType | None:
-        loader = self._loaders.get(fullname)
+        loader: Any = self._loaders.get(fullname)
         if fullname == "__main__" or not hasattr(loader, "get_code") or not _has_bytecode(
                 path, loader):
             return None
@@ -477,8 +599,11 @@ class ModuleResponder:
 
     #: Modules of one package compiled ahead at most (see _prepare_package_of()).
     PREPARE_LIMIT = 256
+    #: Where a script's program starts (see neutralize_main()).
+    MAIN_RE = MAIN_RE
+    main_guard_msg = MAIN_GUARD_MSG
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, policy: Any = None) -> None:
         self._router = router
         self._finder = ModuleFinder()
         self._lock = threading.Lock()
@@ -491,8 +616,10 @@ class ModuleResponder:
         self._codes: dict[str, bytes | None] = {}
         self._sent: dict[Any, set[str]] = {}
         self._packages: dict[Any, set[str]] = {}
-        self.whitelist: list[str] = []
-        self.blacklist: list[str] = []
+        #: Served only modules under these prefixes (when any): Mitogen's "overrides".
+        self.whitelist: list[str] = sorted(getattr(policy, "overrides", ()))
+        #: Never served modules under these prefixes: Mitogen's "blocks".
+        self.blacklist: list[str] = sorted(getattr(policy, "blocks", ()))
         self.get_module_count = 0
         self.get_module_secs = 0.0
         self.good_load_module_count = 0
@@ -504,12 +631,28 @@ class ModuleResponder:
         return "ModuleResponder"
 
     def whitelist_prefix(self, fullname: str) -> None:
-        """Serve only modules under the given prefixes (the whitelist starts empty = all)."""
+        """Serve only modules under the given prefixes (the whitelist starts empty = all;
+        the first prefix also adds ``mitogen``, which every child needs)."""
+        if not self.whitelist:
+            self.whitelist.append("mitogen")
         self.whitelist.append(fullname)
 
     def blacklist_prefix(self, fullname: str) -> None:
         """Never serve modules under `fullname`."""
         self.blacklist.append(fullname)
+
+    def add_source_override(self, fullname: str, path: str, source: str | bytes,
+                            is_pkg: bool) -> None:
+        """See :meth:`ModuleFinder.add_source_override`."""
+        self._finder.add_source_override(fullname, path, source, is_pkg)
+
+    def add_source_modifier(self, fullname: str, callable: Callable[..., tuple]) -> None:
+        """See :meth:`ModuleFinder.add_source_modifier`."""
+        self._finder.add_source_modifier(fullname, callable)
+
+    def neutralize_main(self, path: str, src: str) -> str:
+        """See the module-level :func:`neutralize_main`."""
+        return neutralize_main(path, src)
 
     def _policy_refusal(self, fullname: str) -> str | None:
         def matches(prefixes: list[str]) -> bool:
@@ -731,10 +874,91 @@ class ModuleResponder:
                         handle=mitogen.core.FORWARD_MODULE))
 
 
+class ResourceResponder:
+    """Answers GET_RESOURCE (:mod:`mitogen.resources`): a listing or the bytes of a file
+    inside a package the master can serve, for a child's ``importlib.resources`` or
+    ``pkgutil.get_data()``.
+
+    The import policy applies as it does to modules; the path is resolved inside the
+    package's own directory (or its loader's resource reader, for a zipped package), never
+    above it; a file too large for one message is refused with its size.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.get_resource_count = 0
+        router.add_handler(self._on_get_resource, mitogen.resources.GET_RESOURCE)
+
+    def __repr__(self) -> str:
+        return "ResourceResponder"
+
+    def _on_get_resource(self, msg: Message) -> None:
+        if msg.is_dead:
+            return
+        self.get_resource_count += 1
+        try:
+            fullname, relpath = msg.unpickle()
+            reply = self.answer(fullname, relpath)
+        except (mitogen.core.StreamError, ValueError, TypeError) as e:
+            reply = ("missing", "malformed GET_RESOURCE request: %s" % (e,))
+        msg.reply(reply)
+
+    def answer(self, fullname: str, relpath: str) -> tuple:
+        """``('dir', names)``, ``('file', bytes)`` or ``('missing', why)``."""
+        if not isinstance(fullname, str) or not isinstance(relpath, str):
+            raise TypeError("package and path must be str")
+        parts = mitogen.resources.split_path(relpath)
+        refusal = self._router.responder._policy_refusal(fullname)
+        if refusal:
+            return ("missing", refusal)
+        root = self._root(fullname)
+        if isinstance(root, str):
+            return ("missing", root)
+        target = root.joinpath(*parts) if parts else root
+        where = "%s/%s" % (fullname, relpath)
+        if target.is_dir():
+            return ("dir", sorted(child.name for child in target.iterdir()))
+        if not target.is_file():
+            return ("missing", "%s does not exist in the master" % (where,))
+        data = target.read_bytes()
+        if len(data) + 1024 > self._router.max_message_size:
+            return ("missing", "%s is too large to send (%d bytes; max_message_size is %d)"
+                    % (where, len(data), self._router.max_message_size))
+        return ("file", data)
+
+    @staticmethod
+    def _root(fullname: str) -> Any:
+        """The directory of package `fullname` (of a plain module: the one it is in), as
+        a Traversable, without importing anything that is not imported already."""
+        module = sys.modules.get(fullname)
+        spec = getattr(module, "__spec__", None) if module is not None else None
+        try:
+            spec = spec or importlib.util.find_spec(fullname)
+        except (ImportError, ValueError) as e:
+            return "cannot find %s: %s" % (fullname, e)
+        if spec is None:
+            return "%s does not exist in the master" % (fullname,)
+        get_reader = getattr(spec.loader, "get_resource_reader", None)
+        reader = get_reader(fullname) if get_reader and spec.submodule_search_locations \
+            is not None else None
+        if reader is not None and hasattr(reader, "files"):
+            return reader.files()
+        import pathlib
+
+        if spec.submodule_search_locations:
+            return pathlib.Path(next(iter(spec.submodule_search_locations)))
+        if spec.origin and os.path.isfile(spec.origin):
+            return pathlib.Path(os.path.dirname(spec.origin))
+        return "%s has no directory in the master" % (fullname,)
+
+
 class Router(mitogen.parent.Router):
     """The master's router; also a context manager that shuts the broker down on exit."""
 
     broker_class = Broker
+    #: Profile this router's broker thread, and by default every child (see
+    #: mitogen.profiling); also set by the ``MITOGEN_PROFILING`` environment variable.
+    profiling = os.environ.get("MITOGEN_PROFILING") is not None
 
     def __init__(self, broker: Broker | None = None, max_message_size: int | None = None):
         if broker is None:
@@ -744,7 +968,12 @@ class Router(mitogen.parent.Router):
         super().__init__(broker)
         self.id_allocator = IdAllocator(self)
         self.responder = ModuleResponder(self)
+        self.resource_responder = ResourceResponder(self)
         self.log_forwarder = LogForwarder(self)
+        if self.profiling:
+            import mitogen.profiling
+
+            mitogen.profiling.start(self.broker, this_thread=False)
 
     def __enter__(self) -> Router:
         return self
@@ -770,5 +999,15 @@ class Router(mitogen.parent.Router):
             "good_load_module_count": responder.good_load_module_count,
             "good_load_module_size": responder.good_load_module_size,
             "bad_load_module_count": responder.bad_load_module_count,
+            "get_resource_count": self.resource_responder.get_resource_count,
             "dropped_message_count": self.dropped_count,
         }
+
+
+def __getattr__(name: str) -> Any:
+    """Names kept only for compatibility with Mitogen: see mitogen/parity.py."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import mitogen.parity
+
+    return mitogen.parity.lookup(__name__, name)

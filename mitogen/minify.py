@@ -513,7 +513,7 @@ def _module_imports(tree: ast.Module) -> set:
     """Names that imports at module level bind. CPython compiles ``name.method()`` with a
     different (equivalent) opcode when `name` is one of them, so locals neither take nor
     lose such names: the bytecode stays the same, which is how the tests check renaming."""
-    names = set()
+    names: set = set()
     stack: List[ast.AST] = list(tree.body)
     while stack:
         node = stack.pop()
@@ -524,7 +524,8 @@ def _module_imports(tree: ast.Module) -> set:
     return names
 
 
-def _local_renames(func: ast.AST, source_lines: List[str], keep: set) -> dict:
+def _local_renames(func: ast.FunctionDef | ast.AsyncFunctionDef, source_lines: List[str],
+                   keep: set) -> dict:
     """{(row, col): (old, new)} for each Name node of `func`'s renamable locals: variables
     it binds that are not parameters and that no nested scope mentions (those would be
     closure cells, whose order in the code object follows their names)."""
@@ -538,7 +539,7 @@ def _local_renames(func: ast.AST, source_lines: List[str], keep: set) -> dict:
     params.update(a.arg for a in (args.vararg, args.kwarg) if a is not None)
     stored = {n.id for n in own if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     handlers = [n for n in own if isinstance(n, ast.ExceptHandler) and n.name]
-    stored.update(n.name for n in handlers)
+    stored.update(n.name for n in handlers if n.name)
     mentioned_inside = {n.id for n in nested if isinstance(n, ast.Name)}
     mentioned_inside.update(n.arg for n in nested if isinstance(n, ast.arg))
     used = mentioned_inside | params | {n.id for n in own if isinstance(n, ast.Name)}
@@ -564,14 +565,16 @@ def _local_renames(func: ast.AST, source_lines: List[str], keep: set) -> dict:
 def _handler_name_position(handler: ast.ExceptHandler, lines: List[str]) -> tuple:
     """Where the `x` of ``except E as x`` is (the tree does not say): after E, on E's
     last line, in UTF-8 bytes as ast counts columns."""
-    assert handler.type is not None and handler.type.end_lineno is not None
+    name = handler.name or ""
+    if handler.type is None or handler.type.end_lineno is None:
+        raise ValueError("an `except ... as` without a type at line %d" % (handler.lineno,))
     row = handler.type.end_lineno
     line = lines[row - 1].encode("utf-8")
-    match = re.compile(rb"\s*as\s+" + re.escape(handler.name.encode()) + rb"\b").match(
+    match = re.compile(rb"\s*as\s+" + re.escape(name.encode()) + rb"\b").match(
         line, handler.type.end_col_offset or 0)
     if match is None:
         raise ValueError("cannot find the name of %s at line %d" % (ast.dump(handler), row))
-    return row, match.end() - len(handler.name)
+    return row, match.end() - len(name)
 
 
 def _short_names():

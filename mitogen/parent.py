@@ -34,18 +34,17 @@ import subprocess
 import sys
 import threading
 import zlib
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import mitogen
 import mitogen.core
 import mitogen.guard  # checks what children send: loaded before they send anything
-from mitogen.call import CallChain
+from mitogen.call import CallChain, CallSpec
 from mitogen.core import (
     ADD_ROUTE,
     ALLOCATE_ID,
     DEL_ROUTE,
     SHUTDOWN,
-    Context,
     Error,
     Latch,
     Message,
@@ -58,17 +57,38 @@ from mitogen.core import (
 )
 
 __all__ = [
+    "BROKER_SHUTDOWN_MSG",
+    "SIGNAL_BY_NUM",
+    "Argv",
     "CallChain",
+    "CallSpec",
     "CancelledError",
     "Connection",
     "Context",
     "CoreImage",
     "EofError",
+    "ModuleForwarder",
     "Options",
     "Process",
+    "Reaper",
     "Router",
+    "create_best_pipe",
+    "create_child",
+    "create_socketpair",
+    "disable_echo",
+    "get_connection_class",
     "get_core_image",
     "get_core_source",
+    "get_default_remote_name",
+    "get_log_levels",
+    "get_sys_executable",
+    "hybrid_tty_create_child",
+    "is_immediate_child",
+    "openpty",
+    "popen",
+    "returncode_to_str",
+    "tty_create_child",
+    "upgrade_router",
 ]
 
 LOG = logging.getLogger("mitogen")
@@ -86,6 +106,73 @@ class EofError(StreamError):
 
 class CancelledError(StreamError):
     """The broker began shutting down while a connection was being made."""
+
+
+#: The text of the CancelledError that a connect() gets when the broker shuts down first.
+BROKER_SHUTDOWN_MSG = "connection cancelled: the broker was shut down"
+
+#: Logged once when sys.executable cannot start children (see get_sys_executable()).
+SYS_EXECUTABLE_MSG = ("sys.executable is %s, so children are started with %s (pass "
+                      "python_path= to choose another interpreter)")
+
+#: Signal names by number, for messages about how a child ended.
+SIGNAL_BY_NUM = {int(sig): sig.name for sig in signal.Signals}
+
+
+def returncode_to_str(n: int) -> str:
+    """How a process ended, from its subprocess-style return code: ``exited with status
+    3`` or, for -11, ``killed by SIGSEGV (exit status -11)``."""
+    if n < 0:
+        return "killed by %s (exit status %d)" % (SIGNAL_BY_NUM.get(-n, "signal %d" % -n), n)
+    return "exited with status %d" % (n,)
+
+
+_sys_executable_warned: set = set()
+
+
+def get_sys_executable() -> str:
+    """The interpreter children run by default: ``sys.executable``, or, when that is
+    empty or not executable (an embedded Python, a deleted virtualenv), ``/usr/bin/python3``
+    and then ``/usr/bin/python``, with a warning logged once."""
+    current = sys.executable
+    if current and os.path.isfile(current) and os.access(current, os.X_OK):
+        return current
+    fallback = next((p for p in ("/usr/bin/python3", "/usr/bin/python")
+                     if os.access(p, os.X_OK)), "/usr/bin/python3")
+    if current not in _sys_executable_warned:
+        _sys_executable_warned.add(current)
+        LOG.warning(SYS_EXECUTABLE_MSG, repr(current) if current else "empty", fallback)
+    return fallback
+
+
+def get_log_levels(loggers: tuple = ("", "mitogen", "mitogen.io")) -> list:
+    """The effective levels of `loggers`, in order (a child starts with the root's)."""
+    return [logging.getLogger(name).getEffectiveLevel() for name in loggers]
+
+
+def is_immediate_child(msg: Message, stream: Any) -> bool:
+    """Handler policy: accept only messages sent by the context at the other end of the
+    stream they arrived on (a direct child, not one of its descendants)."""
+    return stream is not None and msg.src_id == stream.remote_id
+
+
+class Argv:
+    """An argument vector that prints as a shell would need it typed (for log lines):
+    words with spaces or shell specials are double-quoted, specials escaped."""
+
+    must_escape = frozenset('\\$"`!')
+    must_escape_or_space = must_escape | frozenset(" ")
+
+    def __init__(self, argv: list) -> None:
+        self.argv = argv
+
+    def escape(self, x: str) -> str:
+        if not self.must_escape_or_space.intersection(x):
+            return x
+        return '"%s"' % "".join("\\" + c if c in self.must_escape else c for c in x)
+
+    def __str__(self) -> str:
+        return " ".join(self.escape(a) for a in self.argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +396,7 @@ def build_payload(config: dict) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def default_remote_name() -> str:
+def get_default_remote_name() -> str:
     """user@host:pid of the process starting a child, as Mitogen names children."""
     import getpass
 
@@ -323,6 +410,25 @@ def default_remote_name() -> str:
 class Options:
     """Options every connection method accepts; methods subclass it to add their own."""
 
+    #: The context's name (its stream's name when not given).
+    name: str | None = None
+    #: What the child's argv[0] says after ``mitogen:`` (default user@host:pid).
+    remote_name: str | None = None
+    #: The interpreter's argv on the target.
+    python_path: list | str | None = None
+    #: Log the child's own activity at DEBUG level.
+    debug = False
+    #: Seconds to wait for the child to boot.
+    connect_timeout = 30.0
+    #: When the child must have booted (now + connect_timeout), from connect() on.
+    connect_deadline: float | None = None
+    #: Profile the child's threads (see README, "Profiling").
+    profiling = False
+    #: Forbid the child to message its siblings (and them it).
+    unidirectional = False
+    #: The largest message the child accepts.
+    max_message_size: int | None = None
+
     def __init__(
         self,
         max_message_size: int,
@@ -333,9 +439,12 @@ class Options:
         connect_timeout: float | None = None,
         profiling: bool = False,
         unidirectional: bool = False,
+        old_router: Any = None,
         keepalive_interval: float | None = None,
         keepalive_count: int = 3,
     ) -> None:
+        # `old_router` is where Mitogen passes the router; a method that needs it (fork,
+        # there) takes it in its own Options.
         self.name = name
         if keepalive_interval is not None and keepalive_interval <= 0:
             raise ValueError("keepalive_interval must be a positive number of seconds")
@@ -345,12 +454,13 @@ class Options:
             raise ValueError("remote_name %r must not contain '/'" % (remote_name,))
         self.remote_name = remote_name
         if python_path is None:
-            python_path = [sys.executable]
+            python_path = [get_sys_executable()]
         elif isinstance(python_path, str):
             python_path = [python_path]
         self.python_path = list(python_path)
         self.debug = debug
         self.connect_timeout = 30.0 if connect_timeout is None else connect_timeout
+        self.connect_deadline = mitogen.core.now() + self.connect_timeout
         self.profiling = profiling
         self.unidirectional = unidirectional
         self.max_message_size = max_message_size
@@ -359,6 +469,9 @@ class Options:
 class Process:
     """A started child process: its pid, and the descriptors the parent talks to it on."""
 
+    #: What log lines call the process (the stream's name, once it has one).
+    name: str | None = None
+
     def __init__(self, pid: int, stdin: int, stdout: int, stderr: int | None = None) -> None:
         self.pid = pid
         self.stdin = stdin
@@ -366,6 +479,8 @@ class Process:
         self.stderr = stderr
         self.returncode: int | None = None
         self.detached = False
+        #: False where the exit status cannot be known (a child reaped by someone else).
+        self.status_known = True
 
     def __repr__(self) -> str:
         return "Process(pid=%d)" % (self.pid,)
@@ -382,17 +497,24 @@ class Process:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` unless the process has already exited (and been reaped)."""
         if self.poll() is None:
             try:
-                os.kill(self.pid, signum)
+                os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
     def kill_and_reap(self) -> None:
         """Last resort: the process must not outlive its parent's broker."""
         if self.poll() is None and not self.detached:
-            self.signal(signal.SIGKILL)
+            self.kill()
             try:
                 os.waitpid(self.pid, 0)
             except ChildProcessError:
@@ -400,21 +522,153 @@ class Process:
             self.returncode = -signal.SIGKILL
 
 
-class Reaper(Stream):
-    """Waits for a child process to exit, on the broker, through a pidfd where available.
+def create_socketpair(size: int | None = None, blocking: bool | None = None) -> tuple:
+    """A socketpair (parent's end, child's end) for a child's stdin and stdout: one
+    descriptor carries both directions. `size` sets both ends' kernel buffers."""
+    parent_end, child_end = socket.socketpair()
+    for sock in (parent_end, child_end):
+        if size is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        if blocking is not None:
+            sock.setblocking(blocking)
+    return parent_end, child_end
 
-    Escalates from SIGTERM to SIGKILL when the process outlives its stream, so that a child
-    that ignores its parent going away is still ended.
+
+def create_best_pipe(escalates_privilege: bool = False, blocking: bool | None = None) -> tuple:
+    """(parent's read end, child's write end, child's read end, parent's write end).
+
+    A socketpair where possible; two pipes when the child `escalates_privilege` (sudo
+    under SELinux may refuse to pass a UNIX socket on to the new user's process).
+    """
+    if not escalates_privilege:
+        parent_end, child_end = create_socketpair(blocking=blocking)
+        return parent_end, child_end, child_end, parent_end
+    child_r, parent_w = os.pipe()
+    parent_r, child_w = os.pipe()
+    if blocking is not None:
+        for fd in (child_r, parent_w, parent_r, child_w):
+            os.set_blocking(fd, blocking)
+    return (os.fdopen(parent_r, "rb", 0), os.fdopen(child_w, "wb", 0),
+            os.fdopen(child_r, "rb", 0), os.fdopen(parent_w, "wb", 0))
+
+
+def _preexec(preexec_fn: Any = None) -> Any:
+    """The function to run in a new child before exec: mitogen.core._preexec_hook, then
+    `preexec_fn`; None when there is neither (the fast vfork path stays open)."""
+    hook = preexec_hook()
+    if hook is None or preexec_fn is None:
+        return hook or preexec_fn
+
+    def both() -> None:
+        hook()
+        preexec_fn()
+
+    return both
+
+
+def preexec_hook() -> Any:
+    """``mitogen.core._preexec_hook``: when a program sets it, a function called in every
+    new child process just before it execs (to reset CPU affinity, say). Not defined in
+    the bootstrap, which no child needs it in."""
+    return vars(mitogen.core).get("_preexec_hook")
+
+
+def popen(**kwargs: Any) -> subprocess.Popen:
+    """subprocess.Popen that also runs mitogen.core._preexec_hook in the child."""
+    kwargs["preexec_fn"] = _preexec(kwargs.get("preexec_fn"))
+    return subprocess.Popen(**kwargs)
+
+
+def create_child(args: list, merge_stdio: bool = False, stderr_pipe: bool = False,
+                 escalates_privilege: bool = False, preexec_fn: Any = None) -> Process:
+    """Start `args` in a new session with stdin and stdout on a socketpair (pipes if it
+    `escalates_privilege`) whose other ends the returned Process holds.
+
+    stderr goes to stdout with `merge_stdio`, to a pipe of its own (``Process.stderr``)
+    with `stderr_pipe`, else it is inherited.
+    """
+    parent_r, child_w, child_r, parent_w = create_best_pipe(escalates_privilege)
+    ends = {id(f): f for f in (parent_r, child_w, child_r, parent_w)}.values()
+    err_r = err_w = None
+    if stderr_pipe and not merge_stdio:
+        err_r, err_w = os.pipe()
+    try:
+        proc = popen(args=args, stdin=child_r.fileno(), stdout=child_w.fileno(),
+                     stderr=child_w.fileno() if merge_stdio else err_w, close_fds=True,
+                     start_new_session=True, preexec_fn=preexec_fn)
+    except OSError as e:
+        for f in ends:
+            f.close()
+        for fd in (err_r, err_w):
+            if fd is not None:
+                os.close(fd)
+        raise StreamError("cannot start %s: %s (check python_path and the method's "
+                          "*_path option)" % (args[0], e.strerror)) from None
+    # subprocess would reap the child itself; the Reaper owns that job from now on.
+    proc.returncode = 0
+    if err_w is not None:
+        os.close(err_w)
+    stdin = os.dup(parent_w.fileno())
+    # A socketpair: one descriptor both ways.
+    stdout = stdin if parent_r is parent_w else os.dup(parent_r.fileno())
+    for f in ends:
+        f.close()
+    return Process(proc.pid, stdin, stdout, err_r)
+
+
+def openpty() -> tuple:
+    """A new pseudo-terminal as unbuffered (master, slave) file objects; running out of
+    PTYs raises an error that says how to raise the limit."""
+    import mitogen.spawn
+
+    master, slave = mitogen.spawn.open_pty()
+    return os.fdopen(master, "r+b", 0), os.fdopen(slave, "r+b", 0)
+
+
+def disable_echo(fd: int) -> None:
+    """Turn off echo on terminal `fd`, so that a typed password never comes back."""
+    import mitogen.spawn
+
+    mitogen.spawn.disable_echo(fd)
+
+
+def tty_create_child(args: list) -> Process:
+    """Start `args` with a new PTY as its controlling terminal and all its stdio (raw
+    mode: the bootstrap and the messages pass through it unchanged)."""
+    import mitogen.spawn
+
+    return mitogen.spawn.spawn_with_pty(args, full=True)[0]
+
+
+def hybrid_tty_create_child(args: list, escalates_privilege: bool = False) -> Process:
+    """Start `args` with stdin/stdout on a socketpair (two pipes if it
+    `escalates_privilege`) and a new PTY as its controlling terminal and stderr (where
+    prompts appear); ``Process.stderr`` is the PTY master."""
+    import mitogen.spawn
+
+    return mitogen.spawn.spawn_with_pty(args, full=False, pipes=escalates_privilege)[0]
+
+
+class Reaper(Stream):
+    """Waits for a child process to exit, on the broker, through a pidfd where available,
+    and fires ``'exit'`` once it has.
+
+    With `kill`, escalates from SIGTERM to SIGKILL when the process outlives its stream,
+    so that a child that ignores its parent going away is still ended. With
+    `wait_on_shutdown`, a graceful broker shutdown waits for the process to exit.
     """
 
-    keep_alive = True
     TERM_AFTER = 1.0
     KILL_AFTER = 3.0
 
-    def __init__(self, broker: mitogen.core.Broker, proc: Process, name: str) -> None:
-        Stream.__init__(self, "reaper:" + name)
+    def __init__(self, broker: mitogen.core.Broker, proc: Process, kill: bool = True,
+                 wait_on_shutdown: bool = True, name: str | None = None) -> None:
+        Stream.__init__(self, "reaper:%s" % (name or proc.name or proc.pid,))
         self.broker = broker
         self.proc = proc
+        self.kill = kill
+        self.keep_alive = wait_on_shutdown
         try:
             self.rfd = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):  # Linux < 5.3, a seccomp filter, valgrind: poll
@@ -432,32 +686,37 @@ class Reaper(Stream):
             self._poll_later()
 
     def _poll_later(self) -> None:
-        self._timers.append(self.broker.timer(self._interval, self._check))
+        self._timers.append(self.broker.timer(self._interval, self.reap))
         self._interval = min(0.5, self._interval * 2)
 
-    def _check(self) -> None:
+    def reap(self) -> None:
+        """Collect the process's exit status if it has ended."""
         if self.proc.poll() is not None:
             self._reaped()
         elif self.rfd is None:
             self._poll_later()
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
-        self._check()
+        self.reap()
 
     def stream_gone(self) -> None:
         """The child's stream disconnected: give the process a moment to exit by itself."""
         if self.proc.detached or self.proc.poll() is not None:
             self._reaped()
             return
+        if not self.kill:
+            return
         self._timers.append(self.broker.timer(self.TERM_AFTER,
-                                              lambda: self.proc.signal(signal.SIGTERM)))
+                                              self.proc.terminate))
         self._timers.append(self.broker.timer(self.KILL_AFTER,
-                                              lambda: self.proc.signal(signal.SIGKILL)))
+                                              self.proc.kill))
 
     def _reaped(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        LOG.debug("%r: exited with status %r", self, self.proc.returncode)
+        if self.proc.returncode is not None:
+            LOG.debug("%r: child %s", self, returncode_to_str(self.proc.returncode))
+            mitogen.core.fire(self, "exit")
         self.on_disconnect(self.broker)
 
     def on_disconnect(self, broker: mitogen.core.Broker) -> None:
@@ -526,7 +785,7 @@ class Keepalive:
         self.count = count
         self._last_rx = -1
         self._silent = 0
-        handle = getattr(router, "_keepalive_handle", None)
+        handle = router._keepalive_handle
         if handle is None:
             handle = router._keepalive_handle = router.add_handler(lambda msg: None)
         self.reply_handle = handle
@@ -560,6 +819,8 @@ class BootStream(Stream):
     MessageStream. Runs on the broker thread."""
 
     keep_alive = True
+    rfd: int
+    wfd: int
 
     def __init__(self, conn: Connection) -> None:
         Stream.__init__(self, "boot:" + conn.stream_name)
@@ -576,7 +837,7 @@ class BootStream(Stream):
         if data is None:
             return
         if not data:
-            self.conn._boot_failed(EofError, "EOF on stream during bootstrap")
+            self.conn._on_boot_eof()
             return
         self._buf += data
         while True:
@@ -658,21 +919,41 @@ class Connection:
     command line wrapped in ssh, sudo, docker exec, ...
     """
 
-    options_class = Options
+    options_class: Callable[..., Options] = Options
+    options: Options
     name_prefix = "local"
-    #: Methods that never prompt can have the payload written before MITO000 arrives,
-    #: saving a round trip: it waits in the pipe until the first stage reads it.
+    #: Whether the payload may be written before MITO000 arrives, saving a round trip
+    #: (it then waits in the socket until the first stage reads it). Only where nothing but
+    #: our first stage can read the child's stdin: here, where this process starts Python
+    #: itself. A login shell, a profile script or a wrapper could read it away otherwise.
     eager_payload = True
-    #: Whether the method talks to the child over a socketpair (else pipes).
-    use_socketpair = True
+    #: Whether the process started is the child's Python itself (else a wrapper: ssh,
+    #: sudo, docker exec, ...).
+    child_is_immediate_subprocess = True
+    #: Keyword arguments for create_child(): stderr on a pipe of its own, read for
+    #: diagnosis while the child boots.
+    create_child_args: dict = {"stderr_pipe": True}
+    #: Starts the boot command: create_child(args, **create_child_args).
+    create_child = staticmethod(create_child)
+    #: Appended to the error of a child that closed its output during bootstrap.
+    eof_error_hint: str | None = None
+    #: Why a boot failed, when the child closed its output and is still running.
+    eof_error_msg = "the child closed its output during bootstrap"
+    #: The process started, once connect() has started it (None before).
+    proc: Process = None  # type: ignore[assignment]
+    #: Whether the child detached (ExternalContext.detach()): it outlives its stream.
+    detached = False
+    #: The exception connect() raised, if it failed.
+    exception: BaseException | None = None
 
     def __init__(self, options: Options, router: Router) -> None:
         self.options = options
         self.router = router
         self.broker = router.broker
-        self.proc: Process | None = None
+        # proc and context are set by connect(), before anything else uses them.
+        self.proc = None  # type: ignore[assignment]
         self.stream: MessageStream | None = None
-        self.context: Context | None = None
+        self.context: Context = None  # type: ignore[assignment]
         self.payload = b""
         self.payload_sent_early = False
         self._latch = Latch()
@@ -683,18 +964,33 @@ class Connection:
         self._done = False
         self.stream_name = ""
 
+    @property
+    def stdio_stream(self) -> MessageStream | None:
+        """The stream of messages to the child, once it has booted."""
+        return self.stream
+
+    @property
+    def stderr_stream(self) -> StderrStream | None:
+        """The stream reading the child's stderr (or its PTY), while it is open."""
+        return self._stderr
+
     # --- the method-specific part
 
     def get_preamble(self) -> bytes:
         """The compressed program for this connection's context. It is sent after MITO000,
         preceded by its length as 8 ASCII digits."""
         if not self.payload:
-            preamble = build_payload(self.router._child_config(self.context, self.options))
+            preamble = build_payload(self.get_econtext_config())
             self.payload = b"%08d" % (len(preamble),) + preamble
         return self.payload[8:]
 
+    def get_econtext_config(self) -> dict:
+        """The configuration the child's ExternalContext.main() starts with."""
+        return self.router._child_config(self.context, self.options)
+
     def get_python_argv(self) -> list:
-        return list(self.options.python_path)
+        path = self.options.python_path  # a list once Options() has run
+        return [path] if isinstance(path, str) else list(path or ())
 
     def get_boot_command(self) -> list:
         name = self.remote_name()
@@ -704,7 +1000,7 @@ class Connection:
         """What the child's argv[0] says it is; never empty, as a login shell (sudo -i, su)
         would drop an empty argument."""
         name = self.options.remote_name or self.options.name or self.stream_name or \
-            default_remote_name()
+            get_default_remote_name()
         return name.replace("/", "_").replace("'", "_")
 
     def make_stream_name(self, pid: int) -> str:
@@ -728,52 +1024,23 @@ class Connection:
         unknown host key); `lines` is what the child printed. The default keeps it."""
         return exc_class, reason
 
-    def start_child(self, args: list) -> Process:
-        """Spawn the boot command with its stdio on a socketpair (or pipes) we keep one
-        end of, and stderr on a pipe for diagnosis."""
-        if self.use_socketpair:
-            ours, theirs = socket.socketpair()
-            child_in = child_out = theirs.fileno()
-        else:
-            in_r, in_w = os.pipe()
-            out_r, out_w = os.pipe()
-            child_in, child_out = in_r, out_w
-        err_r, err_w = os.pipe()
-        try:
-            popen = subprocess.Popen(args, stdin=child_in, stdout=child_out, stderr=err_w,
-                                     close_fds=True, start_new_session=True)
-        except OSError as e:
-            for fd in (err_r, *((ours.fileno(),) if self.use_socketpair else (in_w, out_r))):
-                os.close(fd)
-            if self.use_socketpair:
-                ours.detach()
-            raise StreamError("cannot start %s: %s (check python_path and the method's "
-                              "*_path option)" % (args[0], e.strerror)) from None
-        finally:
-            os.close(err_w)
-            if self.use_socketpair:
-                theirs.close()
-            else:
-                os.close(in_r)
-                os.close(out_w)
-        # subprocess would reap the child itself; the Reaper owns that job from now on.
-        popen.returncode = 0
-        if self.use_socketpair:
-            fd = os.dup(ours.fileno())
-            ours.close()
-            return Process(popen.pid, fd, fd, err_r)  # one descriptor both ways
-        return Process(popen.pid, in_w, out_r, err_r)
+    def start_child(self, args: list | None = None) -> Process:
+        """Start the boot command (`args`, by default get_boot_command())."""
+        if args is None:
+            args = self.get_boot_command()
+        LOG.debug("%s: starting %s", self.name_prefix, Argv(args))
+        return self.create_child(args, **self.create_child_args)
 
     # --- the common part
 
     def connect(self, context: Context) -> None:
         """Start the child for `context` and wait until it is ready for messages."""
         if not self.broker.running:
-            raise Error("the broker has shut down: cannot start a child")
+            raise CancelledError(BROKER_SHUTDOWN_MSG)
         self.context = context
-        args = self.get_boot_command()
-        self.proc = self.start_child(args)
+        self.proc = self.start_child()
         self.stream_name = self.make_stream_name(self.proc.pid)
+        self.proc.name = self.stream_name
         # Built while the child's interpreter starts: the length is no longer on its
         # command line, so the first child of a process does not wait for the minifier.
         self.get_preamble()
@@ -781,21 +1048,31 @@ class Connection:
             self._write_early()
         try:
             self.broker.defer(self._start_boot)
-        except Error:
-            for fd in {self.proc.stdin, self.proc.stdout, self.proc.stderr} - {None}:
-                os.close(fd)
+        except Error:  # the broker exited meanwhile
+            for fd in {self.proc.stdin, self.proc.stdout, self.proc.stderr}:
+                if fd is not None:
+                    os.close(fd)
             self.proc.kill_and_reap()
-            raise
+            raise CancelledError(BROKER_SHUTDOWN_MSG) from None
         try:
             ok, value = self._latch.get(timeout=self.options.connect_timeout)
         except TimeoutError:
-            self.broker.defer(self._boot_failed, TimeoutError,
-                              "no answer within connect_timeout=%.1fs"
-                              % (self.options.connect_timeout,))
+            try:
+                self.broker.defer(self._boot_failed, TimeoutError,
+                                  "%s: no answer within connect_timeout=%.1fs"
+                                  % (self.router.connection_timeout_msg,
+                                     self.options.connect_timeout))
+            except Error:
+                pass  # the broker has exited: it failed the boot as it did
             ok, value = self._latch.get()
-        self._latch = None  # done with: a connected child's state is kept small
+        self._latch = None  # type: ignore[assignment]  # done with: keep a child small
         if not ok:
+            self.exception = value
             raise value
+        if self.options.profiling:
+            import mitogen.profiling
+
+            context.call(mitogen.profiling.start_in_child)
 
     def _write_early(self) -> None:
         try:
@@ -816,7 +1093,7 @@ class Connection:
 
     def _watch_boot(self) -> None:
         proc = self.proc
-        self._reaper = Reaper(self.broker, proc, self.stream_name)
+        self._reaper = Reaper(self.broker, proc, name=self.stream_name)
         self._reaper.start()
         if proc.stderr is not None:
             self._stderr = self.make_stderr_stream(proc.stderr)
@@ -835,12 +1112,39 @@ class Connection:
 
     def _on_broker_shutdown(self) -> None:
         if not self._done:
-            self._boot_failed(CancelledError, "the broker shut down while connecting")
+            self._boot_failed(CancelledError, BROKER_SHUTDOWN_MSG)
+
+    #: How long a child that closed its output during bootstrap may take to exit, so that
+    #: its exit status (a signal, often) can be reported.
+    EXIT_WAIT = 2.0
+
+    def _on_boot_eof(self) -> None:
+        """The child closed its output before MITO001: report how it ended, which its
+        reaper learns at once when it has exited (a crashing child says nothing itself)."""
+        self.broker.stop_receive(self._boot)
+        reaper = self._reaper
+        if self.proc.poll() is not None or reaper is None or reaper.closed:
+            self._boot_ended()
+            return
+        listen(reaper, "exit", self._boot_ended)
+        self._timer = self.broker.timer(self.EXIT_WAIT, self._boot_ended)
+
+    def _boot_ended(self) -> None:
+        returncode = self.proc.poll()
+        if returncode is None:
+            reason = "%s (the process is still running)" % (self.eof_error_msg,)
+        elif not self.proc.status_known:
+            reason = "child exited during bootstrap"
+        else:
+            reason = "child %s during bootstrap" % (returncode_to_str(returncode),)
+        self._boot_failed(EofError, reason)
 
     def _boot_failed(self, exc_class: type, reason: str) -> None:
         if self._done:
             return
         self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._stop_listening()
         lines = list(self._boot.output if self._boot else [])
         if self._stderr is not None:
@@ -848,9 +1152,11 @@ class Connection:
             lines += self._stderr.lines
         exc_class, reason = self.diagnose(exc_class, reason, lines)
         text = "%s: %s" % (self.stream_name, reason)
-        if lines:
+        if lines and exc_class is not CancelledError:
             text += "; last %d lines of output:\n  %s" % (len(lines[-ERROR_LINES:]),
                                                          "\n  ".join(lines[-ERROR_LINES:]))
+        if issubclass(exc_class, EofError) and self.eof_error_hint:
+            text += "\n\n" + self.eof_error_hint
         if self._boot is not None:
             self._boot.on_disconnect(self.broker)
         if self._stderr is not None:
@@ -879,12 +1185,17 @@ class Connection:
         if self._done:
             return
         self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
         self.payload = b""  # 15 KiB a child, of no more use
-        self._boot.release(self.broker)
-        self._boot = None
+        if self._boot is not None:
+            self._boot.release(self.broker)
+            self._boot = None
         self._stderr = None  # the broker reads it until the child lets go of it
         self._stop_listening()
-        stream = ChildStream(self.router, self.proc.stdout, self.proc.stdin,
+        stream_class = IoLoggingChildStream if IOLOG.isEnabledFor(logging.DEBUG) \
+            else ChildStream
+        stream = stream_class(self.router, self.proc.stdout, self.proc.stdin,
                              self.stream_name, remote_id=self.context.context_id)
         stream.conn = self
         self.stream = stream
@@ -979,19 +1290,89 @@ class ChildStream(MessageStream):
             self.send(Message(dst_id=self.remote_id, handle=SHUTDOWN))
 
 
+#: Logs every read and write of the streams to children (``log_to_file(level="IO")``).
+IOLOG = logging.getLogger("mitogen.io")
+
+#: How many bytes of each read or write an IO record shows.
+IO_LOG_BYTES = 64
+
+
+class IoLoggingChildStream(ChildStream):
+    """A ChildStream that logs each read and write, with its first bytes, on ``mitogen.io``
+    at DEBUG: the stream a child gets while that logger is enabled for DEBUG. (Chosen per
+    stream, so that other streams pay nothing for it.)"""
+
+    def _read_into_decoder(self) -> int | None:
+        target = self.decoder.read_target()
+        n = super()._read_into_decoder()
+        if n:
+            head = b"" if target is not None else \
+                bytes(mitogen.core._read_buffer()[:min(n, IO_LOG_BYTES)])
+            IOLOG.debug("%s: read %d bytes: %r", self.name, n, head)
+        return n
+
+    def _write_now(self, header: bytes, data: Any) -> str | None:
+        before = self.tx_bytes
+        failed = super()._write_now(header, data)
+        self._log_write(before, bytes(header) + bytes(data[:IO_LOG_BYTES]))
+        return failed
+
+    def on_writable(self, broker: mitogen.core.Broker) -> None:
+        before = self.tx_bytes
+        head = bytes(self._out[0][:IO_LOG_BYTES]) if self._out else b""
+        super().on_writable(broker)
+        self._log_write(before, head)
+
+    def _log_write(self, before: int, head: bytes) -> None:
+        written = self.tx_bytes - before
+        if written:
+            IOLOG.debug("%s: wrote %d bytes: %r", self.name, written, head[:written])
+
+
+class Context(mitogen.core.Context):
+    """A context as its parents see it; also has acall(), for asyncio programs."""
+
+    #: What default_call_chain is made of.
+    call_chain_class = CallChain
+
+    @property
+    def default_call_chain(self) -> CallChain:
+        if self._call_chain is None:
+            self._call_chain = self.call_chain_class(self)
+        return self._call_chain
+
+    async def acall(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``await ctx.acall(fn, ...)``: call() for an asyncio event loop; see
+        :func:`mitogen.aio.call`."""
+        import mitogen.aio
+
+        return await mitogen.aio.call(self, fn, *args, **kwargs)
+
+
 class Router(mitogen.core.Router):
     """A router that can start children and forward routes for them."""
 
     context_class = Context
+    #: The handle keepalive answers arrive on (made by the first Keepalive).
+    _keepalive_handle: int | None = None
     debug = False
+    #: Default for the `profiling` option of every connection method.
     profiling = False
+    #: Error text of a connection whose child did not boot within connect_timeout.
+    connection_timeout_msg = "connection timed out"
+    #: Allocates context IDs (the master's own allocator in the master).
+    id_allocator: Any = None
+    #: The master's ModuleResponder (None in a child, whose ModuleForwarder is `forwarder`).
+    responder: Any = None
+    #: The master's LogForwarder.
+    log_forwarder: Any = None
 
     def __init__(self, broker: mitogen.core.Broker) -> None:
         super().__init__(broker)
         self._become_parent()
 
     def _become_parent(self) -> None:
-        """State and handlers of a context that has children (also run by upgrade_router on
+        """State and handlers of a context that has children (also run by upgrade() on
         a plain child's router)."""
         self._connections: list[Connection] = []
         self._id_blocks: dict[MessageStream, list[tuple[int, int]]] = {}
@@ -1045,10 +1426,10 @@ class Router(mitogen.core.Router):
         """A direct child is detaching: its process must survive its stream."""
         stream = self._stream_by_id.get(msg.src_id)
         conn = getattr(stream, "conn", None)
-        if msg.is_dead or conn is None or stream.remote_id != msg.src_id:
+        if msg.is_dead or conn is None or not is_immediate_child(msg, stream):
             return
         LOG.debug("%r: %r is detaching", self, stream)
-        conn.proc.detached = True
+        conn.detached = conn.proc.detached = True
 
     def _on_add_route(self, msg: Message) -> None:
         """A child announces a context in its subtree: accepted only for an ID that was
@@ -1150,18 +1531,19 @@ class Router(mitogen.core.Router):
     def allocate_id(self) -> int:
         return self.id_allocator.allocate()
 
-    def _connection_class(self, method_name: str) -> type:
-        if method_name == "local":
-            return Connection
-        import importlib
+    def upgrade(self, importer: Any = None, parent: Any = None) -> None:
+        """Let a plain child's router, whose class has just become this one (see
+        upgrade_router()), start children: ID allocation, routes, and a ModuleForwarder that
+        serves its children from `importer`'s cache and asks `parent` for the rest. A
+        router that was built as a Router has all that already."""
+        if "id_allocator" in vars(self):
+            return
+        self._become_parent()
+        if importer is not None:
+            self.forwarder = ModuleForwarder(self, parent, importer)
 
-        try:
-            module = importlib.import_module("mitogen." + method_name)
-        except ImportError as e:
-            raise Error("unknown connection method %r: %s", method_name, e) from None
-        return module.Connection
-
-    def connect(self, method_name: str, name: str | None = None, **kwargs: Any) -> Context:
+    def connect(self, method_name: str, name: str | None = None,
+                **kwargs: Any) -> mitogen.core.Context:
         """Start a child with `method_name` (``local``, ``ssh``, ...) and return its Context.
 
         With ``via=context`` the child is started by that context instead of this one.
@@ -1170,7 +1552,8 @@ class Router(mitogen.core.Router):
         if via is not None:
             return self.proxy_connect(via, method_name, name=name, **kwargs)
         kwargs.setdefault("max_message_size", self.max_message_size)
-        conn_class = self._connection_class(method_name)
+        kwargs.setdefault("profiling", self.profiling)
+        conn_class = get_connection_class(method_name)
         try:
             options = conn_class.options_class(name=name, **kwargs)
         except TypeError as e:
@@ -1189,7 +1572,7 @@ class Router(mitogen.core.Router):
             self._propagate_up(ADD_ROUTE, (context.context_id, context.name))
 
     def proxy_connect(self, via_context: Context, method_name: str, name: str | None = None,
-                      **kwargs: Any) -> Context:
+                      **kwargs: Any) -> mitogen.core.Context:
         responder = getattr(self, "responder", None)
         if responder is not None:
             # What the via context will import to start the child travels ahead of the call,
@@ -1238,53 +1621,62 @@ class Router(mitogen.core.Router):
 
     # --- the connection methods, as Mitogen names them
 
-    def local(self, **kwargs: Any) -> Context:
+    def local(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("local", **kwargs)
 
-    def fork(self, **kwargs: Any) -> Context:
+    def fork(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("fork", **kwargs)
 
-    def ssh(self, **kwargs: Any) -> Context:
+    def ssh(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("ssh", **kwargs)
 
-    def sudo(self, **kwargs: Any) -> Context:
+    def sudo(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("sudo", **kwargs)
 
-    def su(self, **kwargs: Any) -> Context:
+    def su(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("su", **kwargs)
 
-    def doas(self, **kwargs: Any) -> Context:
+    def doas(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("doas", **kwargs)
 
-    def docker(self, **kwargs: Any) -> Context:
+    def docker(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("docker", **kwargs)
 
-    def podman(self, **kwargs: Any) -> Context:
+    def podman(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("podman", **kwargs)
 
-    def buildah(self, **kwargs: Any) -> Context:
+    def buildah(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("buildah", **kwargs)
 
-    def kubectl(self, **kwargs: Any) -> Context:
+    def kubectl(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("kubectl", **kwargs)
 
-    def lxc(self, **kwargs: Any) -> Context:
+    def lxc(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("lxc", **kwargs)
 
-    def lxd(self, **kwargs: Any) -> Context:
+    def lxd(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("lxd", **kwargs)
 
-    def setns(self, **kwargs: Any) -> Context:
+    def incus(self, **kwargs: Any) -> mitogen.core.Context:
+        return self.connect("incus", **kwargs)
+
+    def jail(self, **kwargs: Any) -> mitogen.core.Context:
+        return self.connect("jail", **kwargs)
+
+    def setns(self, **kwargs: Any) -> mitogen.core.Context:
         return self.connect("setns", **kwargs)
 
 
 class ModuleForwarder:
     """Serves GET_MODULE from children of an intermediate context: from this context's
-    importer cache, or by asking its own parent once and caching the answer, so the master
-    never sends a module twice down the same stream."""
+    importer cache, or by asking its own parent (`parent_context`, through the importer)
+    once and caching the answer, so the master never sends a module twice down the same
+    stream."""
 
-    def __init__(self, router: Router, importer: mitogen.core.Importer) -> None:
+    def __init__(self, router: Router, parent_context: Any,
+                 importer: mitogen.core.Importer) -> None:
         self.router = router
+        self.parent_context = parent_context
         self.importer = importer
         self._sent: dict[Any, set[str]] = {}
         router.add_handler(self._on_get_module, mitogen.core.GET_MODULE, overwrite=True)
@@ -1355,9 +1747,21 @@ def upgrade_router(econtext: Any) -> Router:
     router = econtext.router
     if not isinstance(router, Router):
         router.__class__ = Router
-        router._become_parent()
-        router.forwarder = ModuleForwarder(router, econtext.importer)
+        router.upgrade(econtext.importer, econtext.parent)
     return router
+
+
+def get_connection_class(name: str) -> type[Connection]:
+    """The Connection class of connection method `name` (``local``, ``ssh``, ...)."""
+    if name == "local":
+        return Connection
+    import importlib
+
+    try:
+        module = importlib.import_module("mitogen." + name)
+    except ImportError as e:
+        raise Error("unknown connection method %r: %s", name, e) from None
+    return module.Connection
 
 
 def detach(econtext: Any) -> None:
@@ -1410,3 +1814,12 @@ def _connect_error(type_name: str, text: str) -> Exception:
         if isinstance(cls, type) and issubclass(cls, (StreamError, TimeoutError)):
             return cls(text)
     return StreamError("%s: %s" % (type_name, text))
+
+
+def __getattr__(name: str) -> Any:
+    """Names kept only for compatibility with Mitogen: see mitogen/parity.py."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import mitogen.parity
+
+    return mitogen.parity.lookup(__name__, name)

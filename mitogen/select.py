@@ -7,7 +7,7 @@ message from whichever receiver is first in line. Nothing is copied and no threa
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import mitogen.core
 
@@ -37,6 +37,10 @@ class Select:
     """
 
     notify: Any = None
+    empty_msg = "the Select has no receivers to wait on"
+    loop_msg = "adding %r to %r would create a cycle"
+    owned_msg = "%r is already being watched (by another Select?)"
+    not_present_msg = "%r is not in %r"
 
     def __init__(self, receivers: Any = (), oneshot: bool = True) -> None:
         self._receivers: list[Any] = []
@@ -67,6 +71,12 @@ class Select:
         while self._receivers:
             yield self.get()
 
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for msg in select``: as ``for``, from an asyncio loop (mitogen.aio)."""
+        import mitogen.aio
+
+        return mitogen.aio.iterate(self)
+
     def iter_data(self) -> Iterator[Any]:
         while self._receivers:
             yield self.get_event().data
@@ -87,9 +97,9 @@ class Select:
     def add(self, recv: Any) -> None:
         """Watch a Receiver, a Latch or another Select."""
         if isinstance(recv, Select) and recv._contains(self):
-            raise Error("adding %r to %r would create a cycle", recv, self)
+            raise Error(self.loop_msg, recv, self)
         if recv.notify is not None:
-            raise Error("%r is already being watched (by another Select?)", recv)
+            raise Error(self.owned_msg, recv)
         self._receivers.append(recv)
         recv.notify = self._put
         for _ in range(recv.size()):
@@ -99,7 +109,7 @@ class Select:
         try:
             self._receivers.remove(recv)
         except ValueError:
-            raise Error("%r is not in %r", recv, self) from None
+            raise Error(self.not_present_msg, recv, self) from None
         recv.notify = None
 
     def close(self) -> None:
@@ -119,7 +129,7 @@ class Select:
 
     def get_event(self, timeout: float | None = None, block: bool = True) -> Event:
         if not self._receivers:
-            raise Error("the Select has no receivers to wait on")
+            raise Error(self.empty_msg)
         deadline = None if timeout is None else mitogen.core.now() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - mitogen.core.now())

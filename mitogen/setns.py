@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from typing import Any
 
 import mitogen.parent
 from mitogen.core import StreamError
 
-__all__ = ["KINDS", "Connection", "Error", "Options"]
+__all__ = ["GET_LEADER_BY_KIND", "KINDS", "Connection", "Error", "Options", "get_docker_pid",
+           "get_lxc_pid", "get_lxd_pid", "get_machinectl_pid"]
 
 KINDS = ("docker", "lxc", "lxd", "machinectl")
+
+#: The namespaces joined, in this order (the mount namespace last: after it, the host's
+#: files are gone).
+NS_ORDER = ("ipc", "uts", "net", "pid", "mnt")
 
 
 class Error(StreamError):
@@ -33,7 +37,7 @@ ENTER = """\
 import ctypes,os,sys,signal,pwd
 pid,user=int(sys.argv[1]),sys.argv[2]
 libc=ctypes.CDLL(None,use_errno=True)
-for kind in ('ipc','uts','net','pid','mnt'):
+for kind in NAMESPACES:
  fd=os.open('/proc/%d/ns/%s'%(pid,kind),os.O_RDONLY)
  if libc.setns(fd,0):sys.exit('setns(%s): %s'%(kind,os.strerror(ctypes.get_errno())))
  os.close(fd)
@@ -55,10 +59,20 @@ while 1:
  try:st=os.waitpid(child,0)[1];break
  except InterruptedError:pass
 os._exit(os.waitstatus_to_exitcode(st)&255)
-"""
+""".replace("NAMESPACES", repr(NS_ORDER))
 
 
 class Options(mitogen.parent.Options):
+    container: str | None = None
+    #: How to find the container's first process: one of KINDS.
+    kind: str | None = None
+    username = "root"
+    docker_path = "docker"
+    lxc_path = "lxc"
+    lxc_info_path = "lxc-info"
+    machinectl_path = "machinectl"
+    python_path = "python"
+
     def __init__(
         self,
         container: str,
@@ -97,23 +111,47 @@ def _ask(argv: list, pattern: str) -> int:
     return int(match.group(1))
 
 
+def get_docker_pid(path: str, name: str) -> int:
+    """The host PID of docker container `name`'s first process (`path`: docker)."""
+    return _ask([path, "inspect", "--format", "{{.State.Pid}}", name], r"^(\d+)$")
+
+
+def get_lxc_pid(path: str, name: str) -> int:
+    """Likewise for an LXC container (`path`: lxc-info)."""
+    return _ask([path, "--name", name, "--pid", "--no-humanize"], r"^(\d+)$")
+
+
+def get_lxd_pid(path: str, name: str) -> int:
+    """Likewise for an LXD container (`path`: lxc)."""
+    return _ask([path, "info", name], r"^\s*P[Ii][Dd]:\s*(\d+)")
+
+
+def get_machinectl_pid(path: str, name: str) -> int:
+    """Likewise for a systemd-nspawn machine (`path`: machinectl)."""
+    return _ask([path, "show", "--property=Leader", name], r"^Leader=(\d+)")
+
+
+#: kind -> (the option naming the tool, the function asking it).
+GET_LEADER_BY_KIND = {
+    "docker": ("docker_path", get_docker_pid),
+    "lxc": ("lxc_info_path", get_lxc_pid),
+    "lxd": ("lxc_path", get_lxd_pid),
+    "machinectl": ("machinectl_path", get_machinectl_pid),
+}
+
+
 def leader_pid(options: Options) -> int:
     """The host PID of the container's first process, asked of the container tool."""
-    name = options.container
-    if options.kind == "docker":
-        return _ask([options.docker_path, "inspect", "--format", "{{.State.Pid}}", name],
-                    r"^(\d+)$")
-    if options.kind == "lxc":
-        return _ask([options.lxc_info_path, "--name", name, "--pid", "--no-humanize"],
-                    r"^(\d+)$")
-    if options.kind == "lxd":
-        return _ask([options.lxc_path, "info", name], r"^\s*P[Ii][Dd]:\s*(\d+)")
-    return _ask([options.machinectl_path, "show", "--property=Leader", name], r"^Leader=(\d+)")
+    attribute, ask = GET_LEADER_BY_KIND[str(options.kind)]
+    return ask(getattr(options, attribute), str(options.container))
 
 
 class Connection(mitogen.parent.Connection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "setns"
+    child_is_immediate_subprocess = False
+    NS_ORDER = NS_ORDER
 
     def make_stream_name(self, pid: int) -> str:
         return "setns.%s" % (self.options.container,)
@@ -121,5 +159,14 @@ class Connection(mitogen.parent.Connection):
     def get_boot_command(self) -> list:
         pid = leader_pid(self.options)
         user = "" if self.options.username == "root" else self.options.username
-        return [sys.executable, "-S", "-c", ENTER, str(pid), user,
+        return [mitogen.parent.get_sys_executable(), "-S", "-c", ENTER, str(pid), user,
                 *super().get_boot_command()]
+
+
+def __getattr__(name: str) -> Any:
+    """Names kept only for compatibility with Mitogen: see mitogen/parity.py."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import mitogen.parity
+
+    return mitogen.parity.lookup(__name__, name)

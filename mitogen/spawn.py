@@ -11,19 +11,23 @@ from stdin, so a child that may prompt gets a pseudo-terminal as its controlling
 
 The child is started with ``posix_spawn``: ``setsid`` then opening the terminal by name makes
 it the controlling terminal, without running any Python between fork and exec (which is not
-safe in a threaded master). Prompts are recognised in many languages and formats, and a
-second prompt after a password was sent means the password was refused, whatever the
-language of the message in between.
+safe in a threaded master). Only when ``mitogen.core._preexec_hook`` is set, which must run
+between fork and exec, is it started by fork and exec instead.
+
+Prompts are recognised in many languages and formats, and a second prompt after a password
+was sent means the password was refused, whatever the language of the message in between.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
 import socket
 import termios
+import threading
 import tty
 from typing import Any
 
@@ -33,6 +37,7 @@ from mitogen.core import Secret, StreamError
 from mitogen.parent import Process, StderrStream
 
 __all__ = [
+    "PASSWORD_PROMPT_PATTERN",
     "HostKeyError",
     "PasswordError",
     "PromptStream",
@@ -70,7 +75,7 @@ _PASSWORD_WORDS = (
     "lozinku", "slaptažodis", "parole", "κωδικός", "סיסמה", "كلمة المرور", "mật khẩu",
     "密码", "密碼", "口令", "パスワード", "암호", "비밀번호", "รหัสผ่าน",
 )
-_PROMPT_RE = re.compile(
+PASSWORD_PROMPT_PATTERN = re.compile(
     r"(?:%s)[^\n]*[:\uff1a]\s*$" % "|".join(re.escape(w) for w in _PASSWORD_WORDS),
     re.IGNORECASE,
 )
@@ -93,7 +98,7 @@ def is_password_prompt(text: str) -> bool:
     Leading ``pwfeedback`` asterisks from an earlier answer are ignored.
     """
     text = _FEEDBACK_RE.sub("", text.replace("\r", ""))
-    return bool(_PROMPT_RE.search(text))
+    return bool(PASSWORD_PROMPT_PATTERN.search(text))
 
 
 def is_refusal(text: str) -> bool:
@@ -113,6 +118,14 @@ def to_secret(value: Any, option: str = "password") -> Secret | None:
 class BecomeOptions(mitogen.parent.Options):
     """Options shared by the methods that become another user on a terminal (su, doas):
     whom to become, the password, and how to recognise its prompts."""
+
+    username = "root"
+    password: str | None = None
+    #: A substring of the prompt to answer (case-insensitive); None: any password prompt
+    #: (in the languages mitogen.spawn knows).
+    password_prompt: str | None = None
+    #: Extra substrings that mean the password was refused.
+    incorrect_prompts: tuple = ()
 
     def __init__(
         self,
@@ -164,26 +177,42 @@ def open_pty() -> tuple[int, int]:
     return master, slave
 
 
-def _disable_echo(fd: int) -> None:
+def disable_echo(fd: int) -> None:
     """Answers typed into a hybrid PTY must never come back as output (into logs)."""
     attrs = termios.tcgetattr(fd)
     attrs[3] &= ~(termios.ECHO | termios.ECHONL)
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
-def _spawn(args: list, actions: list) -> int:
+def _spawn(args: list, actions: list, stdio: tuple) -> int:
+    """Start `args` in a new session whose controlling terminal is the PTY: posix_spawn
+    with `actions`, or, when mitogen.core._preexec_hook is set, fork and exec with `stdio`
+    (the descriptors for 0, 1, 2; the PTY is 2) and the hook run just before exec."""
     try:
-        return os.posix_spawnp(args[0], args, dict(os.environ), file_actions=actions,
-                               setsid=True)
+        if mitogen.parent.preexec_hook() is None:
+            return os.posix_spawnp(args[0], args, dict(os.environ), file_actions=actions,
+                                   setsid=True)
+        proc = mitogen.parent.popen(args=args, stdin=stdio[0], stdout=stdio[1],
+                                    stderr=stdio[2], close_fds=True, start_new_session=True,
+                                    preexec_fn=_take_terminal)
     except OSError as e:
         raise StreamError("cannot start %s: %s (check the method's *_path option)"
                           % (args[0], e.strerror)) from None
+    proc.returncode = 0  # the Reaper reaps it, not subprocess
+    return proc.pid
 
 
-def spawn_with_pty(args: list, full: bool) -> tuple[Process, int]:
+def _take_terminal() -> None:
+    """In the new child, after setsid(): make the PTY on stderr its controlling terminal."""
+    fcntl.ioctl(2, termios.TIOCSCTTY, 0)
+
+
+def spawn_with_pty(args: list, full: bool, pipes: bool = False) -> tuple[Process, int]:
     """Start `args` in a new session whose controlling terminal is a new PTY.
 
-    Returns the process and the PTY master, on which prompts are answered.
+    Returns the process and the PTY master, on which prompts are answered. A hybrid child
+    (not `full`) talks on a socketpair, or on two pipes with `pipes` (for a child that
+    escalates privilege, as SELinux may refuse to hand a UNIX socket to the new user).
     """
     master, slave = open_pty()
     try:
@@ -192,22 +221,31 @@ def spawn_with_pty(args: list, full: bool) -> tuple[Process, int]:
             tty.setraw(slave)
             actions = [(os.POSIX_SPAWN_OPEN, 0, name, os.O_RDWR, 0),
                        (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
-            pid = _spawn(args, actions)
+            pid = _spawn(args, actions, (slave, slave, slave))
             return Process(pid, master, os.dup(master), None), master
-        _disable_echo(slave)
-        ours, theirs = socket.socketpair()
+        disable_echo(slave)
+        if pipes:
+            child_in, ours_in = os.pipe()
+            ours_out, child_out = os.pipe()
+        else:
+            ours, theirs = socket.socketpair()
+            ours_in = ours_out = ours.detach()
+            child_in = child_out = theirs.detach()
         try:
-            actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
-                       (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1),
+            actions = [(os.POSIX_SPAWN_DUP2, child_in, 0),
+                       (os.POSIX_SPAWN_DUP2, child_out, 1),
                        (os.POSIX_SPAWN_OPEN, 2, name, os.O_RDWR, 0)]
-            pid = _spawn(args, actions)
+            pid = _spawn(args, actions, (child_in, child_out, slave))
         except BaseException:
-            ours.close()
+            for fd in {ours_in, ours_out}:
+                os.close(fd)
             raise
         finally:
-            theirs.close()
-        data = ours.detach()
-        return Process(pid, data, os.dup(data), master), master
+            for fd in {child_in, child_out}:
+                os.close(fd)
+        if not pipes:
+            ours_out = os.dup(ours_in)
+        return Process(pid, ours_in, ours_out, master), master
     except BaseException:
         os.close(master)
         raise
@@ -222,6 +260,8 @@ class PromptStream(StderrStream):
     def __init__(self, fd: int, conn: PtyConnection) -> None:
         StderrStream.__init__(self, fd, conn.stream_name)
         self.conn = conn
+        #: Set once no process holds the terminal open any more (reads fail with EIO).
+        self.let_go = threading.Event()
 
     def on_readable(self, broker: mitogen.core.Broker) -> None:
         data = mitogen.core.read_chunk(self.rfd)  # EIO: every holder of the tty has gone
@@ -231,6 +271,10 @@ class PromptStream(StderrStream):
             if self._partial:
                 self._lines([self._partial])
             self._partial = b""
+            stream = self.conn.stream
+            if stream is not None and not stream.closed:
+                self._keep_until(stream, broker)
+                return
             self.on_disconnect(broker)
             return
         lines = (self._partial + data).split(b"\n")
@@ -239,6 +283,16 @@ class PromptStream(StderrStream):
         if self._partial and self.conn.on_partial_output(self._partial, None):
             self._add([self._partial])
             self._partial = b""
+
+    def _keep_until(self, stream: mitogen.core.MessageStream,
+                    broker: mitogen.core.Broker) -> None:
+        """The booted child let go of its terminal, but it may still be the terminal's
+        session leader (a launcher that exec'd Python itself leaves nothing else holding
+        it): closing our end now would hang the terminal up and kill the child with SIGHUP.
+        Stop reading it, and close it once the child's stream is gone."""
+        broker.stop_receive(self)
+        self.let_go.set()
+        mitogen.core.listen(stream, "disconnect", lambda: self.on_disconnect(broker))
 
     def _lines(self, lines: list[bytes]) -> None:
         self._add(lines)
@@ -263,6 +317,9 @@ class PtyConnection(mitogen.parent.Connection):
     def __init__(self, options: Any, router: Any) -> None:
         super().__init__(options, router)
         self.pty_master: int | None = None
+        #: The PromptStream reading pty_master: kept after the boot too, as it holds the
+        #: terminal open for the child (see PromptStream._keep_until()).
+        self.pty_stream: PromptStream | None = None
         self.password_sent = False
 
     # --- spawning
@@ -270,15 +327,18 @@ class PtyConnection(mitogen.parent.Connection):
     def wants_pty(self) -> bool:
         return self.tty_mode is not None
 
-    def start_child(self, args: list) -> Process:
+    def start_child(self, args: list | None = None) -> Process:
         if not self.wants_pty():
             return super().start_child(args)
+        if args is None:
+            args = self.get_boot_command()
         proc, self.pty_master = spawn_with_pty(args, full=self.tty_mode == "full")
         return proc
 
     def make_stderr_stream(self, fd: int) -> StderrStream:
         if fd == self.pty_master:
-            return PromptStream(fd, self)
+            self.pty_stream = PromptStream(fd, self)
+            return self.pty_stream
         return super().make_stderr_stream(fd)
 
     # --- prompts
@@ -326,19 +386,23 @@ class PtyConnection(mitogen.parent.Connection):
 
     def answer(self, text: str) -> None:
         """Type `text` and Enter on the child's terminal."""
-        os.write(self.pty_master, text.encode("utf-8") + b"\n")
+        if self.pty_master is not None:
+            os.write(self.pty_master, text.encode("utf-8") + b"\n")
 
     def answer_password(self) -> None:
         password = getattr(self.options, "password", None)
         if self.password_sent:
             self._boot_failed(PasswordError, self.refused_message())
         elif password is None:
-            self._boot_failed(PasswordError, "%s asked for a password but none was given: "
-                              "pass password=..." % (self.program,))
+            self._boot_failed(PasswordError, self.missing_password_message())
         else:
             LOG.debug("%s: answering the password prompt", self.stream_name)
             self.password_sent = True
             self.answer(password)
+
+    def missing_password_message(self) -> str:
+        return "%s asked for a password but none was given: pass password=..." % (
+            self.program,)
 
     def refused_message(self) -> str:
         return ("%s refused the password: check the password= given (and the account, "

@@ -7,46 +7,79 @@ satisfies ``Defaults requiretty``; ``targetpw`` only changes whose password is a
 
 from __future__ import annotations
 
+import optparse
+import re
 import shlex
-from typing import Any
+from typing import Any, NoReturn
 
 import mitogen.parent
 import mitogen.spawn
 from mitogen.core import StreamError
 from mitogen.spawn import PasswordError
 
-__all__ = ["Connection", "Options", "PasswordError", "parse_sudo_args"]
+__all__ = ["PASSWORD_PROMPT", "PASSWORD_PROMPT_RE", "SUDO_OPTIONS", "Connection", "Options",
+           "PasswordError", "make_sudo_parser", "option", "parse_sudo_args",
+           "parse_sudo_flags"]
 
 #: sudo's own prompt, set with -p so the common case needs no guessing. A PAM module that
 #: asks something else (a translation, a PIN) is still recognised by mitogen.spawn.
-PROMPT = "mitogen-sudo password: "
+PASSWORD_PROMPT = "mitogen-sudo password: "
+PROMPT = PASSWORD_PROMPT
 
-#: sudo flags that `sudo_args` may hold: flag -> (option name, takes a value).
-_FLAGS = {
-    "-u": ("username", True), "--user": ("username", True),
-    "-E": ("preserve_env", False), "--preserve-env": ("preserve_env", False),
-    "-H": ("set_home", False), "--set-home": ("set_home", False),
-    "-i": ("login", False), "--login": ("login", False),
-    "-r": ("selinux_role", True), "--role": ("selinux_role", True),
-    "-t": ("selinux_type", True), "--type": ("selinux_type", True),
-}
+#: Our prompt as sudo prints it, and as sudo-rs does (``[sudo: PROMPT] Password:``).
+PASSWORD_PROMPT_RE = re.compile(r"(?:^|\n)(?:\[sudo: )?%s(?:\] [^*\n]{0,50})?\s*$"
+                                % re.escape(PASSWORD_PROMPT.strip()))
+
+password_required_msg = "sudo asked for a password but none was given: pass password=..."
+password_incorrect_msg = ("sudo refused the password: check the password= given (and the "
+                          "account, which may be locked or lack the right to log in)")
+
+#: The sudo flags `sudo_args` may hold: (our option, or None for flags that change nothing
+#: here, such as Ansible's default -S and -n; 'bool' or 'str'; long flag; short flag).
+SUDO_OPTIONS = [
+    ("preserve_env", "bool", "--preserve-env", "-E"),
+    ("set_home", "bool", "--set-home", "-H"),
+    ("login", "bool", "--login", "-i"),
+    ("selinux_role", "str", "--role", "-r"),
+    ("selinux_type", "str", "--type", "-t"),
+    (None, "bool", "--stdin", "-S"),  # prompts are answered on the terminal anyway
+    (None, "bool", "--non-interactive", "-n"),
+    ("username", "str", "--user", "-u"),
+]
 
 
-def _split_flags(argv: list) -> list:
-    """Expand ``-HE`` into ``-H -E`` and ``--user=x`` / ``-ux`` into flag and value."""
-    out: list = []
-    for arg in argv:
-        if arg.startswith("--") and "=" in arg:
-            out.extend(arg.split("=", 1))
-        elif arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
-            flag = arg[:2]
-            if _FLAGS.get(flag, (None, False))[1]:
-                out.extend([flag, arg[2:]])
-            else:
-                out.extend("-" + c for c in arg[1:])
+class OptionParser(optparse.OptionParser):
+    """optparse for sudo command lines: a flag it does not know is a StreamError."""
+
+    def help(self) -> None:
+        self.exit()
+
+    def error(self, msg: str) -> NoReturn:
+        self.exit(msg=msg)
+
+    def exit(self, status: int = 0, msg: str | None = None) -> NoReturn:
+        raise StreamError("sudo_args: %s; supported: %s" % (
+            (msg or "unsupported option").strip(),
+            " ".join(short for _, _, _, short in SUDO_OPTIONS)))
+
+
+def make_sudo_parser() -> OptionParser:
+    parser = OptionParser(add_help_option=False)
+    for name, kind, long_flag, short_flag in SUDO_OPTIONS:
+        dest = name or long_flag[2:].replace("-", "_")
+        if kind == "bool":
+            parser.add_option(long_flag, short_flag, dest=dest, action="store_true")
         else:
-            out.append(arg)
-    return out
+            parser.add_option(long_flag, short_flag, dest=dest)
+    return parser
+
+
+def parse_sudo_flags(args: list) -> optparse.Values:
+    """The sudo flags in `args` (an argv list), as optparse values."""
+    opts, rest = make_sudo_parser().parse_args(list(args))
+    if rest:
+        raise StreamError("sudo_args: unsupported arguments %r" % (rest,))
+    return opts
 
 
 def parse_sudo_args(sudo_args: list | str | None) -> dict:
@@ -54,24 +87,29 @@ def parse_sudo_args(sudo_args: list | str | None) -> dict:
     if not sudo_args:
         return {}
     argv = shlex.split(sudo_args) if isinstance(sudo_args, str) else list(sudo_args)
-    found: dict = {}
-    args = iter(_split_flags(argv))
-    for arg in args:
-        if arg not in _FLAGS:
-            raise StreamError("sudo_args: unsupported sudo flag %r; supported: %s"
-                              % (arg, " ".join(sorted(_FLAGS))))
-        option, takes_value = _FLAGS[arg]
-        if takes_value:
-            value = next(args, None)
-            if value is None:
-                raise StreamError("sudo_args: %s needs a value" % (arg,))
-            found[option] = value
-        else:
-            found[option] = True
-    return found
+    values = parse_sudo_flags(argv)
+    return {name: getattr(values, name) for name, _, _, _ in SUDO_OPTIONS
+            if name and getattr(values, name) is not None}
+
+
+def option(default: Any, *args: Any) -> Any:
+    """The first of `args` that is not None, else `default`."""
+    return next((arg for arg in args if arg is not None), default)
 
 
 class Options(mitogen.parent.Options):
+    username = "root"
+    sudo_path = "sudo"
+    password: str | None = None
+    #: -E: keep the caller's environment.
+    preserve_env = False
+    #: -H: HOME of the target user.
+    set_home = False
+    #: -i: run the target user's login shell.
+    login = False
+    selinux_role: str | None = None
+    selinux_type: str | None = None
+
     def __init__(
         self,
         username: str | None = None,
@@ -87,27 +125,40 @@ class Options(mitogen.parent.Options):
     ) -> None:
         super().__init__(**kwargs)
         parsed = parse_sudo_args(sudo_args)
-        self.username = username or parsed.get("username") or "root"
+        self.username = option("root", username, parsed.get("username"))
         self.sudo_path = sudo_path or "sudo"
         self.password = mitogen.spawn.to_secret(password)
         self.preserve_env = bool(preserve_env or parsed.get("preserve_env"))
         self.set_home = bool(set_home or parsed.get("set_home"))
         self.login = bool(login or parsed.get("login"))
-        self.selinux_role = selinux_role or parsed.get("selinux_role")
-        self.selinux_type = selinux_type or parsed.get("selinux_type")
+        self.selinux_role = option(None, selinux_role, parsed.get("selinux_role"))
+        self.selinux_type = option(None, selinux_type, parsed.get("selinux_type"))
 
 
 class Connection(mitogen.spawn.PtyConnection):
     options_class = Options
+    options: Options  # this method's own
     name_prefix = "sudo"
     program = "sudo"
+    child_is_immediate_subprocess = False
+    #: A login shell (-i) runs profile scripts, which could read the payload away.
+    eager_payload = False
 
     def make_stream_name(self, pid: int) -> str:
         return "sudo.%s" % (self.options.username,)
 
+    def is_prompt(self, text: str) -> bool:
+        return bool(PASSWORD_PROMPT_RE.search(text)) or super().is_prompt(text)
+
+    def missing_password_message(self) -> str:
+        return password_required_msg
+
+    def refused_message(self) -> str:
+        return password_incorrect_msg
+
     def get_boot_command(self) -> list:
         opts = self.options
-        argv = [opts.sudo_path, "-p", PROMPT, "-u", opts.username]
+        argv = [opts.sudo_path, "-p", PASSWORD_PROMPT, "-u", opts.username]
         if opts.preserve_env:
             argv.append("-E")
         if opts.set_home:
@@ -119,3 +170,12 @@ class Connection(mitogen.spawn.PtyConnection):
         if opts.selinux_type:
             argv += ["-t", opts.selinux_type]
         return [*argv, "--", *super().get_boot_command()]
+
+
+def __getattr__(name: str) -> Any:
+    """Names kept only for compatibility with Mitogen: see mitogen/parity.py."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import mitogen.parity
+
+    return mitogen.parity.lookup(__name__, name)

@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, TypeVar, Union
 __all__ = [
     "cast",
     "disable_site_packages",
+    "log_get_formatter",
+    "log_levels_configure",
     "log_to_file",
     "run_with_router",
     "setup_gil",
@@ -64,35 +66,48 @@ class _LogFormatter(logging.Formatter):
         return datetime.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")
 
 
+def log_get_formatter() -> logging.Formatter:
+    """The formatter of log_to_file(): ``HH:MM:SS.ffffff L logger: msg``."""
+    return _LogFormatter()
+
+
+def log_levels_configure(default: Union[str, int] = "INFO") -> None:
+    """Set the root logger's level to `default`, or to ``$MITOGEN_LOG_LEVEL`` when set.
+    ``IO`` is DEBUG plus the ``mitogen.io`` logger, which otherwise stays at INFO or above
+    because it logs every read and write of the streams to children started from then on."""
+    from_env = os.environ.get(LOG_LEVEL_ENV)
+    numeric_level, log_io = _parse_level(from_env or default, from_env=bool(from_env))
+    logging.getLogger().setLevel(numeric_level)
+    io_level = logging.DEBUG if log_io else max(numeric_level, logging.INFO)
+    logging.getLogger(IO_LOGGER).setLevel(io_level)
+
+
 def log_to_file(
     path: Union[str, os.PathLike, None] = None, level: Union[str, int] = "INFO"
 ) -> None:
     """Send every log record of this process to `path`, or to stderr when `path` is None.
 
-    The environment variable ``MITOGEN_LOG_LEVEL`` overrides `level`, so a user can turn on
-    debugging without editing the program. Besides the standard level names, ``IO`` means
-    DEBUG plus the ``mitogen.io`` logger, which otherwise stays at INFO or above because it
-    logs every read and write. A file is truncated first, so each run starts a fresh log.
-    Calling this again replaces the handler installed before (and closes its file) instead of
-    printing every record twice.
+    The levels are set by :func:`log_levels_configure`: ``MITOGEN_LOG_LEVEL`` overrides
+    `level`, so a user can turn on debugging without editing the program, and ``IO`` also
+    logs the bytes read from and written to each child (``mitogen.io``). A file is
+    truncated first, so each run starts a fresh log. Calling this again replaces the handler
+    installed before (and closes its file) instead of printing every record twice.
     """
     from_env = os.environ.get(LOG_LEVEL_ENV)
-    numeric_level, log_io = _parse_level(from_env or level, from_env=bool(from_env))
+    _parse_level(from_env or level, from_env=bool(from_env))  # a bad name fails first
     if path is None:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
         handler = logging.FileHandler(os.fspath(path), mode="w", encoding="utf-8")
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(_LogFormatter())
+    handler.setFormatter(log_get_formatter())
     root = logging.getLogger()
     with _handler_lock:
         for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
             root.removeHandler(old)
             old.close()
         root.addHandler(handler)
-        root.setLevel(numeric_level)
-        io_level = logging.DEBUG if log_io else max(numeric_level, logging.INFO)
-        logging.getLogger(IO_LOGGER).setLevel(io_level)
+        log_levels_configure(level)
 
 
 def _parse_level(level: Union[str, int], from_env: bool) -> Tuple[int, bool]:
@@ -120,14 +135,14 @@ def cast(obj: Any) -> Any:
 
     The receiving unpickler refuses every class it does not know, which includes harmless
     subclasses such as ``OrderedDict``, a ``namedtuple`` or a ``str`` subclass from some
-    library. This converts, recursively: dict subclasses to dict, list subclasses to list,
-    tuple subclasses (namedtuples too: their class is a global the receiver refuses) to
-    tuple, str and bytes subclasses to str and bytes, int and float subclasses (``IntEnum``)
-    to int and float. The underlying value is kept even if the subclass overrides
-    ``__str__`` or ``__bytes__``. ``mitogen.core``'s ``Blob``, ``Secret``, ``Context``,
-    ``Sender`` and ``CallError`` pass unchanged, and a ``Kwargs`` stays a ``Kwargs`` with its
-    values cast. Any other type raises :class:`TypeError`; a container that holds itself
-    raises :class:`ValueError`.
+    library. This converts, recursively: dict subclasses to dict; lists and tuples (and
+    their subclasses: a namedtuple's class is a global the receiver refuses) to lists, as
+    Mitogen's does, except tuples in dict keys, which stay tuples; str and bytes subclasses
+    to str and bytes; int and float subclasses (``IntEnum``) to int and float. The
+    underlying value is kept even if the subclass overrides ``__str__`` or ``__bytes__``.
+    ``mitogen.core``'s ``Blob``, ``Secret``, ``Context``, ``Sender`` and ``CallError`` pass
+    unchanged, and a ``Kwargs`` stays a ``Kwargs`` with its values cast. Any other type
+    raises :class:`TypeError`; a container that holds itself raises :class:`ValueError`.
     """
     passthrough, kwargs_type = _core_types()
     return _Caster(passthrough, kwargs_type).cast(obj)
@@ -155,12 +170,14 @@ class _Caster:
         self.kwargs_type = kwargs_type
         self.open_containers: Set[int] = set()
 
-    def cast(self, obj: Any) -> Any:
+    def cast(self, obj: Any, hashable: bool = False) -> Any:
+        """`obj` rebuilt; `hashable` (a dict key) keeps tuples tuples, as lists could not
+        be keys."""
         kind = type(obj)
         if kind in _PLAIN_LEAVES or (self.passthrough and isinstance(obj, self.passthrough)):
             return obj
         if isinstance(obj, (dict, list, tuple)):
-            return self._container(obj)
+            return self._container(obj, hashable)
         if isinstance(obj, str):
             return "".join((obj,))  # a str copy without calling an overridden __str__
         if isinstance(obj, bytes):
@@ -173,19 +190,20 @@ class _Caster:
                         "dict, list, tuple, str, bytes, int, float, bool, None and their "
                         "subclasses can")
 
-    def _container(self, obj: Union[Dict[Any, Any], list, tuple]) -> Any:
+    def _container(self, obj: Union[Dict[Any, Any], list, tuple], hashable: bool) -> Any:
         key = id(obj)
         if key in self.open_containers:
             raise ValueError(f"cannot cast a {_type_name(type(obj))} that contains itself")
         self.open_containers.add(key)
         try:
             if isinstance(obj, dict):
-                items = [(self.cast(k), self.cast(v)) for k, v in obj.items()]
+                items = [(self.cast(k, True), self.cast(v)) for k, v in obj.items()]
                 if self.kwargs_type is not None and isinstance(obj, self.kwargs_type):
                     return self.kwargs_type(items)
                 return dict(items)
-            values = [self.cast(v) for v in obj]
-            return tuple(values) if isinstance(obj, tuple) else values
+            if hashable and isinstance(obj, tuple):
+                return tuple(self.cast(v, True) for v in obj)
+            return [self.cast(v) for v in obj]
         finally:
             self.open_containers.discard(key)
 
@@ -256,3 +274,12 @@ def with_router(func: Callable[..., T]) -> Callable[..., T]:
         return run_with_router(func, *args, **kwargs)
 
     return wrapper
+
+
+def __getattr__(name: str) -> Any:
+    """Names kept only for compatibility with Mitogen: see mitogen/parity.py."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import mitogen.parity
+
+    return mitogen.parity.lookup(__name__, name)

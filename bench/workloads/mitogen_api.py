@@ -326,7 +326,43 @@ def ssh(params: Dict[str, Any], rec: Recorder) -> None:
     _with_router(body)
 
 
+def aio(params: Dict[str, Any], rec: Recorder) -> None:
+    """Wall time of N calls awaited concurrently from one asyncio loop, spread over C warm
+    children. Ours awaits ``ctx.acall()`` (no thread per pending call); Mitogen has no asyncio
+    face, so there each call runs in the loop's default thread pool
+    (``loop.run_in_executor(None, ctx.call, ...)``), as its users must do."""
+    import asyncio
+
+    children, calls = int(params.get("children", 10)), int(params.get("calls", 1000))
+    repeat = int(params.get("repeat", 5))
+
+    def body(router: Any) -> None:
+        contexts = [_start_and_call(router) for _ in range(children)]
+        threads: List[int] = []
+
+        async def one(ctx: Any) -> int:
+            if hasattr(ctx, "acall"):
+                return await ctx.acall(os.getpid)
+            return await asyncio.get_running_loop().run_in_executor(None, ctx.call, os.getpid)
+
+        async def all_calls() -> None:
+            pids = await asyncio.gather(*[one(contexts[i % children]) for i in range(calls)])
+            threads.append(threading.active_count())
+            if len(set(pids)) != children:
+                raise RuntimeError(f"{calls} calls reached {len(set(pids))} children")
+
+        def run_once() -> None:
+            asyncio.run(all_calls())
+
+        run_once()  # warm-up: the executor's threads, the children's imports
+        rec.samples(f"aio.{calls}x{children}", "s", [timed(run_once) for _ in range(repeat)])
+        rec.info["aio_threads"] = max(threads)
+
+    _with_router(body)
+
+
 WORKLOADS = {
+    "aio": aio,
     "bootstrap": bootstrap,
     "cold_start": cold_start,
     "fanout": fanout,

@@ -231,7 +231,11 @@ def test_broker_shutdown_during_connect_gives_cancelled_error():
     finally:
         logger.removeHandler(seen)
         logger.setLevel(old_level)
-    assert len(errors) == 1 and isinstance(errors[0], mitogen.parent.CancelledError)
+    (error,) = errors
+    assert type(error) is mitogen.parent.CancelledError
+    # A plain message: the stream's name and why, no internal repr, no child output.
+    name, _, text = str(error).partition(": ")
+    assert name.startswith("local.") and text == mitogen.parent.BROKER_SHUTDOWN_MSG
 
 
 def test_context_ids_follow_mitogen(router):
@@ -253,3 +257,114 @@ def test_stdin_of_the_child_is_dev_null(router):
     child = router.local()
     assert child.call(os.readlink, "/proc/self/fd/0") == "/dev/null"
     assert child.call(funcs.identity, 5) == 5
+
+
+# --- how a boot ends, and what it leaves
+
+
+def test_broker_shut_down_before_connect_gives_cancelled_error_with_a_plain_message():
+    router = mitogen.master.Router()
+    router.broker.shutdown()
+    router.broker.join()
+    with pytest.raises(mitogen.parent.CancelledError) as info:
+        router.local()
+    assert str(info.value) == mitogen.parent.BROKER_SHUTDOWN_MSG
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("kill -SEGV $$", "child killed by SIGSEGV (exit status -11) during bootstrap"),
+    ("kill -TERM $$", "child killed by SIGTERM (exit status -15) during bootstrap"),
+    ("exit 3", "child exited with status 3 during bootstrap"),
+])
+def test_a_child_that_dies_during_boot_says_how(router, command, expected):
+    with pytest.raises(mitogen.parent.EofError) as info:
+        router.local(python_path=["/bin/sh", "-c", command])
+    assert expected in str(info.value)
+
+
+def test_returncode_to_str_names_the_signal():
+    assert mitogen.parent.returncode_to_str(-9) == "killed by SIGKILL (exit status -9)"
+    assert mitogen.parent.returncode_to_str(0) == "exited with status 0"
+    assert mitogen.parent.SIGNAL_BY_NUM[11] == "SIGSEGV"
+
+
+def test_the_child_closes_the_boot_descriptors_and_reaps_the_first_stage(router):
+    child = router.local()
+    fds = child.call(funcs.open_fds)
+    assert not {100, 101, 102} & set(fds), fds
+    # The first stage was its child: reaped, so not even a zombie is left.
+    assert child.call(funcs.child_processes) == []
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list = []
+        self.event = threading.Event()
+        self.wanted = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(record.getMessage())
+        if self.wanted and self.wanted in record.getMessage():
+            self.event.set()
+
+
+def test_childs_stdout_is_line_buffered(router, caplog):
+    caplog.set_level(logging.INFO)  # a child forwards its stdout at INFO
+    handler = _Lines()
+    handler.wanted = marker = "a-line-without-flush"
+    logger = logging.getLogger("mitogen.ctx")
+    logger.addHandler(handler)
+    try:
+        child = router.local(name="printer")
+        recv = mitogen.core.Receiver(router)
+        result = child.call_async(funcs.print_then_wait, recv.to_sender(), marker)
+        go = recv.get(timeout=30).unpickle()
+        # The child now waits for us: its line must already have arrived.
+        assert handler.event.wait(30), handler.texts
+        go.send("done")
+        assert result.get(timeout=30).unpickle() == "done"
+        recv.close()
+    finally:
+        logger.removeHandler(handler)
+
+
+# --- the interpreter and the exec hook
+
+
+def test_empty_sys_executable_falls_back_to_usr_bin_python3(monkeypatch, caplog):
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no /usr/bin/python3 on this machine")
+    monkeypatch.setattr(sys, "executable", "")
+    monkeypatch.setattr(mitogen.parent, "_sys_executable_warned", set())
+    with caplog.at_level(logging.WARNING, logger="mitogen"):
+        options = mitogen.parent.Options(max_message_size=1 << 20)
+    assert options.python_path == ["/usr/bin/python3"]
+    assert "sys.executable is empty, so children are started with /usr/bin/python3" \
+        in caplog.text
+
+
+def test_unusable_sys_executable_falls_back_with_a_warning_once(monkeypatch, caplog, tmp_path):
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no /usr/bin/python3 on this machine")
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    monkeypatch.setattr(sys, "executable", str(not_executable))
+    monkeypatch.setattr(mitogen.parent, "_sys_executable_warned", set())
+    with caplog.at_level(logging.WARNING, logger="mitogen"):
+        first = mitogen.parent.get_sys_executable()
+        second = mitogen.parent.get_sys_executable()
+    assert first == second == "/usr/bin/python3"
+    assert caplog.text.count("sys.executable is") == 1
+
+
+def test_preexec_hook_runs_in_each_new_child_before_exec(router, monkeypatch):
+    def hook():
+        os.environ["MITOGEN_PREEXEC_TEST"] = "pid %d" % os.getpid()
+
+    monkeypatch.setattr(mitogen.core, "_preexec_hook", hook, raising=False)
+    child = router.local()
+    pid = child.call(os.getpid)
+    # Run in the forked process before exec: its exec'd program (the child) has it.
+    assert child.call(funcs.cwd_and_env, "MITOGEN_PREEXEC_TEST")[1] == "pid %d" % pid
+    assert "MITOGEN_PREEXEC_TEST" not in os.environ

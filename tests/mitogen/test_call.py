@@ -164,3 +164,14 @@ def test_child_globals_describe_its_place(router):
     ids, my_id = child.call(funcs.parent_ids)
     assert ids == [0]
     assert my_id == child.context_id == 1
+
+
+def test_channel_carries_messages_both_ways(router, local):
+    chan = mitogen.core.Channel(router, local, dst_handle=None)
+    result = local.call_async(funcs.channel_doubler, chan.handle)
+    chan.dst_handle = chan.get(timeout=30).unpickle()  # the child's end, its first message
+    for number in (1, 7, 21):
+        chan.send(number)
+        assert chan.get(timeout=30).unpickle() == 2 * number
+    chan.close()  # the child's `for msg in chan` ends
+    assert result.get(timeout=30).unpickle() == 3

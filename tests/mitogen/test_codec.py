@@ -167,3 +167,56 @@ def test_standard_handles_match_mitogen():
             c.ALLOCATE_ID, c.SHUTDOWN, c.LOAD_MODULE, c.FORWARD_MODULE, c.DETACHING) == \
         tuple(range(100, 110))
     assert c.IS_DEAD == 999
+
+
+# --- Mitogen's behaviours (mitogen.parity, loaded by the master)
+
+
+class UserThing:
+    """A class the default unpickler refuses."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def test_message_validates_its_arguments():
+    with pytest.raises(TypeError, match="no field colour"):
+        Message(colour=1)
+    with pytest.raises(TypeError, match="must be bytes or bytearray, not str"):
+        Message(data="text")
+    with pytest.raises(ValueError, match="enc must be"):
+        Message(enc=0x1234)
+    assert Message(data=bytearray(b"ok"), enc=mitogen.core.ENC_BIN).data == b"ok"
+
+
+def test_unpickle_with_find_class_allows_what_the_caller_allows():
+    msg = Message(data=pickle.dumps(UserThing(5), protocol=4))
+    with pytest.raises(mitogen.core.StreamError, match="refused to unpickle"):
+        msg.unpickle()
+
+    def allow_user_thing(module, name):
+        if (module, name) == (__name__, "UserThing"):
+            return UserThing
+        raise pickle.UnpicklingError("no %s.%s" % (module, name))
+
+    assert msg.unpickle(find_class=allow_user_thing).value == 5
+    with pytest.raises(pickle.UnpicklingError, match=r"no builtins\.print"):
+        Message(data=pickle.dumps(print)).unpickle(find_class=allow_user_thing)
+    assert list(Message.pickled([1, 2]).unpickle_iter()) == [[1, 2]]
+
+
+def test_errors_and_kwargs_turn_bytes_into_text():
+    assert str(mitogen.core.Error(b"caf\xc3\xa9")) == "caf\u00e9"
+    assert str(mitogen.core.CallError(b"remote %s")) == "remote %s"
+    assert str(mitogen.core.StreamError(b"%d bytes", 5)) == "5 bytes"
+    kwargs = mitogen.core.Kwargs({b"name": 1, "other": 2})
+    assert kwargs == {"name": 1, "other": 2} and type(kwargs) is mitogen.core.Kwargs
+    assert all(type(k) is str for k in kwargs)
+
+
+def test_sender_sends_raw_bytes_with_enc_bin(router):
+    recv = mitogen.core.Receiver(router)
+    recv.to_sender().send(b"\x00raw", enc=mitogen.core.ENC_BIN)
+    msg = recv.get(timeout=10)
+    assert msg.enc == mitogen.core.ENC_BIN and msg.unpickle() == b"\x00raw"
+    recv.close()

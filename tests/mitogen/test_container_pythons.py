@@ -43,13 +43,21 @@ def container(request):
 
 
 @pytest.mark.parametrize("container", sorted(SUITES), indirect=True)
-def test_child_in_container_runs_calls_and_imports_without_writing(container, router, package):
+def test_child_in_container_runs_calls_and_imports_without_writing(container, router, package,
+                                                                   data_package):
     suite, name = container
     baseline = set(_docker("diff", name).splitlines())  # what Docker itself adds (--init)
     child = router.local(python_path=["docker", "exec", "-i", name, "python3"],
                          name="in-" + suite)
     assert child.call(funcs.python_version)[:2] == SUITES[suite]
     assert child.call(package[0].run) == packages.expected_sum()
+    # A package's data files come from the master too: its directory exists only there.
+    data, use, _ = data_package
+    assert child.call(use.greeting) == packages.DATA_TEXT
+    found = child.call(funcs.resources_of, data, "greeting.txt", "data")
+    assert (found["type"], found["nested"], found["get_data"], found["legacy"]) == (
+        "RemoteTraversable", packages.DATA_BYTES, packages.DATA_TEXT.encode(),
+        packages.DATA_TEXT.encode())
     child.shutdown(wait=True)
     changes = set(_docker("diff", name).splitlines()) - baseline
     assert not changes, sorted(changes)

@@ -25,7 +25,7 @@ start = sys.argv.index("-S") - 1
 os.execv(sys.argv[start], sys.argv[start:])
 """
 
-STUBS = ["kubectl", "lxc-attach", "lxc", "podman", "buildah", "docker"]
+STUBS = ["kubectl", "lxc-attach", "lxc", "incus", "jexec", "podman", "buildah", "docker"]
 
 
 @pytest.fixture
@@ -51,18 +51,26 @@ def _boot_tail(argv: list) -> list:
 
 
 @pytest.mark.parametrize(("method", "kwargs", "name", "head"), [
+    # Mitogen's argument order and flags, exactly: wrappers may depend on them.
     ("kubectl", {"pod": "web-0", "kubectl_args": ["--context", "prod"]}, "kubectl.web-0",
-     ["kubectl", "--context", "prod", "exec", "-i", "web-0", "--"]),
+     ["kubectl", "--context", "prod", "exec", "-it", "web-0", "--"]),
     ("lxc", {"container": "c1"}, "lxc.c1",
      ["lxc-attach", "--clear-env", "--name", "c1", "--"]),
     ("lxd", {"container": "c2"}, "lxd.c2",
      ["lxc", "exec", "--mode=noninteractive", "c2", "--"]),
+    ("incus", {"container": "c3"}, "incus.c3",
+     ["incus", "exec", "--mode=non-interactive", "c3", "--"]),
+    ("jail", {"container": "j1", "username": "www", "jexec_path": "jexec"}, "jail.j1",
+     ["jexec", "-U", "www", "j1"]),
     ("podman", {"container": "p1", "username": "app"}, "podman.p1",
-     ["podman", "exec", "--interactive", "--user", "app", "p1"]),
-    ("buildah", {"container": "b1"}, "buildah.b1", ["buildah", "run", "--", "b1"]),
+     ["podman", "exec", "--user=app", "--interactive", "--", "p1"]),
+    ("podman", {"container": "p2"}, "podman.p2", ["podman", "exec", "--interactive", "--",
+                                                  "p2"]),
+    ("buildah", {"container": "b1", "username": "app"}, "buildah.b1",
+     ["buildah", "run", "--user=app", "--", "b1"]),
     ("docker", {"container": "d1"}, "docker.d1", ["docker", "exec", "--interactive", "d1"]),
     ("docker", {"image": "debian:12", "username": "nobody"}, "docker.debian:12",
-     ["docker", "run", "--interactive", "--rm", "--user", "nobody", "debian:12"]),
+     ["docker", "run", "--interactive", "--user=nobody", "--rm", "debian:12"]),
 ])
 def test_stubbed_method(router, stubs, method, kwargs, name, head):
     context = getattr(router, method)(python_path=sys.executable, **kwargs)

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import os
-import select
+import sys
 import threading
 import time
+import types
 import warnings
 
 import pytest
 
 import mitogen.fork
 import mitogen.master
-from tests.support import remote
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    """Wait for `pid` to exit, on its pidfd (the real event), within `timeout`."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
+from tests.support import funcs, remote
+from tests.support.procs import wait_gone
 
 
 def test_fork_from_a_threaded_master(router):
@@ -48,7 +38,7 @@ def test_fork_from_a_threaded_master(router):
         assert context.call(os.getppid) == router._fork_zygote.proc.pid
         context.shutdown(wait=True)
         second.shutdown(wait=True)
-        assert _wait_gone(pid)
+        assert wait_gone(pid)
     finally:
         stop.set()
         for t in busy:
@@ -82,3 +72,37 @@ def test_zygote_ends_with_its_router():
 
 def test_fork_error_class():
     assert issubclass(mitogen.fork.Error, mitogen.core.StreamError)
+
+
+def test_forked_child_imports_c_extensions_of_the_masters_site_packages(router):
+    """PyYAML's C extension, in the master's site-packages, is imported by the child
+    itself: the master could not have sent it (it has no Python source)."""
+    import yaml
+
+    assert yaml.__with_libyaml__
+    context = router.fork()
+    with_libyaml, loader, path = context.call(funcs.c_extension_import)
+    assert with_libyaml is True and loader == "ExtensionFileLoader"
+    assert path == yaml._yaml.__file__
+
+
+def test_forked_child_has_the_masters_current_path_environment_and_cwd(
+        router, tmp_path, monkeypatch):
+    (tmp_path / "only_on_a_runtime_path.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MITOGEN_FORK_TEST", "from the master")
+    monkeypatch.chdir(tmp_path)
+    context = router.fork()  # the zygote may already exist: what counts is now
+    loader, path = context.call(funcs.module_loader_and_file, "only_on_a_runtime_path")
+    assert (loader, path) == ("SourceFileLoader", str(tmp_path / "only_on_a_runtime_path.py"))
+    assert context.call(funcs.cwd_and_env, "MITOGEN_FORK_TEST") == (
+        str(tmp_path), "from the master")
+
+
+def test_zygote_runs_with_the_masters_interpreter_flags(monkeypatch):
+    flags = {"isolated": 0, "ignore_environment": 1, "no_user_site": 1, "no_site": 1}
+    monkeypatch.setattr(sys, "flags", types.SimpleNamespace(**flags))
+    assert mitogen.fork._interpreter_flags() == ["-E", "-s", "-S"]
+    flags.update(isolated=1, no_site=0)
+    monkeypatch.setattr(sys, "flags", types.SimpleNamespace(**flags))
+    assert mitogen.fork._interpreter_flags() == ["-I"]

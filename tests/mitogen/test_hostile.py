@@ -290,8 +290,8 @@ def test_churn_leaves_nothing_behind(router):
     threads = threading.active_count()
     base = rss_kib()
     run(1000)
-    assert len(os.listdir("/proc/self/fd")) == fds
-    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) <= fds  # (a warm-up child's may close late)
+    assert threading.active_count() <= threads
     assert not router._connections and len(router._context_by_id) < 10
     grown = rss_kib() - base
     assert grown < 5000, "RSS grew by %d KiB over 1,000 children" % (grown,)

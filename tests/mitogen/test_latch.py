@@ -110,3 +110,14 @@ def test_no_stray_wake_bytes_are_left_for_the_next_latch():
     t.join()
     with pytest.raises(mitogen.core.TimeoutError):
         Latch().get(timeout=0.05)
+
+
+def test_a_closed_latch_refuses_empty_and_size():
+    latch = Latch()
+    latch.put(1)
+    assert not latch.empty() and latch.size() == 1
+    latch.close()
+    with pytest.raises(mitogen.core.LatchError):
+        latch.empty()
+    with pytest.raises(mitogen.core.LatchError):
+        latch.size()

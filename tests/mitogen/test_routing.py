@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -150,3 +151,45 @@ def test_keepalive_notices_a_silent_child_and_fails_its_calls(router):
         assert time.monotonic() - stopped_at < 0.2 * (3 + 1) + 1.5
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_del_route_reaches_every_context_that_talked_to_the_lost_one(router):
+    """b dies: c (b's sibling, which sent b a message) and d (in another subtree, which did
+    too) are told at once; e, which never talked to b, is not."""
+    from tests.support import hostile
+
+    a = router.local(name="a")
+    b, c = router.local(name="b", via=a), router.local(name="c", via=a)
+    d, e = router.local(name="d"), router.local(name="e")
+    inbox = b.call(funcs.open_receiver)
+    for context in (c, d, e):
+        context.call(hostile.watch_disconnect, b.context_id)
+    for context in (c, d):
+        assert context.call(funcs.send_to, inbox, "hello") is True
+    assert b.call(funcs.receive_numbered_or_value, inbox.dst_handle, 2) == ["hello", "hello"]
+    os.kill(b.call(os.getpid), signal.SIGKILL)
+    told = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (told.get("c") and told.get("d")):
+        told = {n: ctx.call(hostile.was_told_disconnected, b.context_id)
+                for n, ctx in (("c", c), ("d", d))}
+    assert told == {"c": True, "d": True}
+    assert e.call(hostile.was_told_disconnected, b.context_id) is False
+
+
+def test_a_new_childs_first_messages_never_overtake_its_route(router, caplog, monkeypatch):
+    """The intermediate sends a new child's ADD_ROUTE before it reads anything from that
+    child, so nothing from the child reaches the master ahead of the route back to it.
+    The master's own shortcut (proxy_connect installing the route it learns) is turned off
+    here: ADD_ROUTE alone must have done it. The child logs from its first moment (debug):
+    a record that overtook the route would be dropped by source verification."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(router, "_learn_route", lambda via, context_id: None)
+    a = router.local(name="a")
+    before = router.get_stats()["dropped_message_count"]
+    child = router.local(name="chatty-child", via=a, debug=True)
+    assert child.call(funcs.add, 2, 2) == 4
+    assert router.get_stats()["dropped_message_count"] == before
+    assert a.call(funcs.dropped_count) == 0
+    started = "context %d started" % (child.context_id,)
+    assert any("chatty-child" in r.name and started in r.getMessage() for r in caplog.records)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+
+import pytest
 
 import mitogen.core
 import mitogen.master
@@ -118,3 +121,21 @@ def test_children_exit_by_themselves_when_the_master_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.slow
+def test_a_child_that_does_not_disconnect_is_forced_after_5_seconds():
+    """The master waits Broker.shutdown_timeout (5 s) for children to disconnect, then
+    disconnects them itself and kills their processes (the leak check proves it)."""
+    router = mitogen.master.Router()
+    child = router.local()
+    pid = child.call(os.getpid)
+    os.kill(pid, signal.SIGSTOP)  # it can no longer answer SHUTDOWN
+    started = time.monotonic()
+    router.broker.shutdown()
+    router.broker.join()
+    elapsed = time.monotonic() - started
+    assert router.broker.shutdown_timeout == 5.0
+    assert 5.0 <= elapsed < 5.0 + 5.0, elapsed
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

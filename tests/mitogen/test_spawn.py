@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import select
+import sys
 
 import pytest
 
+import mitogen.doas
 import mitogen.master
 import mitogen.spawn
-from tests.support import remote
+from tests.support import funcs, remote
 from tests.support.logins import SYSTEM_PYTHON, accounts  # noqa: F401 (fixture)
 
 
@@ -57,6 +59,101 @@ def test_no_process_left_along_a_route(accounts):  # noqa: F811
         try:
             assert select.select([fd], [], [], 10.0)[0], "process %d outlived its router" % pid
         finally:
+            os.close(fd)
+
+
+# --- a launcher that execs Python itself (old sudo, doas)
+
+#: A doas stand-in: takes what is left in its stdin (as a login shell or a profile script
+#: might), then execs the command itself, as an old sudo or doas does: the Python child is
+#: then the session leader whose controlling terminal is the PTY, and nothing else holds it.
+EXEC_LAUNCHER = """\
+#!%s
+import os, sys
+os.set_blocking(0, False)
+try:
+    os.read(0, 1 << 20)
+except BlockingIOError:
+    pass
+os.set_blocking(0, True)
+argv = sys.argv[sys.argv.index("--") + 1:]
+os.execv(argv[0], argv)
+"""
+
+
+@pytest.fixture
+def exec_launcher(tmp_path):
+    path = tmp_path / "doas"
+    path.write_text(EXEC_LAUNCHER % sys.executable)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_child_survives_its_terminal_when_the_launcher_execd_python(router, exec_launcher):
+    context = router.doas(doas_path=exec_launcher, username="nobody-needed")
+    pid = context.call(os.getpid)
+    conn = router.stream_by_id(context.context_id).conn
+    assert os.getsid(pid) == pid  # the launcher's session: Python leads it now
+    # Once the child has replaced its stdio, no process holds the terminal open any more.
+    assert conn.pty_stream.let_go.wait(30)
+    # Its master side stays open (closing it would SIGHUP the child), unread.
+    os.fstat(conn.pty_master)
+    assert context.call(os.getpid) == pid
+    os.kill(pid, 0)
+
+
+def test_payload_waits_for_the_first_stage_where_something_else_may_read_stdin(
+        router, exec_launcher):
+    """The launcher reads whatever is in its stdin before Python starts: the payload must
+    not be there yet, so doas (and every method but local and setns) sends it only after
+    MITO000."""
+    assert not mitogen.doas.Connection.eager_payload
+    context = router.doas(doas_path=exec_launcher, username="nobody-needed")
+    assert context.call(remote.thread_count) == 2
+
+
+def test_only_methods_that_start_python_themselves_send_the_payload_early():
+    import importlib
+
+    import mitogen.parent
+
+    eager = set()
+    for name in ("local", "fork", "ssh", "sudo", "su", "doas", "docker", "podman", "buildah",
+                 "kubectl", "lxc", "lxd", "incus", "jail", "setns"):
+        conn_class = mitogen.parent.get_connection_class(name)
+        if conn_class.eager_payload:
+            eager.add(name)
+        importlib.import_module(conn_class.__module__)
+    assert eager == {"local", "setns"}
+
+
+def test_preexec_hook_runs_in_a_child_started_on_a_pty(router, exec_launcher, monkeypatch):
+    def hook():
+        os.environ["MITOGEN_PREEXEC_TEST"] = "pid %d" % os.getpid()
+
+    monkeypatch.setattr(mitogen.core, "_preexec_hook", hook, raising=False)
+    context = router.doas(doas_path=exec_launcher, username="nobody-needed")
+    pid = context.call(os.getpid)  # exec'd by the launcher: the same process
+    assert context.call(funcs.cwd_and_env, "MITOGEN_PREEXEC_TEST")[1] == "pid %d" % pid
+    conn = router.stream_by_id(context.context_id).conn
+    assert conn.pty_master is not None and os.getsid(pid) == pid
+
+
+@pytest.mark.parametrize("escalates_privilege", [False, True])
+def test_hybrid_tty_create_child_on_a_socketpair_or_pipes(escalates_privilege):
+    import mitogen.parent
+
+    proc = mitogen.parent.hybrid_tty_create_child(
+        [sys.executable, "-c", "import os,sys; os.write(1, sys.stdin.readline().upper().encode()); "
+         "os.write(2, os.ttyname(2).encode())"], escalates_privilege=escalates_privilege)
+    try:
+        assert (proc.stdin == proc.stdout) is False  # two descriptors either way
+        os.write(proc.stdin, b"hello\n")
+        assert os.read(proc.stdout, 100) == b"HELLO\n"
+        assert os.read(proc.stderr, 100).startswith(b"/dev/pts/")  # the PTY is stderr
+        assert os.waitpid(proc.pid, 0)[1] == 0
+    finally:
+        for fd in {proc.stdin, proc.stdout, proc.stderr}:
             os.close(fd)
 
 

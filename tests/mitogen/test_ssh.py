@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 
 import pytest
@@ -125,7 +126,8 @@ def test_slow_login(router, sshd, accounts):  # noqa: F811
 
 
 def test_failing_login(router, sshd, accounts):  # noqa: F811
-    with pytest.raises(mitogen.parent.EofError, match="EOF on stream"):
+    with pytest.raises(mitogen.parent.EofError, match="child exited with status 1 during "
+                                                      "bootstrap"):
         _ssh(router, sshd, "fails", accounts, identity_file=str(accounts.key))
 
 
@@ -142,7 +144,8 @@ def test_ssh_then_sudo_via(router, sshd, accounts):  # noqa: F811
 
 
 def _argv(**kwargs):
-    options = mitogen.ssh.Options(max_message_size=1 << 20, hostname="node12b", **kwargs)
+    kwargs.setdefault("hostname", "node12b")
+    options = mitogen.ssh.Options(max_message_size=1 << 20, **kwargs)
     return mitogen.ssh.Connection(options, router=_FakeRouter())
 
 
@@ -156,8 +159,14 @@ def test_defaults_and_options_build_the_command_line():
     assert argv[0] == "ssh"
     assert "BatchMode=yes" in argv and "StrictHostKeyChecking=yes" in argv
     assert "Compression=yes" in argv and "ServerAliveInterval=15" in argv
-    assert argv[argv.index("--") + 1] == "node12b"
-    assert argv[-1].startswith("python -S -c ")
+    # As Mitogen builds it: ssh's options, the host, then one quoted word per argument of
+    # the Python command line (ssh joins them with spaces for the remote shell).
+    python = argv.index("python")
+    assert argv[python - 1] == "node12b" and "--" not in argv
+    assert argv[python:python + 3] == ["python", "-S", "-c"]
+    assert argv[python + 3] == shlex.quote(mitogen.parent.STUB)
+    assert shlex.split(" ".join(argv[python:])) == \
+        mitogen.parent.Connection.get_boot_command(conn)
     assert conn.make_stream_name(1) == "ssh.node12b:22"
     assert not conn.wants_pty()
     conn = _argv(port=2222, password="s3cret", ssh_debug_level=2, compression=False,
@@ -170,8 +179,12 @@ def test_defaults_and_options_build_the_command_line():
     assert not any("ServerAlive" in a for a in argv)
     assert "s3cret" not in " ".join(argv)
     assert conn.make_stream_name(1) == "ssh.node12b:2222"
-    assert argv[-1].startswith("/usr/bin/python3 -X utf8 -S -c ")
+    python = argv.index("/usr/bin/python3")
+    assert argv[python - 1] == "node12b"
+    assert argv[python:python + 5] == ["/usr/bin/python3", "-X", "utf8", "-S", "-c"]
     assert _argv(check_host_keys="accept").wants_pty()
+    with pytest.raises(ValueError, match="hostname"):
+        _argv(hostname="-oProxyCommand=touch /tmp/x")
 
 
 def test_bad_options_are_clear_errors():

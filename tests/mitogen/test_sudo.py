@@ -153,9 +153,9 @@ def test_sudo_args_map_onto_options():
 
 
 def test_sudo_args_unknown_flag_is_a_clear_error():
-    with pytest.raises(mitogen.core.StreamError, match="unsupported sudo flag '-k'"):
+    with pytest.raises(mitogen.core.StreamError, match="no such option: -k"):
         _argv(sudo_args=["-k"])
-    with pytest.raises(mitogen.core.StreamError, match="needs a value"):
+    with pytest.raises(mitogen.core.StreamError, match="-u option requires 1 argument"):
         _argv(sudo_args=["-u"])
 
 

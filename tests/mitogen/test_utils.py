@@ -48,8 +48,8 @@ def installed_handlers() -> List[logging.Handler]:
 
 def test_public_names() -> None:
     assert sorted(mitogen.utils.__all__) == [
-        "cast", "disable_site_packages", "log_to_file", "run_with_router", "setup_gil",
-        "with_router",
+        "cast", "disable_site_packages", "log_get_formatter", "log_levels_configure",
+        "log_to_file", "run_with_router", "setup_gil", "with_router",
     ]
 
 
@@ -202,17 +202,25 @@ def assert_plain(obj: Any) -> None:
 def test_cast_plain_values_come_back_unchanged() -> None:
     for value in ["text", b"bytes", 7, 2.5, True, None]:
         assert cast(value) is value
-    value = {"a": [1, (2, "x")], b"k": None}
+    value = {"a": [1, [2, "x"]], b"k": None, (1, "t"): 0.5}
     assert cast(value) == value
     assert_plain(cast(value))
+
+
+def test_cast_turns_tuples_into_lists_as_mitogen_does() -> None:
+    assert cast((1, (2, [3, (4,)]))) == [1, [2, [3, [4]]]]
+    # A tuple used as a dict key stays a tuple (a list cannot be a key).
+    result = cast({(1, (2, 3)): (4, 5)})
+    assert result == {(1, (2, 3)): [4, 5]}
+    assert type(next(iter(result))) is tuple
 
 
 @pytest.mark.parametrize(("given", "expected"), [
     (MyStr("abc"), "abc"),
     (MyBytes(b"abc"), b"abc"),
     (MyList([1, 2]), [1, 2]),
-    (MyTuple((1, 2)), (1, 2)),
-    (Point(1, 2), (1, 2)),
+    (MyTuple((1, 2)), [1, 2]),
+    (Point(1, 2), [1, 2]),
     (collections.OrderedDict(a=1), {"a": 1}),
     (collections.defaultdict(list, a=[1]), {"a": [1]}),
     (Colour.RED, 1),
@@ -230,7 +238,7 @@ def test_cast_is_recursive_keys_included() -> None:
         ((MyStr("t"), 1), None),
     ])
     result = cast(given)
-    assert result == {"k": [(1, 2), {b"b": (1, "s")}], ("t", 1): None}
+    assert result == {"k": [[1, 2], {b"b": [1, "s"]}], ("t", 1): None}
     assert_plain(result)
 
 
@@ -309,7 +317,7 @@ def test_cast_with_the_real_mitogen_core() -> None:
     secret = mitogen.core.Secret("pw")
     result = cast(mitogen.core.Kwargs(password=secret, names=Point(1, 2)))
     assert type(result) is mitogen.core.Kwargs
-    assert result["password"] is secret and type(result["names"]) is tuple
+    assert result["password"] is secret and type(result["names"]) is list
 
 
 # -- process set-up -----------------------------------------------------------------------------
@@ -424,3 +432,31 @@ def test_run_with_router_with_the_real_master() -> None:
         return router.myself().context_id
 
     assert run_with_router(context_id_of_master) == 0
+
+
+def test_log_level_io_logs_the_bytes_of_each_read_and_write(tmp_path: Any) -> None:
+    import mitogen.master
+    from tests.support import funcs
+
+    path = tmp_path / "io.log"
+    log_to_file(str(path), level="IO")
+    with mitogen.master.Router() as router:
+        child = router.local(name="io-child")
+        assert child.call(funcs.add, 20, 22) == 42
+    records = [line for line in path.read_text().splitlines() if " mitogen.io: " in line]
+    assert all(LINE_FORMAT.match(line) for line in records)
+    wrote = [r for r in records if re.search(r"mitogen\.io: local\.\d+: wrote \d+ bytes: b'MJ", r)]
+    read = [r for r in records if re.search(r"mitogen\.io: local\.\d+: read \d+ bytes: b'MJ", r)]
+    assert wrote and read, records
+    assert any("tests.support.funcs" in r for r in wrote)  # the call, as its bytes show it
+
+
+def test_without_io_level_nothing_is_logged_on_mitogen_io(tmp_path: Any) -> None:
+    import mitogen.master
+    from tests.support import funcs
+
+    path = tmp_path / "debug.log"
+    log_to_file(str(path), level="DEBUG")
+    with mitogen.master.Router() as router:
+        router.local(name="quiet-child").call(funcs.add, 1, 1)
+    assert " mitogen.io: " not in path.read_text()

@@ -133,6 +133,11 @@ def send_numbered(sender, count, size):
     return count
 
 
+def receive_numbered_or_value(handle, count, timeout=30.0):
+    """The next `count` values sent to the receiver `handle`."""
+    return [_receivers[handle].get(timeout=timeout).unpickle() for _ in range(count)]
+
+
 def receive_numbered(handle, count, timeout=30.0):
     """The numbers of the next `count` messages sent to the receiver `handle`."""
     return [_receivers[handle].get(timeout=timeout).unpickle()[0] for _ in range(count)]
@@ -279,3 +284,113 @@ def module_file(name):
     import importlib
 
     return importlib.import_module(name).__file__
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+def resources_of(package, name, subdir):
+    """What importlib.resources and pkgutil give for the files of `package` here."""
+    import importlib.resources
+    import pkgutil
+    import warnings
+
+    root = importlib.resources.files(package)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy API, on 3.11+
+        legacy = importlib.resources.read_binary(package, name)
+    return {
+        "type": type(root).__name__,
+        "text": root.joinpath(name).read_text(),
+        "listing": sorted(c.name for c in root.iterdir() if c.name != "__pycache__"),
+        "nested": (root / subdir / "deep.bin").read_bytes(),
+        "is_dir": (root / subdir).is_dir(),
+        "is_file": root.joinpath(name).is_file(),
+        "get_data": pkgutil.get_data(package, name),
+        "get_data_nested": pkgutil.get_data(package, subdir + "/deep.bin"),
+        "legacy": legacy,
+    }
+
+
+def missing_resource(package, name):
+    import importlib.resources
+
+    try:
+        importlib.resources.files(package).joinpath(name).read_bytes()
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "ok", None
+
+
+# --- the child's process state -----------------------------------------------------------
+
+
+def open_fds():
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+
+
+def child_processes():
+    """(pid, state) of every process whose parent is this one (zombies included)."""
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found.append((int(name), fields[0]))
+    return found
+
+
+@mitogen.core.takes_router
+def print_then_wait(sender, marker, router=None):
+    """Print `marker` without flushing, then wait for the master's go-ahead: a line-buffered
+    stdout has already sent it by then, a block-buffered one has not."""
+    recv = mitogen.core.Receiver(router)
+    sender.send(recv.to_sender())
+    print(marker)
+    try:
+        return recv.get(timeout=30).unpickle()
+    finally:
+        recv.close()
+
+
+@mitogen.core.takes_router
+def channel_doubler(handle, router=None):
+    """Open a Channel to the master's `handle`, tell it ours, then answer every number it
+    sends with its double until the master closes the channel; return how many."""
+    chan = mitogen.core.Channel(router, router.context_by_id(0), handle)
+    chan.send(chan.handle)
+    count = 0
+    for msg in chan:
+        chan.send(msg.unpickle() * 2)
+        count += 1
+    chan.close()
+    return count
+
+
+def c_extension_import():
+    """Import PyYAML and say whether its C extension loaded, and from where."""
+    import yaml
+
+    return yaml.__with_libyaml__, type(yaml._yaml.__loader__).__name__, yaml._yaml.__file__
+
+
+def module_loader_and_file(name):
+    import importlib
+
+    module = importlib.import_module(name)
+    return type(module.__loader__).__name__, module.__file__
+
+
+def cwd_and_env(name):
+    return os.getcwd(), os.environ.get(name)
+
+
+def sleep_then_return(seconds, value):
+    time.sleep(seconds)
+    return value

@@ -42,3 +42,23 @@ def make_package(root: Path, name: str, dynamic: bool = False) -> list[str]:
 
 def expected_sum() -> int:
     return sum(range(1, PACKAGE_SIZE - 1))
+
+
+#: The files make_data_package() writes beside its code.
+DATA_TEXT = "greetings from the master\n"
+DATA_BYTES = bytes(range(256)) * 4
+
+
+def make_data_package(root: Path, name: str) -> list[str]:
+    """Write package `name` under `root` with data files: ``greeting.txt`` (DATA_TEXT) and
+    ``data/deep.bin`` (DATA_BYTES); ``use.py`` reads them through importlib.resources."""
+    pkg = root / name
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""Generated for a test: a package with data."""\n')
+    (pkg / "greeting.txt").write_text(DATA_TEXT)
+    (pkg / "data" / "deep.bin").write_bytes(DATA_BYTES)
+    (pkg / "use.py").write_text(
+        "import importlib.resources\n\n\ndef greeting():\n"
+        "    return importlib.resources.files(__package__).joinpath('greeting.txt')"
+        ".read_text()\n")
+    return [name, name + ".use"]
