@@ -82,6 +82,8 @@ RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py"
 #: Seconds a relay keeps a link open after its parent side closed; also how long a paused
 #: (SIGSTOPped) orphan can survive a killed runner before its relay kills it.
 RELAY_LINGER = 2.0
+#: How long a relay gives its child after SIGTERM (relay.KILL_GRACE), plus a margin.
+RELAY_STOP_GRACE = 3.0
 
 #: Hosts started at once while building a tree (each waits mostly on its links).
 BUILD_THREADS = 8
@@ -572,7 +574,9 @@ class LocalBackend(Backend):
         """Start again every host of ``host_id``'s subtree that is down; return their ids.
 
         Waits first until the master has seen the old contexts go, so that routes to a
-        dead context never linger next to its replacement.
+        dead context never linger next to its replacement, and until the old link relay has
+        ended, so that the new one can take its control socket (a relay whose link was
+        reset lingers a moment, then stops its child).
         """
         started = []
         for host in self.topology.subtree(self.topology.host(host_id)):
@@ -581,11 +585,18 @@ class LocalBackend(Backend):
                 continue
             if state is not None:
                 self._wait_down(host.id)
+                self._wait_relay_gone(state)
             self._start_host(host)
             started.append(host.id)
         if started:
             self.timeline.record("build", host=host_id, action="revived", hosts=started)
         return started
+
+    def _wait_relay_gone(self, state: _HostState) -> None:
+        """Wait (bounded) for a dead link's relay to end; end it if it outstays that."""
+        if self.wait_gone([state.relay_pid], RELAY_LINGER + RELAY_STOP_GRACE):
+            self._signal([state.relay_pid], signal_module.SIGKILL)
+            self.wait_gone([state.relay_pid], 5.0)
 
     def _wait_down(self, host_id: str) -> None:
         """Wait until the master saw the host's context disconnect (bounded)."""
