@@ -53,7 +53,6 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 
 import mitogen.core
 import mitogen.master
-from simulator import probes
 from simulator.backend import (
     Backend,
     BackendError,
@@ -320,8 +319,12 @@ class LocalBackend(Backend):
         context = self.router.local(via=parent.context if parent else None,
                                     connect_timeout=self.topology.network.connect_timeout,
                                     **spec.kwargs)
-        pid, relay_pid = context.call(probes.pids)
-        ping_handle = context.call(probes.install_ping)
+        # Standard library calls only: importing anything else would make the new
+        # interpreter load site, a good part of its start-up. Keepalives go to the router's
+        # own PING handler, answered on the broker thread, never behind user calls.
+        pid = context.call(os.getpid)
+        relay_pid = context.call(os.getppid)
+        ping_handle = mitogen.core.PING
         accounts = {}
         for account in host.accounts:
             if account.name == host.login:
