@@ -306,7 +306,7 @@ class _Run:
         current = {int(c["context_id"]) for c in collect.get("current", ())}
         lost_ids = set(collect["dead"]) if "dead" in collect else set(self.contexts) - current
         probed = {int(e["context_id"]): e["time"] for e in self.events
-                  if e.get("kind") == "probe"}
+                  if e.get("kind") == "probe" and not e.get("error")}
         learned: Set[Tuple[str, int]] = {
             (e["host"], int(e["lost"])) for e in self.events
             if e.get("kind") == "del_route" and e.get("host") is not None

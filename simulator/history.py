@@ -32,7 +32,8 @@ of this machine shares) and ``kind``:
 ``del_route``  a context forgot a lost one: ``host``/``account`` of the context that learned
                it (``host: null`` is the master), ``lost`` (context id)
 ``probe``      the campaign's probes are installed in a context (``host``, ``account``,
-               ``context_id``); before that, the context's route log is not complete
+               ``context_id``; ``error`` if they could not be); before that, the context's
+               route log is not complete
 ``leftover``   after shutdown: a process of the tree still running (``pid``, ``command``)
 ``violation``  written by the checker when a run is reported: ``invariant``, ``message``
 =============  ===============================================================================

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mitogen.core
@@ -81,7 +82,7 @@ class Workload:
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
-        self._package = f"simcampaign_{os.getpid()}_{abs(hash(seed)) % 10**8}"
+        self._package = f"simcampaign_{uuid.uuid4().hex[:12]}"
         self._dir = tempfile.mkdtemp(prefix="sim-campaign-modules-")
         self._write_package()
 
