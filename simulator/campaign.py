@@ -277,10 +277,10 @@ def _play(backend: Any, history: History, steps: Sequence[PlannedFault], horizon
         delay = began + when - time.monotonic()
         if delay > 0:
             time.sleep(delay)  # the schedule's own clock, not a wait for something to happen
-        if action == "end":
-            continue
-        fields = _fault_fields(fid, steps[fid])
-        if action == "apply":
+        if action == "heal":
+            _heal_one(injector, history, applied, fid, steps[fid])
+        elif action == "apply":
+            fields = _fault_fields(fid, steps[fid])
             history.record("fault", action="begin", **fields)
             try:
                 applied[fid] = injector.apply(steps[fid].fault())
@@ -290,15 +290,21 @@ def _play(backend: Any, history: History, steps: Sequence[PlannedFault], horizon
                 history.record("fault", action="apply", **fields)
                 heapq.heappush(actions, (time.monotonic() - began + steps[fid].duration, 0,
                                          fid, "heal"))
-        else:
-            try:
-                injector.heal(applied[fid])
-            except Exception as exc:
-                history.record("fault", action="heal_failed", error=_text(exc), **fields)
-            else:
-                del applied[fid]
-                history.record("fault", action="heal", **fields)
     return injector, applied
+
+
+def _heal_one(injector: FaultInjector, history: History, applied: Dict[int, AppliedFault],
+              fid: int, step: PlannedFault) -> None:
+    """Heal one applied fault, recording how it went; a fault that stays applied stays in
+    ``applied`` for the final heal."""
+    fields = _fault_fields(fid, step)
+    try:
+        injector.heal(applied[fid])
+    except Exception as exc:
+        history.record("fault", action="heal_failed", error=_text(exc), **fields)
+    else:
+        del applied[fid]
+        history.record("fault", action="heal", **fields)
 
 
 def _final_heal(backend: Any, injector: FaultInjector, history: History,
@@ -307,14 +313,7 @@ def _final_heal(backend: Any, injector: FaultInjector, history: History,
     (start every host that is down); a fault whose own heal failed (its host's parent was
     down, say) counts as healed once that worked."""
     for fid in sorted(applied, reverse=True):
-        fields = _fault_fields(fid, steps[fid])
-        try:
-            injector.heal(applied[fid])
-        except Exception as exc:
-            history.record("fault", action="heal_failed", error=_text(exc), **fields)
-        else:
-            del applied[fid]
-            history.record("fault", action="heal", **fields)
+        _heal_one(injector, history, applied, fid, steps[fid])
     try:
         backend.heal_all()
     except Exception as exc:
