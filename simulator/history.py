@@ -14,11 +14,12 @@ of this machine shares) and ``kind``:
                (the fault schedule), ``contexts`` expected; ``action=collect``: ``current``,
                the context id of every host and account once everything is healed, and
                ``dead``: the ids of the contexts whose process has ended (the lost ones)
-``op``         ``action=start``: ``op`` (id), ``type`` (call, hold, import, channel),
+``op``         ``action=start``: ``op`` (id), ``type`` (:data:`OP_TYPES`),
                ``phase`` (``load`` during faults, ``final`` after the last heal), ``dst``:
                the context the call goes to, ``{host, account, context_id}`` (for a
-               channel, the sender; ``to`` is the receiver), ``path``: the hosts the call
-               crosses, root first. ``action=end``: ``outcome`` (``ok``; ``error``: failed
+               channel, the sender; ``to`` is the receiver; for a nested call, the context
+               called from inside the tree), ``path``: the hosts the call crosses, root
+               first. ``action=end``: ``outcome`` (``ok``; ``error``: failed
                with an exception; ``timeout``: abandoned by the workload), ``error``,
                ``at`` (the context id that answered); an ``ok`` op with an ``error`` got
                the answer of another op
@@ -58,7 +59,7 @@ __all__ = [
     "ops_of",
 ]
 
-OP_TYPES = ("call", "hold", "import", "channel")
+OP_TYPES = ("call", "hold", "bulk", "nested", "import", "channel")
 OP_OUTCOMES = ("ok", "error", "timeout")
 
 

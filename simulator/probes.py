@@ -21,6 +21,7 @@ import mitogen.core
 
 __all__ = [
     "SINK_HANDLE",
+    "call_into",
     "channel_send",
     "disconnect_times",
     "dropped_count",
@@ -163,9 +164,19 @@ SINK_HANDLE = 0x7FFF0000
 _route_log: Deque[Tuple[float, int]] = collections.deque(maxlen=100_000)
 
 
-def whoami(token: object) -> Tuple[int, object]:
-    """This context's id, and the caller's token back (which call this answer is for)."""
+def whoami(token: object, payload: Optional[bytes] = None) -> Tuple[int, object]:
+    """This context's id, and the caller's token back (which call this answer is for).
+    ``payload`` only makes the call bigger (a frame that spans several reads)."""
     return mitogen.context_id, token
+
+
+@mitogen.core.takes_router
+def call_into(context_id: int, token: object,
+              router: Optional[mitogen.core.Router] = None) -> Tuple[int, object]:
+    """Call :func:`whoami` in ``context_id``, a context below this one: a call that starts
+    inside the tree, which must fail here as soon as this context loses the path to it."""
+    assert router is not None
+    return router.context_by_id(context_id).call(whoami, token)
 
 
 def hold(seconds: float, token: object) -> Tuple[int, object]:

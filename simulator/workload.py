@@ -5,6 +5,9 @@ tree (every host and every account) in its own seeded order, doing one op at a t
 
 ``call``     ``whoami(token)``: answered at once; the answer names the context that ran it
 ``hold``     ``hold(seconds, token)``: stays in flight a while, so faults find calls to break
+``bulk``     ``whoami`` with 64 KiB more: a frame long enough for a cut to fall inside it
+``nested``   a call from the parent context of the target (its host, for an account) into
+             it: a call that starts inside the tree, not in the master
 ``import``   imports a module only the master has (a package written for the run, one fresh
              module per op), so the request climbs every hop to the master
 ``channel``  asks one context to send tagged messages to another context's sink: they travel
@@ -46,7 +49,9 @@ Target = Tuple[str, Optional[str]]
 ContextHook = Callable[[mitogen.core.Context, str, Optional[str]], None]
 
 #: Op types and how often each is drawn.
-_MIX = (("call", 3), ("import", 2), ("channel", 2), ("hold", 1))
+_MIX = (("call", 3), ("import", 2), ("channel", 2), ("nested", 2), ("hold", 1), ("bulk", 1))
+#: Bytes a ``bulk`` op carries.
+BULK_BYTES = 64 * 1024
 #: Modules written for one run; imports wrap around after the last one.
 MODULES = 400
 #: Bytes of padding per module, so a module spans several relay chunks on slow links.
@@ -76,6 +81,7 @@ class Workload:
         self._paths = {host.id: [a.id for a in topology.ancestors(host)] + [host.id]
                        for host in topology.walk()}
         self._ids = itertools.count(1)
+        self._bulk = os.urandom(BULK_BYTES)
         self._modules = itertools.count(0)
         self._sinks: Dict[int, mitogen.core.Sender] = {}
         self._ack: Optional[mitogen.core.Sender] = None
@@ -185,14 +191,34 @@ class Workload:
         context = self.backend.context(host, account)
         return context, {"host": host, "account": account, "context_id": context.context_id}
 
+    def _caller(self, target: Target) -> Optional[Target]:
+        """The context that may call ``target`` from inside the tree: its host for an account,
+        its parent host's context for a host; None for a root host."""
+        host, account = target
+        if account is not None:
+            return host, None
+        parent = self.topology.host(host).parent
+        return None if parent is None else (parent, None)
+
     def _call(self, kind: str, target: Target, phase: str,
               rng: Optional[random.Random] = None) -> None:
+        caller = self._caller(target) if kind == "nested" else None
+        if kind == "nested" and caller is None:
+            kind = "call"  # a root host has no context above it but the master
         context, dst = self._describe(target)
         op = next(self._ids)
-        if kind == "import":
-            token: Any = f"{self._package}.m{next(self._modules) % MODULES}"
-            fn: Callable[..., Any] = probes.import_named
-            args: Tuple[Any, ...] = (token,)
+        if kind == "nested":
+            assert caller is not None
+            token: Any = op
+            fn: Callable[..., Any] = probes.call_into
+            args: Tuple[Any, ...] = (dst["context_id"], op)
+            context = self._describe(caller)[0]
+        elif kind == "import":
+            token = f"{self._package}.m{next(self._modules) % MODULES}"
+            fn, args = probes.import_named, (token,)
+        elif kind == "bulk":
+            token = op
+            fn, args = probes.whoami, (op, self._bulk)
         elif kind == "hold":
             token = op
             fn, args = probes.hold, (round((rng or random).uniform(*self.hold), 2), op)

@@ -100,7 +100,7 @@ def test_a_run_under_faults_holds_every_invariant_and_records_its_history(tiny, 
     ended = {e["op"]: e for e in _kinds(events, "op", action="end")}
     types = {e["type"] for e in _kinds(events, "op", action="start") if ended[e["op"]]
              ["outcome"] == "ok"}
-    assert types == {"call", "hold", "import", "channel"}  # every kind of op went through
+    assert types == {"call", "hold", "bulk", "nested", "import", "channel"}  # all went through
     assert _kinds(events, "deliver")
     assert [e["fid"] for e in _kinds(events, "fault", action="apply")] == [0, 1, 2]
     assert sorted(e["fid"] for e in _kinds(events, "fault", action="heal")) == [0, 1, 2]
