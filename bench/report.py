@@ -82,6 +82,14 @@ class Target:
     kind: str  # "ratio_le", "ratio_ge", "abs_le", "le_peer"
     bound: float = 0.0
     peer: str = "mitogen"
+    #: The peer's metric, when it is not the same key: this prefix, then the key's last part
+    #: (the machine's raw socketpair transfer of the same size as ours, for one).
+    peer_metric: Optional[str] = None
+
+    def peer_key(self, key: str) -> str:
+        if self.peer_metric is None:
+            return key
+        return self.peer_metric + key[key.rindex("."):]
 
     def describe(self, names: Dict[str, str]) -> str:
         peer = names.get(self.peer, self.peer)
@@ -118,6 +126,7 @@ class Family:
     label: Callable[[str], str]
     target: Optional[Target] = None
     reverse: bool = False  # order of the keys a prefix matches: natural, or reversed
+    also: Tuple[Target, ...] = ()  # further targets for the same metric
 
 
 def _suffix(key: str) -> str:
@@ -133,6 +142,11 @@ def _throughput_label(key: str) -> str:
     if count == "1":
         return f"one {size[:-3]} MiB argument, child returns len"
     return f"{count} x {size[:-3]} MiB arguments in turn, child returns len"
+
+
+def _size_label(key: str) -> str:
+    size = key.rsplit(".", 1)[1]
+    return size.replace("MiB", " MiB").replace("GiB", " GiB")
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -172,6 +186,20 @@ FAMILIES: Tuple[Family, ...] = (
            Target("ratio_le", 1.0)),
     Family("Memory", ("memory.master_per_child",),
            lambda k: "master RSS growth per connected child"),
+    Family("Services", ("services.call_service",),
+           lambda k: "call_service() round trip, trivial method of a service in a warm child",
+           Target("ratio_le", 0.5)),
+    Family("Files", ("files.file_service.*",),
+           lambda k: f"FileService.get() of a {_size_label(k)} file by a local child",
+           Target("ratio_ge", 3),
+           also=(Target("ratio_ge", 0.5, peer="machine", peer_metric="files.socketpair"),)),
+    Family("Files", ("files.push_file.*",),
+           lambda k: f"PushFileService: {_size_label(k)} to 8 leaves behind one "
+                     "intermediary, until every leaf has it (rate: bytes delivered)",
+           Target("ratio_ge", 3)),
+    Family("Files", ("files.master_memory.*",),
+           lambda k: f"master RSS peak above idle during a {_size_label(k)} FileService "
+                     "transfer", Target("abs_le", 64 * 1024 * 1024)),
     Family("SSH", ("ssh.connect",),
            lambda k: "connect over ssh to sshd on 127.0.0.1, first call returns",
            Target("ratio_le", 0.5)),
@@ -329,7 +357,7 @@ class Table:
         self.records = run["records"]
         self.stats = aggregate(self.records)
         versions = self.meta.get("versions", {})
-        self.names = {"ours": "ours"}
+        self.names = {"ours": "ours", "machine": "raw socketpair (same size, same run)"}
         for impl, title in (("mitogen", "Mitogen"), ("execnet", "execnet")):
             version = (versions.get(impl) or {}).get("version")
             self.names[impl] = f"{title} {version}" if version else title
@@ -376,8 +404,9 @@ def render_results(run: Dict[str, Any], plots: Sequence[str] = ()) -> str:
         for key in _keys_of(family, table.stats):
             row = _metric_row(table, family, key)
             sections.setdefault(family.section, []).append(row)
-            if family.target is not None:
-                lines.append(_target_row(table, family, key))
+            for target in (family.target, *family.also):
+                if target is not None:
+                    lines.append(_target_row(table, family, key, target))
     peer_cols = " | ".join(table.names[p] for p in PEERS)
     for section, rows in sections.items():
         lines += ["", f"## {section}", "",
@@ -436,12 +465,11 @@ def _metric_row(table: Table, family: Family, key: str) -> str:
     return f"| {family.label(key)} | " + " | ".join(cells + ratios) + " |"
 
 
-def _target_row(table: Table, family: Family, key: str) -> str:
-    target = family.target
-    assert target is not None
-    ours, peer = table.get("ours", key), table.get(target.peer, key)
+def _target_row(table: Table, family: Family, key: str, target: Target) -> str:
+    peer_key = target.peer_key(key)
+    ours, peer = table.get("ours", key), table.get(target.peer, peer_key)
     label = f"{family.section}: {family.label(key)}"
-    return (f"| {label} | {table.cell('ours', key)} | {table.cell(target.peer, key)} | "
+    return (f"| {label} | {table.cell('ours', key)} | {table.cell(target.peer, peer_key)} | "
             f"{_ratio(ours, peer)} | {target.describe(table.names)} | "
             f"{_status(target.met(ours, peer))} |")
 

@@ -64,7 +64,7 @@ IMPLS: Dict[str, tuple] = {
 IMPL_ORDER = ("ours", "mitogen", "execnet")
 MITOGEN_LIKE = ("ours", "mitogen")  # workloads execnet has no counterpart for
 WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "fanout", "multihop", "aio",
-                  "remote_import", "bootstrap", "memory", "ssh")
+                  "remote_import", "bootstrap", "memory", "services", "files", "ssh")
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,17 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         Step("remote_import", "remote_import", mitogen_like, pick(5, 1), {}, 90),
         Step("bootstrap", "bootstrap", everyone, 1, {}, 60),
         Step("memory", "memory", everyone, pick(3, 1), {"children": pick(16, 4)}, 120),
+        Step("services", "call_service", mitogen_like, pick(5, 1),
+             pick({"warmup": 500, "calls": 5000}, {"warmup": 50, "calls": 500}), 120),
+        # FileService against the raw socketpair in the same run, then against Mitogen.
+        Step("files", "socketpair_transfer", ["machine"], pick(3, 1),
+             {"bytes": pick(512, 64) * MIB, "repeat": 2}, 120),
+        Step("files", "file_service", mitogen_like, pick(3, 1),
+             {"bytes": pick(512, 64) * MIB, "repeat": 2}, 300),
+        Step("files", "push_file", mitogen_like, pick(2, 1),
+             {"bytes": pick(256, 16) * MIB, "leaves": 8}, 600),
+        Step("files", "file_memory", mitogen_like, pick(2, 1),
+             {"bytes": pick(1024, 64) * MIB}, 300),
         # The sshd's address and key are added by with_ssh_target() once it runs; "machine"
         # measures the bare ssh login, the floor under every library's connect.
         Step("ssh", "ssh", ["machine", *everyone], pick(3, 1),

@@ -1142,6 +1142,16 @@ class Context:
     def call_no_reply(self, fn, *args, **kwargs):
         self.default_call_chain.call_no_reply(fn, *args, **kwargs)
 
+    def call_service_async(self, service_name, method_name, **kwargs):
+        """Call a method of a service (a Service class or its dotted name) in this context;
+        returns the Receiver of the reply. mitogen.service is fetched on first use."""
+        import mitogen.service
+        return mitogen.service.send_call(self, service_name, method_name, kwargs)
+
+    def call_service(self, service_name, method_name, **kwargs):
+        import mitogen.service
+        return mitogen.service.send_call(self, service_name, method_name, kwargs, True)
+
     def shutdown(self, wait=False):
         """Ask the context to exit. Returns a Latch that receives None once it has
         disconnected; with ``wait=True``, waits for that first."""
@@ -1167,6 +1177,22 @@ class Dispatcher:
                              policy=has_parent_authority)
         self.recv.via_stream = econtext.router.parent_stream
         listen(econtext.broker, 'shutdown', self.recv.close)
+        self._services = None  # CALL_SERVICE messages queued for a pool being started
+        econtext.router.add_handler(self._on_call_service, CALL_SERVICE,
+                                    policy=has_parent_authority)
+
+    def _on_call_service(self, msg):
+        """CALL_SERVICE (from a parent: the policy refuses others) while no service pool runs
+        here: start one, on a thread of its own as the main thread may be busy, and queue
+        the call for it. The pool then takes the handle over."""
+        if not msg.is_dead:
+            if self._services is None:
+                self._services = Latch()
+                threading.Thread(target=lambda: importlib.import_module(
+                    'mitogen.service').get_or_create_pool(router=msg.router,
+                                                          recv=self._services),
+                    daemon=True).start()
+            self._services.put(msg)
 
     @staticmethod
     @takes_econtext
@@ -1238,6 +1264,7 @@ class Router:
         self._stream_by_id = {}
         self._context_by_id = {}
         self._handle_map = {}
+        self._unguarded = None
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
         self._drop_second = self._drop_logged = self._drop_quiet = 0
@@ -1375,6 +1402,30 @@ class Router:
         if not persist:
             self.del_handler(msg.handle)
         msg.router = self
+        if not (msg._trusted() or isinstance(getattr(fn, '__self__', None), Receiver)) and \
+                (self._unguarded is not None or 'mitogen.guard' not in sys.modules):
+            # A pickle from below is checked by mitogen.guard, which this thread cannot
+            # fetch: a thread does, then these messages run, in the order they came.
+            if self._unguarded is None:
+                self._unguarded = []
+                threading.Thread(target=self._fetch_guard, daemon=True).start()
+            self._unguarded.append((fn, msg))
+            return
+        self._call(fn, msg)
+
+    def _fetch_guard(self):
+        try:
+            importlib.import_module('mitogen.guard')
+        except ImportError:
+            pass  # the parent is gone: each handler meets the error as it unpickles
+        self.broker.defer(self._run_unguarded)
+
+    def _run_unguarded(self):
+        waiting, self._unguarded = self._unguarded, None
+        for fn, msg in waiting:
+            self._call(fn, msg)
+
+    def _call(self, fn, msg):
         try:
             fn(msg)
         except Exception:
@@ -1481,6 +1532,8 @@ class Router:
                 self._drop(msg, stream, 'id %r cannot arrive on this stream' % (claimed,))
                 return False
         stream.egress_ids.add(msg.dst_id)
+        if stream.auth_id is not None and msg.auth_id == stream.remote_id:
+            msg.auth_id = stream.auth_id
         return True
 
 
@@ -1652,6 +1705,9 @@ class MessageStream(Stream):
     """
 
     keep_alive = True
+    #: Set where the peer acts with this context's authority (a unix client, see
+    #: mitogen.unix): the peer's own messages then carry this auth_id once verified.
+    auth_id = None
 
     def __init__(self, router, rfd, wfd, name, remote_id=None):
         Stream.__init__(self, name)

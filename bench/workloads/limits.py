@@ -153,6 +153,16 @@ def ipc(params: Dict[str, Any], rec: Recorder) -> None:
         rec.samples(f"limits.{transport}_tp", "s", samples, bytes=size)
 
 
+def socketpair_transfer(params: Dict[str, Any], rec: Recorder) -> None:
+    """Bytes one way over a socketpair to another Python process, in the size a file
+    workload moves: what FileService's throughput is compared with."""
+    size, repeat = int(params.get("bytes", 512 << 20)), int(params.get("repeat", 2))
+    samples, size = _transfers("socketpair", size, repeat)
+    name = f"{size >> 30}GiB" if size >= 1 << 30 and not size % (1 << 30) else \
+        f"{size >> 20}MiB"
+    rec.samples(f"files.socketpair.{name}", "s", samples, bytes=size)
+
+
 def limits(params: Dict[str, Any], rec: Recorder) -> None:
     """Everything above in one run."""
     interpreter_start(params, rec)
@@ -192,7 +202,8 @@ def ssh(params: Dict[str, Any], rec: Recorder) -> None:
         rec.samples(name, "s", values)
 
 
-WORKLOADS = {"limits": limits, "interpreter_start": interpreter_start, "ipc": ipc, "ssh": ssh}
+WORKLOADS = {"limits": limits, "interpreter_start": interpreter_start, "ipc": ipc, "ssh": ssh,
+             "socketpair_transfer": socketpair_transfer}
 
 if __name__ == "__main__":
     sys.exit(common.run_main(WORKLOADS))

@@ -326,6 +326,204 @@ def ssh(params: Dict[str, Any], rec: Recorder) -> None:
     _with_router(body)
 
 
+# --- services and files ------------------------------------------------------------------------
+
+#: A module children import from the master for the service workloads: the same source works
+#: with both implementations, since it uses only mitogen.service's public API.
+SERVICE_MODULE = '''"""Service and helpers for the bench's service workloads."""
+
+import os
+
+import mitogen.core
+import mitogen.service
+
+
+class Echo(mitogen.service.Service):
+    @mitogen.service.expose(policy=mitogen.service.AllowParents())
+    def ping(self):
+        return 1
+
+
+def fetch(context, path):
+    with open(os.devnull, "wb") as out:
+        ok, metadata = mitogen.service.FileService.get(context, path, out)
+    return ok, metadata["size"]
+
+
+@mitogen.core.takes_router
+def pushed_size(path, router=None):
+    pool = mitogen.service.get_or_create_pool(router=router)
+    return len(pool.get_service("mitogen.service.PushFileService").get(path))
+'''
+
+
+def _with_service_module(body: Any) -> None:
+    """Run ``body(module)`` with SERVICE_MODULE importable (by the master and its children).
+    mitogen.service is imported only here, so the other workloads run without it."""
+    importlib.import_module("mitogen.service")
+    with tempfile.TemporaryDirectory(prefix="bench-svc-") as root:
+        (Path(root) / "benchsvc.py").write_text(SERVICE_MODULE)
+        sys.path.insert(0, root)
+        try:
+            body(importlib.import_module("benchsvc"))
+        finally:
+            sys.path.remove(root)
+            sys.modules.pop("benchsvc", None)
+
+
+def _write_random_file(path: Path, size: int) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.write(chunk[:size % len(chunk)])
+
+
+def _size_name(size: int) -> str:
+    if size >= 1 << 30 and not size % (1 << 30):
+        return f"{size >> 30}GiB"
+    return f"{size >> 20}MiB"
+
+
+def _read_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} line in /proc/self/status")
+
+
+def call_service(params: Dict[str, Any], rec: Recorder) -> None:
+    """Round trip of ``ctx.call_service()`` to a trivial method of a service in a warm child
+    (started by the first call, which is not counted)."""
+    warmup, calls = int(params.get("warmup", 500)), int(params.get("calls", 5000))
+
+    def with_module(module: Any) -> None:
+        def body(router: Any) -> None:
+            ctx = _start_and_call(router)
+            name = "benchsvc.Echo"
+            if ctx.call_service(name, "ping") != 1:
+                raise RuntimeError("the service answered something else")
+            for _ in range(warmup):
+                ctx.call_service(name, "ping")
+            rec.samples("services.call_service", "s",
+                        [timed(ctx.call_service, name, "ping") for _ in range(calls)])
+
+        _with_router(body)
+
+    _with_service_module(with_module)
+
+
+def _serving(router: Any, path: Path) -> Any:
+    """A pool in the master with a FileService that serves `path`."""
+    service = mitogen.service.FileService(router)
+    pool = mitogen.service.Pool(router, services=[service], size=2)
+    service.register(str(path))
+    return pool
+
+
+def file_service(params: Dict[str, Any], rec: Recorder) -> None:
+    """``FileService.get()`` of a file (random bytes, in the page cache) by a local child
+    into /dev/null; seconds per transfer, after one untimed warm-up transfer."""
+    size, repeat = int(params.get("bytes", 512 << 20)), int(params.get("repeat", 2))
+
+    def with_module(module: Any) -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-files-") as root:
+            path = Path(root) / "payload.bin"
+            _write_random_file(path, size)
+
+            def body(router: Any) -> None:
+                pool = _serving(router, path)
+                try:
+                    ctx = _start_and_call(router)
+
+                    def one() -> None:
+                        got = ctx.call(module.fetch, router.myself(), str(path))
+                        if tuple(got) != (True, size):
+                            raise RuntimeError(f"the transfer failed or was short: {got!r}")
+
+                    one()
+                    rec.samples(f"files.file_service.{_size_name(size)}", "s",
+                                [timed(one) for _ in range(repeat)], bytes=size)
+                finally:
+                    pool.stop()
+
+            _with_router(body)
+
+    _with_service_module(with_module)
+
+
+def file_memory(params: Dict[str, Any], rec: Recorder) -> None:
+    """The master's peak RSS above idle while a child fetches a (sparse) file through
+    ``FileService``: idle is the RSS just before the first transfer (child started, pool
+    running), the peak is VmHWM, reset through /proc/self/clear_refs at that moment."""
+    size = int(params.get("bytes", 1 << 30))
+
+    def with_module(module: Any) -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-files-") as root:
+            path = Path(root) / "sparse.img"
+            with open(path, "wb") as f:
+                f.truncate(size)
+
+            def body(router: Any) -> None:
+                pool = _serving(router, path)
+                try:
+                    ctx = _start_and_call(router)
+                    gc.collect()
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")
+                    idle = read_rss_bytes(os.getpid())
+                    got = ctx.call(module.fetch, router.myself(), str(path))
+                    peak = _read_status_bytes("VmHWM")
+                    if tuple(got) != (True, size):
+                        raise RuntimeError(f"the transfer failed or was short: {got!r}")
+                    rec.value(f"files.master_memory.{_size_name(size)}", "B", peak - idle)
+                finally:
+                    pool.stop()
+
+            _with_router(body)
+
+    _with_service_module(with_module)
+
+
+def push_file(params: Dict[str, Any], rec: Recorder) -> None:
+    """``PushFileService.propagate_to()`` of one file to N leaves behind one intermediary:
+    seconds from the first push until every leaf has the whole file (``get()`` returned)."""
+    size, leaves = int(params.get("bytes", 256 << 20)), int(params.get("leaves", 8))
+
+    def with_module(module: Any) -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-files-") as root:
+            path = Path(root) / "payload.bin"
+            _write_random_file(path, size)
+            # Mitogen sends the file in one message: allow it that (ours sends chunks).
+            router = mitogen.master.Router(max_message_size=2 * size + (64 << 20))
+            try:
+                service = mitogen.service.PushFileService(router=router)
+                pool = mitogen.service.Pool(router, services=[service], size=2)
+                try:
+                    rack = _start_and_call(router)
+                    nodes = [_start_and_call(router, via=rack) for _ in range(leaves)]
+
+                    def push() -> None:
+                        for node in nodes:  # in the master, as its own code would
+                            service.propagate_to(context=node, path=str(path))
+                        pending = [node.call_async(module.pushed_size, str(path))
+                                   for node in nodes]
+                        got = [recv.get().unpickle() for recv in pending]
+                        if got != [size] * leaves:
+                            raise RuntimeError(f"the leaves got {got!r}, not {size} bytes")
+
+                    rec.samples(f"files.push_file.{_size_name(size)}", "s", [timed(push)],
+                                bytes=size * leaves)
+                finally:
+                    pool.stop()
+            finally:
+                router.broker.shutdown()
+                router.broker.join()
+
+    _with_service_module(with_module)
+
+
 def aio(params: Dict[str, Any], rec: Recorder) -> None:
     """Wall time of N calls awaited concurrently from one asyncio loop, spread over C warm
     children. Ours awaits ``ctx.acall()`` (no thread per pending call); Mitogen has no asyncio
@@ -364,10 +562,14 @@ def aio(params: Dict[str, Any], rec: Recorder) -> None:
 WORKLOADS = {
     "aio": aio,
     "bootstrap": bootstrap,
+    "call_service": call_service,
     "cold_start": cold_start,
+    "file_memory": file_memory,
+    "file_service": file_service,
     "fanout": fanout,
     "memory": memory,
     "multihop": multihop,
+    "push_file": push_file,
     "remote_import": remote_import,
     "roundtrip": roundtrip,
     "ssh": ssh,

@@ -485,3 +485,42 @@ def test_the_ci_fault_schedule_runs_and_every_host_heals(sim, sim_faults):
     assert [e.fault for e in applies] == [s.fault for s in steps[:-1]]
     assert len(heals) == len(applies)
     _answers(sim.contexts())  # every host and account answers again
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Services: a file pushed down the tree
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_file_pushed_from_the_master_reaches_every_context(sim, tmp_path):
+    """PushFileService, store-and-forward: the master pushes one file to every host and
+    account; each context on the way keeps it (in memory: nothing is written on any host, as
+    the shutdown test's ``docker diff`` checks) and forwards it, and every one of them ends
+    up with the same bytes."""
+    import hashlib
+
+    import mitogen.service
+    from tests.support import services
+
+    path = tmp_path / "pushed.bin"
+    content = os.urandom(2 * 1048576 + 4321)
+    path.write_bytes(content)
+    expected = [len(content), hashlib.sha256(content).hexdigest()]
+    pool = mitogen.service.get_or_create_pool(router=sim.router)
+    try:
+        contexts = sim.contexts()
+        master = sim.router.myself()
+        for ctx in contexts.values():
+            master.call_service(mitogen.service.PushFileService, "propagate_to", context=ctx,
+                                path=str(path))
+        pending = {name: ctx.call_async(services.pushed_digest, str(path))
+                   for name, ctx in contexts.items()}
+        got = {name: list(recv.get(timeout=CALL_TIMEOUT).unpickle())
+               for name, recv in pending.items()}
+        assert got == {name: expected for name in contexts}
+    finally:
+        pool.stop()
+    if sim.backend.name == "docker":
+        hosts = [h.id for h in sim.topology.hosts]
+        changed = {h: sorted(sim.backend.diff(h) - sim.backend.baseline[h]) for h in hosts}
+        assert {h: c for h, c in changed.items() if c} == {}

@@ -394,3 +394,24 @@ def cwd_and_env(name):
 def sleep_then_return(seconds, value):
     time.sleep(seconds)
     return value
+
+
+def module_loaded(name):
+    """Whether this context has imported `name`."""
+    return name in sys.modules
+
+
+_disconnected: dict = {}
+
+
+@mitogen.core.takes_router
+def watch_disconnect(context_id, router=None):
+    """Start noticing when the context `context_id` disconnects (DEL_ROUTE reaches us)."""
+    latch = _disconnected[context_id] = mitogen.core.Latch()
+    context = router.context_by_id(context_id)
+    mitogen.core.listen(context, "disconnect", lambda: latch.put(True))
+
+
+def wait_disconnect(context_id, timeout):
+    """True once the context watched with watch_disconnect() has disconnected."""
+    return _disconnected.pop(context_id).get(timeout=timeout)
