@@ -8,9 +8,9 @@ can be replayed alone. One run (:func:`execute`):
    (:mod:`simulator.workload`) and an environment token in every process it starts;
 2. keeps the workload (calls, holds, imports, channels) going over every path while the
    schedule's faults are applied and healed on time, overlapping;
-3. heals everything, stops the load, calls every host and account once more, collects each
-   context's route log, shuts the tree down and looks for any process that still carries
-   the token;
+3. heals everything, stops the load, sends every op type to every host and account once
+   more, collects each context's route log, shuts the tree down and looks for any process
+   that still carries the token;
 4. checks the history (:func:`simulator.checker.check`).
 
 A run with violations is shrunk (:func:`shrink`): smaller schedules (none at all, each fault

@@ -16,7 +16,8 @@ invariant      holds when
 ``delivery``   every answer and every channel message reached the context it was meant for,
                from the context that sent it, once
 ``recovery``   after the final heal every fault is healed and every host and account
-               answers a call
+               answers every op type (a call, a hold, a bulk and a nested call, an
+               import, a channel to another context)
 ``del_route``  the master learns of every lost context (a DEL_ROUTE, or the loss of a stream
                it holds) within the bound, and so does every ancestor that outlived it
 ``leftovers``  after shutdown no process of the tree is left

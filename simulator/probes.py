@@ -200,10 +200,6 @@ def install_campaign_probes(ack: mitogen.core.Sender,
     the context it was meant for, the id it reached and the id it came from. Returns a
     Sender for the sink, which any context may use."""
     assert router is not None
-    # A sibling's pickle is checked by mitogen.guard, which the broker thread (where the
-    # sink runs) cannot fetch from the parent: import it now, on the calling thread.
-    import mitogen.guard
-
     forget = router._forget_context
 
     def logged_forget(context_id: int) -> None:

@@ -48,6 +48,9 @@ Target = Tuple[str, Optional[str]]
 #: Called with (context, host id, account) for every context once its probes are in.
 ContextHook = Callable[[mitogen.core.Context, str, Optional[str]], None]
 
+#: An op in flight: (op, its receiver, target, the token it must answer with, when it was
+#: sent, when its answer arrived: see :meth:`Workload._note_arrival`).
+_Pending = Tuple[int, mitogen.core.Receiver, Target, Any, float, List[float]]
 #: Op types and how often each is drawn.
 _MIX = (("call", 3), ("import", 2), ("channel", 2), ("nested", 2), ("hold", 1), ("bulk", 1))
 #: Bytes a ``bulk`` op carries.
@@ -202,6 +205,12 @@ class Workload:
 
     def _call(self, kind: str, target: Target, phase: str,
               rng: Optional[random.Random] = None) -> None:
+        self._finish(*self._send(kind, target, phase, rng))
+
+    def _send(self, kind: str, target: Target, phase: str,
+              rng: Optional[random.Random] = None) -> _Pending:
+        """Start one op (not a channel); what :meth:`_finish` needs to wait for it. Without
+        ``rng`` a hold is as short as holds go."""
         caller = self._caller(target) if kind == "nested" else None
         if kind == "nested" and caller is None:
             kind = "call"  # a root host has no context above it but the master
@@ -221,12 +230,14 @@ class Workload:
             fn, args = probes.whoami, (op, self._bulk)
         elif kind == "hold":
             token = op
-            fn, args = probes.hold, (round((rng or random).uniform(*self.hold), 2), op)
+            seconds = self.hold[0] if rng is None else round(rng.uniform(*self.hold), 2)
+            fn, args = probes.hold, (seconds, op)
         else:
             token = op
             fn, args = probes.whoami, (op,)
         self.history.op_start(op, kind, phase, dst, self._paths[target[0]])
-        self._finish(op, context.call_async(fn, *args), target, token)
+        recv = context.call_async(fn, *args)
+        return op, recv, target, token, time.monotonic(), self._note_arrival(recv)
 
     @staticmethod
     def _note_arrival(recv: mitogen.core.Receiver) -> List[float]:
@@ -239,12 +250,10 @@ class Workload:
         return arrived
 
     def _finish(self, op: int, recv: mitogen.core.Receiver, target: Target, token: Any,
-                began: Optional[float] = None, arrived: Optional[List[float]] = None) -> None:
+                began: float, arrived: List[float]) -> None:
         """Wait for one op's answer (until ``wait`` after ``began``) and record how it ended,
         when the answer arrived."""
         host, account = target
-        arrived = self._note_arrival(recv) if arrived is None else arrived
-        began = time.monotonic() if began is None else began
         try:
             at, answer = recv.get(timeout=max(0.0, began + self.wait - time.monotonic())
                                   ).unpickle()
@@ -264,43 +273,40 @@ class Workload:
             recv.close()
 
     def _channel(self, source: Target, destination: Target) -> None:
+        self._finish(*self._send_channel(source, destination, "load"))
+
+    def _send_channel(self, source: Target, destination: Target, phase: str) -> _Pending:
+        """Start a channel op from ``source`` to ``destination``'s sink."""
         with self._lock:
             src_context, src = self._describe(source)
             dst_context, dst = self._describe(destination)
             sink = self._sinks.get(dst_context.context_id)
         if sink is None:  # its probes are not in yet (it is starting): a plain call instead
-            self._call("call", source, "load")
-            return
+            return self._send("call", source, phase)
         op = next(self._ids)
         path = list(dict.fromkeys(self._paths[source[0]] + self._paths[destination[0]]))
-        self.history.op_start(op, "channel", "load", src, self._paths[source[0]], to=dst)
+        self.history.op_start(op, "channel", phase, src, self._paths[source[0]], to=dst)
         self.history.record("channel", op=op, count=self.messages, path=path,
                             host=dst["host"], account=dst["account"])
         recv = src_context.call_async(probes.channel_send, sink, op, dst["context_id"],
                                       self.messages)
-        self._finish(op, recv, source, self.messages)
+        return op, recv, source, self.messages, time.monotonic(), self._note_arrival(recv)
 
     # -- after the faults --------------------------------------------------------------------
 
     def final_sweep(self) -> None:
-        """Once everything is healed: one call and one import to every host and account,
-        all at once."""
+        """Once everything is healed: every op type to every host and account (a channel
+        to the next one in turn, a hold as short as holds go), all at once."""
         pending = []
-        for target in self.targets:
-            for kind in ("call", "import"):
-                context, dst = self._describe(target)
-                op = next(self._ids)
-                self.history.op_start(op, kind, "final", dst, self._paths[target[0]])
-                if kind == "import":
-                    token: Any = f"{self._package}.m{next(self._modules) % MODULES}"
-                    recv = context.call_async(probes.import_named, token)
+        neighbours = self.targets[1:] + self.targets[:1]
+        for target, neighbour in zip(self.targets, neighbours):
+            for kind, _weight in _MIX:
+                if kind == "channel":
+                    pending.append(self._send_channel(target, neighbour, "final"))
                 else:
-                    token = op
-                    recv = context.call_async(probes.whoami, op)
-                arrived = self._note_arrival(recv)
-                pending.append((op, recv, target, token, time.monotonic(), arrived))
-        for op, recv, target, token, began, arrived in pending:
-            self._finish(op, recv, target, token, began, arrived)
+                    pending.append(self._send(kind, target, "final"))
+        for entry in pending:
+            self._finish(*entry)
 
     def collect(self) -> Dict[str, Any]:
         """Each current context's route log into the history (``del_route`` per hop), the
