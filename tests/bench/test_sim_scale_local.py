@@ -11,7 +11,7 @@ import pytest
 from simulator.topology import parse_topology
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import sim_scale
+import sim_scale_local as sim_scale
 
 
 def _contexts(topology) -> int:

@@ -1,6 +1,6 @@
 """The local backend at scale: a five-level tree of 1,000 contexts up, then one call to each.
 
-``python bench/sim_scale.py [--contexts 1000] [--accounts 4] [--repeat 1]`` generates the tree
+``python bench/sim_scale_local.py [--contexts 1000] [--accounts 4] [--repeat 1]`` generates the tree
 (bastion > 3 datacenters > 6 racks each > nodes > ``--accounts`` accounts on each node: five
 levels of contexts, every host behind its own link relay, every account a context below its
 node), builds it with the local backend from nothing, then sends one call (``os.getpid``) to
@@ -144,7 +144,7 @@ def main() -> int:
         print(json.dumps(run), flush=True)
         runs.append(run)
     if not args.no_write:
-        for path in write_report(runs, "python bench/sim_scale.py "
+        for path in write_report(runs, "python bench/sim_scale_local.py "
                                  + " ".join(sys.argv[1:])):
             print(f"wrote {path}")
     return 0
