@@ -101,6 +101,9 @@ def pytest_configure(config: pytest.Config) -> None:
                 config.getoption("topology_campaign_shape") == "file":
             raise pytest.UsageError("--topology-campaign: give --topology=FILE, or "
                                     "--topology-campaign-shape=random to draw the trees")
+        from simulator.pytest_campaign import CampaignPlugin
+
+        config.pluginmanager.register(CampaignPlugin(_topology_of), "simulator-campaign")
     if not path:
         return
     from simulator.preflight import refusals
@@ -116,23 +119,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_TOPOLOGY_KEY] = topology
 
 
-def _campaign_wanted(config: pytest.Config) -> bool:
-    return bool(config.getoption("topology_campaign", None)
-                or config.getoption("topology_campaign_replay", None))
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
-                                  items: List[pytest.Item]) -> None:
-    """A campaign replaces the collected tests (before ``-k`` and ``-m`` select); on the
-    docker backend every test of the tree needs Docker: mark it so."""
-    if _campaign_wanted(config):
-        from simulator.pytest_campaign import make_items
-
-        if items:
-            config.hook.pytest_deselected(items=list(items))
-        items[:] = make_items(session, _topology_of(config))
-        return
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """On the docker backend every test of the tree needs Docker: mark it so."""
     if _topology_of(config) is None or config.getoption("topology_backend") != "docker":
         return
     for item in items:
@@ -435,23 +423,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     return report
 
 
-def _campaign_lines(terminalreporter: Any) -> List[str]:
-    """Each campaign run's one-line summary (it travels from xdist workers with its report)."""
-    lines = []
-    for reports in terminalreporter.stats.values():
-        for report in reports:
-            if getattr(report, "when", None) == "call":
-                lines += [value for key, value in getattr(report, "user_properties", ())
-                          if key == "campaign"]
-    return sorted(lines)
-
-
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    campaign = _campaign_lines(terminalreporter)
-    if campaign:
-        terminalreporter.write_sep("-", "fault campaign")
-        for line in campaign:
-            terminalreporter.write_line(line)
     simulation = config.stash.get(_SIM_KEY, None)
     if simulation is None:
         return
@@ -461,3 +433,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(f"  {os.path.basename(path):14} {path}")
     latest = os.path.join(os.path.dirname(simulation.report_dir), "latest")
     terminalreporter.write_line(f"latest:   {latest}")
+
+
+def _campaign_wanted(config: pytest.Config) -> bool:
+    return bool(config.getoption("topology_campaign", None)
+                or config.getoption("topology_campaign_replay", None))

@@ -12,7 +12,7 @@ is the finding: the seed, the shrunk schedule, the replay command, the history a
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import pytest
 
@@ -28,7 +28,7 @@ from simulator.campaign import (
 )
 from simulator.topology import Topology
 
-__all__ = ["CampaignRun", "header", "make_items", "settings_for"]
+__all__ = ["CampaignPlugin", "CampaignRun", "header", "make_items", "settings_for"]
 
 #: Shape of the random trees ``--topology-campaign-shape=random`` draws (the local backend's
 #: interpreters are added at run time).
@@ -104,6 +104,40 @@ class CampaignRun(pytest.Item):
 
     def reportinfo(self) -> Any:
         return self.path, None, f"fault campaign {self.name}"
+
+
+class CampaignPlugin:
+    """Registered by :mod:`simulator.plugin` when a campaign is asked for: the campaign's
+    items replace the collected tests, and the summary lists each run's verdict."""
+
+    def __init__(self, topology_of: Callable[[pytest.Config], Optional[Topology]]) -> None:
+        self._topology_of = topology_of
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
+                                      items: List[pytest.Item]) -> None:
+        """Before ``-k`` and ``-m`` select: the collected tests are deselected."""
+        if items:
+            config.hook.pytest_deselected(items=list(items))
+        items[:] = make_items(session, self._topology_of(config))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        lines = _summary_lines(terminalreporter)
+        if lines:
+            terminalreporter.write_sep("-", "fault campaign")
+            for line in lines:
+                terminalreporter.write_line(line)
+
+
+def _summary_lines(terminalreporter: Any) -> List[str]:
+    """Each campaign run's one-line summary (it travels from xdist workers with its report)."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                lines += [value for key, value in getattr(report, "user_properties", ())
+                          if key == "campaign"]
+    return sorted(lines)
 
 
 def make_items(session: pytest.Session, topology: Optional[Topology]) -> List[pytest.Item]:
