@@ -377,6 +377,14 @@ def _write_cached_image(path: str, key: str, image: CoreImage) -> bool:
     return True
 
 
+#: Settings a child assumes when its configuration leaves them out (see
+#: ExternalContext in mitogen.core).
+_CHILD_DEFAULTS = {
+    "debug": False, "max_message_size": mitogen.core.Router.max_message_size,
+    "unidirectional": False, "whitelist": [], "blacklist": [], "in_fd": 100, "name": None,
+}
+
+
 def build_payload(config: dict) -> bytes:
     """The compressed program a new context runs: core source plus its main() call.
 
@@ -1512,8 +1520,10 @@ class Router(mitogen.core.Router):
     # --- starting children
 
     def _child_config(self, context: Context, options: Options) -> dict:
+        """What the child's ExternalContext starts with. A setting that equals the child's
+        own default is left out: the line travels in every boot payload."""
         responder = getattr(self, "responder", None)
-        return {
+        config = {
             "context_id": context.context_id,
             "parent_ids": [mitogen.context_id, *mitogen.parent_ids],
             "log_level": logging.getLogger().getEffectiveLevel(),
@@ -1527,6 +1537,10 @@ class Router(mitogen.core.Router):
             "in_fd": 100,
             "name": context.name,
         }
+        for key, default in _CHILD_DEFAULTS.items():
+            if config[key] == default:
+                del config[key]
+        return config
 
     def allocate_id(self) -> int:
         return self.id_allocator.allocate()

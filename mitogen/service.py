@@ -98,7 +98,8 @@ def send_call(context: Context, service_name: Any, method_name: str, kwargs: dic
               wait: bool = False) -> Any:
     """Send one service call to `context`: the Receiver of its reply, or with `wait` the
     unpickled reply itself. Behind ``Context.call_service`` and ``call_service_async``."""
-    body = (_service_name(service_name), str(method_name), Kwargs(kwargs))
+    # A plain dict: the reader unpickles it without an Unpickler (no global to look up).
+    body = (_service_name(service_name), str(method_name), dict(kwargs))
     msg = Message.pickled(body, handle=CALL_SERVICE)
     if not wait:
         return context.send_async(msg)
