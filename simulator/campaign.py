@@ -68,6 +68,7 @@ __all__ = [
     "picture_events",
     "plan_run",
     "run_and_report",
+    "settings_from",
     "shrink",
     "supported_kinds",
     "write_finding",

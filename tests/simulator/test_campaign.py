@@ -28,6 +28,7 @@ from simulator.campaign import (
     picture_events,
     plan_run,
     run_and_report,
+    settings_from,
     shrink,
 )
 from simulator.checker import Violation, check
@@ -174,6 +175,11 @@ def test_a_process_left_by_a_stop_is_reported_with_the_stop_alone(tiny, tmp_path
     assert options["horizon"] == 3.0
     with open(finding.paths["violations"]) as stream:
         assert json.load(stream)["shrunk"][0]["invariant"] == "leftovers"
+    # The replay file reproduces it: the same schedule, settings and tree, run again.
+    replay = execute(replayed, settings_from(options, seed=replayed.seed),
+                     str(tmp_path / "replay"),
+                     hooks=[_in("top/mid/left", sabotage.leave_a_process_when_stopped)])
+    assert [v.invariant for v in replay.violations] == ["leftovers"]
 
 
 @pytest.mark.slow
