@@ -50,15 +50,19 @@ def test_generated_trees_keep_to_their_shape(topology):
 
 def test_trees_reach_every_depth_and_fan_out_across_seeds():
     """Over seeds, the generator covers the whole range it promises, not just its middle."""
-    depths, fanouts, pythons = set(), set(), set()
+    depths, fanouts, pythons, accounts, mixed = set(), set(), set(), set(), 0
     for seed in range(150):
         topology = random_topology(RandomDraw(seed), SHAPE)
         depths.add(_levels(topology))
         fanouts.update(len(host.children) for host in topology.hosts if host.children)
         pythons.update(host.python for host in topology.hosts)
+        accounts.update(len(host.accounts) - 1 for host in topology.hosts)
+        mixed += len({host.python for host in topology.hosts}) > 1
     assert depths == {1, 2, 3, 4, 5}
     assert fanouts == set(range(1, 9))
     assert pythons == set(PYTHONS)
+    assert accounts == {0, 1, 2}
+    assert mixed >= 120  # most trees mix interpreters (140 of these 150 do)
 
 
 def test_the_same_seed_draws_the_same_tree_and_schedule():
