@@ -114,12 +114,16 @@ def write_report(runs: List[Dict[str, Any]], command: str) -> Tuple[Path, Path]:
                     f"{cpu['contexts']:.0f} s | {run['teardown']:.1f} s | "
                     f"{run['load_at_start']} |")
     totals = [run["total"] for run in runs]
+    floor = ", ".join(f"{sum(run['cpu'].values()) / (os.cpu_count() or 1):.0f} s"
+                      for run in runs)
     md = REPO / "bench" / "sim_scale_local.md"
     md.write_text(
         f"# The local backend at scale: a five-level tree of 1,000 contexts\n\n"
         f"- Date: {time.strftime('%Y-%m-%d %H:%M:%S')}\n- Command: `{command}`\n"
         f"- Machine: {os.cpu_count()} cores, shared (load average at the start of each run "
-        f"in the table)\n- Median total: {statistics.median(totals):.1f} s\n\n"
+        f"in the table)\n- Median total: {statistics.median(totals):.1f} s\n"
+        f"- Floor: the tree's CPU time over the cores, the least this machine could take "
+        f"with no one else on it: {floor}\n\n"
         + "\n".join(rows) + "\n\nSet-up: `LocalBackend.create` from nothing to every "
         "context connected (each host a Python interpreter behind its own link relay, each "
         "account an interpreter below its node). One call: `os.getpid` to every context at "
