@@ -319,9 +319,11 @@ class Workload:
             current.append({"host": host, "account": account,
                             "context_id": context.context_id})
             logs.append((host, account, context.call_async(probes.take_route_log)))
+        deadline = time.monotonic() + self.wait  # one wait for all: a hung one is not n
         for host, account, recv in logs:
             try:
-                for when, lost in recv.get(timeout=self.wait).unpickle():
+                for when, lost in recv.get(timeout=max(0.0, deadline - time.monotonic())
+                                           ).unpickle():
                     self.history.record("del_route", time=when, host=host, account=account,
                                         lost=lost)
             except mitogen.core.Error as exc:
