@@ -2,7 +2,7 @@
 
 The plugin (:mod:`simulator.plugin`) declares the options and calls in here. With
 ``--topology-campaign=N`` the session runs N campaign runs (:mod:`simulator.campaign`), one
-test item each (``campaign[<seed>-<run>]``), instead of the tests it collected; they
+test item each (``campaign[<seed>-<run>]``), instead of the tests (no test file is read); they
 distribute over xdist workers like any test, each building its own tree.
 ``--topology-campaign-replay=schedule.json`` runs one recorded run again (no ``--topology``
 needed: the replay file names its tree). A run that breaks an invariant fails, and its report
