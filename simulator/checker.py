@@ -177,7 +177,12 @@ class _Run:
             breaks = self._breaks(start["path"], began, finished)
             name = _op_name(start)
             host = start["dst"]["host"]
-            deadline, why = self._deadline(began, breaks, outcome)
+            # A call made by a context of the tree counts from when that context began it.
+            ran = end.get("ran") if end is not None else None
+            deadline, why = self._deadline(began if ran is None else max(began, ran), breaks,
+                                           outcome)
+            if ran is not None and ran > began:
+                why += f"; the context that made the call began it at +{ran - began:.1f} s"
             if outcome == "timeout" or end is None:
                 if deadline < finished:
                     self._flag("bounded", f"{name} hung: still pending "

@@ -137,10 +137,13 @@ class History:
 
     def op_end(self, op: int, outcome: str, at: Optional[int] = None,
                error: Optional[str] = None, host: Optional[str] = None,
-               account: Optional[str] = None, time: Optional[float] = None) -> None:
-        """``time``: when the answer arrived, if that was before this is recorded."""
+               account: Optional[str] = None, time: Optional[float] = None,
+               ran: Optional[float] = None) -> None:
+        """``time``: when the answer arrived, if that was before this is recorded; ``ran``:
+        for a call made by a context of the tree, when that context began it."""
+        extra = {} if ran is None else {"ran": ran}
         self.record("op", action="end", op=op, outcome=outcome, at=at, error=error,
-                    host=host, account=account, time=time)
+                    host=host, account=account, time=time, **extra)
 
 
 def load_history(path: str) -> List[Dict[str, Any]]:

@@ -172,11 +172,20 @@ def whoami(token: object, payload: Optional[bytes] = None) -> Tuple[int, object]
 
 @mitogen.core.takes_router
 def call_into(context_id: int, token: object,
-              router: Optional[mitogen.core.Router] = None) -> Tuple[int, object]:
+              router: Optional[mitogen.core.Router] = None) -> Tuple[Optional[int], object]:
     """Call :func:`whoami` in ``context_id``, a context below this one: a call that starts
-    inside the tree, which must fail here as soon as this context loses the path to it."""
+    inside the tree, which must fail here as soon as this context loses the path to it.
+
+    A failure comes back as ``(None, {"failed": why, "ran": when})``: ``when`` is the moment
+    this context began the call (its main thread may have been busy before, starting a
+    child), from which the failure's bound counts."""
     assert router is not None
-    return router.context_by_id(context_id).call(whoami, token)
+    ran = time.monotonic()
+    try:
+        return router.context_by_id(context_id).call(whoami, token)
+    except mitogen.core.Error as exc:
+        return None, {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
+                      "ran": ran}
 
 
 def hold(seconds: float, token: object) -> Tuple[int, object]:

@@ -264,10 +264,16 @@ class Workload:
             self.history.op_end(op, "error", error=f"{type(exc).__name__}: {exc}",
                                 host=host, account=account, time=arrived[0] if arrived else None)
         else:
-            self.history.op_end(op, "ok", at=at, host=host, account=account,
-                                error=None if answer == token else
-                                f"answered {answer!r}, not {token!r}",
-                                time=arrived[0] if arrived else None)
+            if at is None and isinstance(answer, dict) and "failed" in answer:
+                # call_into's inner call failed: when it began counts (see probes.call_into)
+                self.history.op_end(op, "error", error=str(answer["failed"]), host=host,
+                                    account=account, time=arrived[0] if arrived else None,
+                                    ran=float(answer["ran"]))
+            else:
+                self.history.op_end(op, "ok", at=at, host=host, account=account,
+                                    error=None if answer == token else
+                                    f"answered {answer!r}, not {token!r}",
+                                    time=arrived[0] if arrived else None)
         finally:
             recv.notify = None
             recv.close()

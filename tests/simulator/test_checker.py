@@ -121,6 +121,26 @@ def test_an_op_across_a_crash_must_fail_within_the_immediate_bound():
     assert "top/mid/leaf down at +1.3 s, bound 2 s" in found[0].message
 
 
+def test_a_call_made_inside_the_tree_is_bounded_from_when_its_caller_began_it():
+    """A nested op (mid calls leaf) sent while leaf is down: mid's main thread was busy (it
+    was starting a child) for 1.5 s; the call failed 0.9 s after mid began it. A second one
+    took 2.5 s after mid began it: too late."""
+    story = Story()
+    story.fault(0, 5.0, 9.0, "kill", "top/mid/leaf")
+    story.lose(4, 5.1, "top/mid/leaf", ["top", "top/mid"], restarted=14)
+    fine = story.op(6.0, None, "top/mid/leaf", kind="nested")
+    late = story.op(6.0, None, "top/mid/leaf", kind="nested")
+    for op, ran, end in ((fine, 7.5, 8.4), (late, 6.5, 9.0)):
+        story.add(end, "op", action="end", op=op, outcome="error", at=None, ran=ran,
+                  error="ChannelError: no route to context 4", host="top/mid/leaf",
+                  account=None)
+    found = check(story.finish(dead=(4,), replaced={("top/mid/leaf", None): 14}))
+    assert [v.invariant for v in found] == ["bounded"]
+    assert f"op {late} (nested" in found[0].message
+    assert "began it at +0.5 s" in found[0].message
+    assert found[0].time == pytest.approx(8.5)
+
+
 def test_a_silent_partition_gives_ops_the_keepalive_bound():
     story = Story()
     story.fault(0, 2.0, 20.0, "partition", "top/mid", mode="drop", direction="both")
