@@ -184,6 +184,8 @@ class LocalBackend(Backend):
         self._paused: Dict[str, List[int]] = {}
         self._relay_changed: Dict[str, str] = {}  # host id -> why its relay differs
         self._monitor: Optional[_KeepaliveMonitor] = None
+        #: When heal_all last made every link whole: silences measured before do not count.
+        self._healed_at = 0.0
         self._every_pid: Dict[int, str] = {}
         self.build_seconds: Optional[float] = None
 
@@ -565,11 +567,19 @@ class LocalBackend(Backend):
             self.revive(handle.target)
 
     def heal_all(self) -> None:
-        """Resume paused hosts, restore every changed link, start every host that is down."""
+        """Resume paused hosts, restore every changed link, start every host that is down.
+
+        Keepalive silences from before count no more: a link the monitor was about to give
+        up (a host paused until now) stays, and one it is giving up this moment is waited
+        for and started again, so that every host runs once this returns."""
         for host_id in list(self._paused):
             self.unpause(host_id)
         for host_id in list(self._relay_changed):
             self._restore_link(host_id)
+        if self._monitor is not None:
+            self._monitor.forgive()
+        with self._lock:
+            self._healed_at = time.monotonic()
         for host in self.topology.roots():
             self.revive(host.id)
 
@@ -608,9 +618,19 @@ class LocalBackend(Backend):
             raise BackendError(f"{host_id!r}: its context did not disconnect within "
                                f"{DISCONNECT_WAIT:g} s after it was stopped")
 
-    def give_up_link(self, host_id: str, silent_for: float) -> None:
+    def give_up_link(self, host_id: str, silent_for: float,
+                     decided_at: Optional[float] = None) -> None:
         """What an ssh client does after ServerAliveCountMax unanswered keepalives: close
-        the link. The parent then sees the stream end and sends DEL_ROUTE up the tree."""
+        the link. The parent then sees the stream end and sends DEL_ROUTE up the tree.
+
+        The host counts as down from now (a revive waits for its context to go, then starts
+        it again); not if ``heal_all`` ran since the silence was judged (``decided_at``)."""
+        with self._lock:
+            state = self._states.get(host_id)
+            if state is None or not state.alive or (
+                    decided_at is not None and decided_at <= self._healed_at):
+                return
+            state.alive = False
         self.timeline.record("keepalive", host=host_id, silent_for=round(silent_for, 3))
         try:
             self.relay(host_id, lambda c: c.fault("reset"))
@@ -683,7 +703,13 @@ class _KeepaliveMonitor(threading.Thread):
             parent = state.host.parent
             parent_fine = parent is None or silent.get(parent, 0.0) < bound
             if quiet >= bound and parent_fine and state.alive:
-                self.backend.give_up_link(state.host.id, quiet)
+                self.backend.give_up_link(state.host.id, quiet, decided_at=now)
+
+    def forgive(self) -> None:
+        """Every link counts as answered now (``heal_all`` made them whole)."""
+        now = time.monotonic()
+        for key in list(self._last_ok):
+            self._last_ok[key] = now
 
 
 #: The interpreter names a topology may ask the local backend for.
