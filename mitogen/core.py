@@ -544,15 +544,20 @@ class Decoder:
 
     Large bodies are received into a buffer of their own, which the stream can read into
     directly (``read_target``/``advance``) so that a 64 MiB argument is not copied chunk by
-    chunk. That buffer is anonymous memory that doubles as the bytes arrive (``mremap``, no
-    copy): a header that claims 128 MiB and then stalls costs what was really sent, not what
-    it claimed. A frame longer than ``max_message_size`` is skipped without being buffered
-    and returned as a Message with ``oversize`` set and no body, so that the stream can
-    refuse it and stay up. Bytes that are not a frame raise CorruptFrameError.
+    chunk. Up to HEAP_BODY that buffer is taken whole from the heap; beyond, it is anonymous
+    memory that doubles as the bytes arrive (``mremap``, no copy): a header that claims
+    128 MiB and then stalls costs HEAP_BODY, not what it claimed. A frame longer than
+    ``max_message_size`` is skipped without being buffered and returned as a Message with
+    ``oversize`` set and no body, so that the stream can refuse it and stay up. Bytes that
+    are not a frame raise CorruptFrameError.
     """
 
     #: Bodies at least this long are received into a dedicated buffer.
     BIG_BODY = 262144
+
+    #: Bodies up to this long are allocated whole as their header arrives: a stalled
+    #: header costs at most this much. Longer ones grow as their bytes come.
+    HEAP_BODY = 2097152
 
     def __init__(self, max_message_size):
         self.max_message_size = max_message_size
@@ -587,7 +592,7 @@ class Decoder:
         body = self._body
         if body is None or self._buf:
             return None
-        if self._filled == len(body):
+        if self._filled == len(body) < self._header[6]:
             body = self._grow(body)
         return memoryview(body)[self._filled:]
 
@@ -626,7 +631,12 @@ class Decoder:
             self._header = header
             if length >= self.BIG_BODY and len(self._buf) < length:
                 self._filled = len(self._buf)
-                self._body = _anonymous(min(length, max(self.BIG_BODY, 2 * self._filled)))
+                if length <= self.HEAP_BODY:
+                    # The heap, whose pages earlier bodies have touched: fresh pages of a
+                    # mapping would cost a fault each, more than the copying.
+                    self._body = bytearray(length)
+                else:
+                    self._body = _anonymous(min(length, max(self.HEAP_BODY, 2 * self._filled)))
                 self._body[:self._filled] = self._buf
                 del self._buf[:]
         header = self._header

@@ -11,7 +11,7 @@ import pytest
 
 import mitogen.core
 import mitogen.parent
-from mitogen.core import Decoder, Message
+from mitogen.core import HEADER_LEN, Decoder, Message
 
 
 def make(data=b"hello", **kw):
@@ -64,14 +64,26 @@ def test_big_body_can_be_read_into_directly():
 
 def test_big_body_buffer_grows_with_what_arrives_not_what_the_header_claims():
     claimed = 128 << 20
+    step = Decoder.HEAP_BODY
     decoder = Decoder(max_message_size=claimed)
     decoder.feed(make(b"").pack_header()[:-4] + claimed.to_bytes(4, "big") + b"x" * 1000)
     assert decoder.next_message() is None
-    assert len(decoder._body) == Decoder.BIG_BODY
-    decoder.feed(b"y" * Decoder.BIG_BODY)
-    assert len(decoder._body) == 2 * Decoder.BIG_BODY
-    decoder.feed(b"z" * (4 * Decoder.BIG_BODY))
-    assert len(decoder._body) == 8 * Decoder.BIG_BODY  # at most twice what arrived
+    assert len(decoder._body) == step  # all a stalled header costs
+    decoder.feed(b"y" * step)
+    assert len(decoder._body) == 2 * step
+    decoder.feed(b"z" * (4 * step))
+    assert len(decoder._body) == 8 * step  # at most twice what arrived
+
+
+def test_a_body_up_to_the_heap_bound_is_allocated_whole():
+    body = b"b" * Decoder.HEAP_BODY
+    frame = make(body).pack()
+    decoder = Decoder(max_message_size=1 << 30)
+    decoder.feed(frame[:HEADER_LEN + 10])
+    assert decoder.next_message() is None
+    assert type(decoder._body) is bytearray and len(decoder._body) == len(body)
+    decoder.feed(frame[HEADER_LEN + 10:])
+    assert bytes(decoder.next_message().data) == body
 
 
 def test_oversize_frame_is_skipped_and_reported_without_buffering():

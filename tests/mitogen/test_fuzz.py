@@ -49,7 +49,7 @@ def frame(rng: random.Random) -> bytes:
 
 def feed_all(decoder: Decoder, data: bytes, rng: random.Random) -> int:
     """Feed `data` in random chunks, decoding as it goes; returns messages decoded. The
-    decoder's buffers never exceed twice what it was given (or one growth step)."""
+    decoder's buffers never exceed twice what it was given (or one body up to HEAP_BODY)."""
     decoded = pos = 0
     while pos < len(data):
         step = rng.choice([1, 7, 26, 4096, 70_000, 300_000])
@@ -57,7 +57,7 @@ def feed_all(decoder: Decoder, data: bytes, rng: random.Random) -> int:
         pos += step
         body = decoder._body
         held = len(decoder._buf) + (len(body) if body is not None else 0)
-        assert held <= max(2 * pos, Decoder.BIG_BODY + 26), (held, pos)
+        assert held <= max(2 * pos, Decoder.HEAP_BODY + 26), (held, pos)
         while decoder.next_message() is not None:
             decoded += 1
     return decoded
