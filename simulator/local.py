@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import os
 import shutil
 import signal as signal_module
@@ -118,7 +119,8 @@ def sweep_stale_dirs() -> List[str]:
     """Remove control directories left by runs whose process is gone (a killed pytest).
 
     A directory is named after the pid that made it; the processes of that run end by
-    themselves when their parent's stream closes, only their directory would stay.
+    themselves when their parent's stream closes, only their directory would stay. One
+    whose run still has a state record is left to ``python -m simulator down``.
     """
     removed: List[str] = []
     base = _base_dir()
@@ -128,10 +130,27 @@ def sweep_stale_dirs() -> List[str]:
         return removed
     for name in names:
         owner = name.split("-", 1)[0]
-        if owner.isdigit() and not _pid_alive(int(owner)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        path = os.path.join(base, name)
+        if owner.isdigit() and not _pid_alive(int(owner)) and not _recorded(path, owner):
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     return removed
+
+
+#: In a control directory whose run has a state record: the records' directory.
+_RECORDED = "recorded-in"
+
+
+def _recorded(path: str, owner: str) -> bool:
+    """True while a state record of the run that made ``path`` exists: then ``down`` removes
+    the directory and says so (a sweep by another run in between would take that away)."""
+    try:
+        with open(os.path.join(path, _RECORDED), encoding="utf-8") as stream:
+            records = stream.read().strip()
+    except OSError:
+        return False
+    return bool(records) and bool(glob.glob(os.path.join(glob.escape(records),
+                                                         f"*-local-{owner}.json")))
 
 
 @dataclasses.dataclass
@@ -255,7 +274,14 @@ class LocalBackend(Backend):
 
     def resources(self) -> Dict[str, Any]:
         """What a state record names for ``down``: the control directory of the links (the
-        processes end by themselves with their runner; their relays see it go)."""
+        processes end by themselves with their runner; their relays see it go). From now on
+        the directory is ``down``'s to remove: other runs' sweeps spare it while the record
+        is there (see :func:`sweep_stale_dirs`)."""
+        from simulator.state import state_dir
+
+        if self._dir is not None:
+            with open(os.path.join(self._dir, _RECORDED), "w", encoding="utf-8") as stream:
+                stream.write(state_dir())
         return {"control_dir": self._dir}
 
     # -- building ----------------------------------------------------------------------------

@@ -5,11 +5,15 @@ run 4 on dc.yml, where a host paused until the final heal was lost just after it
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 
 import pytest
 
+from simulator import local
 from simulator.local import LocalBackend
 from simulator.timeline import Timeline
 from simulator.topology import load_topology
@@ -79,3 +83,24 @@ def test_a_silence_judged_before_heal_all_gives_up_no_link_after_it(backend):
     assert backend.context("top/mid").context_id == before
     assert _answers(backend, "top/mid/leaf") > 0
     assert backend.timeline.events(kinds=["keepalive"]) == []
+
+
+def test_the_sweep_spares_a_dead_run_s_directory_while_its_state_record_is_there(tmp_path):
+    """Another run's start must not take from ``down`` what a killed ``up`` left (its
+    record's control directory): ``down`` removes it and says so."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    os.makedirs(local._base_dir(), mode=0o700, exist_ok=True)
+    control = tempfile.mkdtemp(prefix=f"{gone.pid}-", dir=local._base_dir())
+    try:
+        with open(os.path.join(control, local._RECORDED), "w") as stream:
+            stream.write(str(tmp_path))
+        record = tmp_path / f"sched-local-{gone.pid}.json"
+        record.write_text("{}")
+        assert os.path.basename(control) not in local.sweep_stale_dirs()
+        assert os.path.isdir(control)
+        record.unlink()
+        assert os.path.basename(control) in local.sweep_stale_dirs()
+        assert not os.path.exists(control)
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
