@@ -254,7 +254,7 @@ class Connection(mitogen.parent.Connection):
 
     def start_child(self, args: list | None = None) -> Process:
         config = self.get_econtext_config()
-        ours, theirs = socket.socketpair()
+        ours, theirs = mitogen.parent.create_socketpair()
         try:
             pid = zygote_for(self.router).fork(config, theirs.fileno())
         except BaseException:

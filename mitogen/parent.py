@@ -530,14 +530,19 @@ class Process:
             self.returncode = -signal.SIGKILL
 
 
+#: Kernel buffer asked for each end of a child's socketpair (the kernel caps it at
+#: net.core.wmem_max): the default, about 200 KiB, makes a 64 MiB message cost hundreds of
+#: hand-overs between the two brokers, and each one a wait for a CPU on a busy machine.
+SOCKET_BUFFER = 2 * 1048576
+
+
 def create_socketpair(size: int | None = None, blocking: bool | None = None) -> tuple:
     """A socketpair (parent's end, child's end) for a child's stdin and stdout: one
     descriptor carries both directions. `size` sets both ends' kernel buffers."""
     parent_end, child_end = socket.socketpair()
     for sock in (parent_end, child_end):
-        if size is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size or SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size or SOCKET_BUFFER)
         if blocking is not None:
             sock.setblocking(blocking)
     return parent_end, child_end

@@ -25,7 +25,6 @@ import fcntl
 import logging
 import os
 import re
-import socket
 import termios
 import threading
 import tty
@@ -228,7 +227,7 @@ def spawn_with_pty(args: list, full: bool, pipes: bool = False) -> tuple[Process
             child_in, ours_in = os.pipe()
             ours_out, child_out = os.pipe()
         else:
-            ours, theirs = socket.socketpair()
+            ours, theirs = mitogen.parent.create_socketpair()
             ours_in = ours_out = ours.detach()
             child_in = child_out = theirs.detach()
         try:
