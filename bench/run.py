@@ -14,9 +14,10 @@ recorded with its error text, never stops the run, and never fails anything: thi
 reports where we stand.
 
 The raw results go to ``OUT/<timestamp>/run.json``. A complete run (no ``--quick``,
-``--only`` or ``--impls``) then rewrites ``bench/RESULTS.md`` and the plots in ``bench/``;
-a partial run writes them next to its ``run.json`` instead, so it never replaces the
-reference table.
+``--only``, ``--impls`` or ``--results``) then rewrites ``bench/RESULTS.md``, the plots in
+``bench/`` and the tables in README.md's Benchmarks section (between its
+``bench-table`` markers); a partial run writes its report next to its ``run.json`` instead,
+so it never replaces the reference tables.
 
 The ``ssh`` workload logs in to one private sshd on 127.0.0.1 that the harness starts for the
 whole run (``bench/sshd.py``) and stops at its end; where that cannot run (not root, no
@@ -51,6 +52,7 @@ from bench.workloads.common import RESULT_MARKER
 __all__ = ["IMPL_ORDER", "WORKLOAD_NAMES", "Job", "Step", "build_plan", "main", "run_job"]
 
 BENCH_DIR = Path(__file__).resolve().parent
+README = BENCH_DIR.parent / "README.md"
 WORKLOAD_DIR = BENCH_DIR / "workloads"
 MIB = 1 << 20
 
@@ -63,8 +65,9 @@ IMPLS: Dict[str, tuple] = {
 }
 IMPL_ORDER = ("ours", "mitogen", "execnet")
 MITOGEN_LIKE = ("ours", "mitogen")  # workloads execnet has no counterpart for
-WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "fanout", "multihop", "aio",
-                  "remote_import", "bootstrap", "memory", "services", "files", "ssh")
+WORKLOAD_NAMES = ("limits", "cold_start", "roundtrip", "throughput", "tail", "fanout",
+                  "multihop", "aio", "remote_import", "bootstrap", "memory", "scale",
+                  "services", "files", "ssh")
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,10 @@ def run_job(python: Path, script: Path, workload: str, params: Dict[str, Any],
         timed_out = True
         _kill_group(proc.pid)
         out, err = proc.communicate()
+    except BaseException:  # the harness interrupted (Ctrl-C, SIGTERM): take the job with it
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
     _kill_group(proc.pid)
     wall = time.monotonic() - start
     result = _parse_result(out.decode(errors="replace"))
@@ -244,21 +251,33 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         Step("throughput", "throughput", everyone, pick(5, 1),
              pick({"small_bytes": MIB, "small_count": 64, "big_bytes": 64 * MIB},
                   {"small_bytes": MIB, "small_count": 8, "big_bytes": 8 * MIB}), 150),
+        # A probe child's round trips, idle and while another child receives big arguments.
+        Step("tail", "tail", everyone, pick(2, 1),
+             pick({"big_bytes": 256 * MIB, "rounds": 3, "idle_calls": 1000, "transfers": 2,
+                   "warmup": 200},
+                  {"big_bytes": 16 * MIB, "rounds": 1, "idle_calls": 200, "transfers": 1,
+                   "warmup": 20}), pick(900, 120)),
     ]
     sizes = pick([(1, mitogen_like, 3), (4, mitogen_like, 3), (16, everyone, 3),
-                  (64, everyone, 3), (256, mitogen_like, 1)],
+                  (64, everyone, 3), (256, everyone, 2)],
                  [(1, mitogen_like, 1), (4, mitogen_like, 1), (16, everyone, 1)])
-    steps += [Step("fanout", "fanout", who, reps, {"children": n}, 60 + 0.6 * n)
-              for n, who, reps in sizes]
+    steps += [_fanout_step(n, who, reps) for n, who, reps in sizes]
     steps += [
+        _fanout_step(pick(64, 8), everyone, pick(3, 1), via=True),
         Step("multihop", "multihop", mitogen_like, pick(5, 1),
-             pick({"rounds": 10, "calls_per_round": 100, "warmup": 100},
-                  {"rounds": 2, "calls_per_round": 50, "warmup": 20}), 90),
+             pick({"hops": 5, "rounds": 10, "calls_per_round": 100, "warmup": 100},
+                  {"hops": 5, "rounds": 2, "calls_per_round": 50, "warmup": 20}), 120),
         Step("aio", "aio", mitogen_like, pick(3, 1),
              {"children": 10, "calls": 1000, "repeat": pick(5, 2)}, 120),
         Step("remote_import", "remote_import", mitogen_like, pick(5, 1), {}, 90),
         Step("bootstrap", "bootstrap", everyone, 1, {}, 60),
-        Step("memory", "memory", everyone, pick(3, 1), {"children": pick(16, 4)}, 120),
+        Step("memory", "memory", everyone, pick(3, 1), {"children": pick(64, 8)}, 600),
+        # 1,000 children in one master; the workload refuses (recorded as a skip, with the
+        # reason) where their memory would not fit in half of what the machine has free.
+        Step("scale", "scale", everyone, 1,
+             pick({"children": 1000, "workers": 32},
+                  {"children": 20, "workers": 4, "reap_timeout": 5}),
+             pick(1800, 120)),
         Step("services", "call_service", mitogen_like, pick(5, 1),
              pick({"warmup": 500, "calls": 5000}, {"warmup": 50, "calls": 500}), 120),
         # FileService against the raw socketpair in the same run, then against Mitogen.
@@ -275,8 +294,21 @@ def build_plan(quick: bool, only: Sequence[str], impls: Sequence[str]) -> List[S
         Step("ssh", "ssh", ["machine", *everyone], pick(3, 1),
              pick({"connects": 10, "warmup": 200, "calls": 2000},
                   {"connects": 3, "warmup": 20, "calls": 200}), 240),
+        # One connection per account of the sshd's own, all at once.
+        Step("ssh", "ssh_fanout", ["machine", *everyone], pick(3, 1),
+             {"accounts": pick(16, 4)}, 300),
     ]
     return [step for step in steps if step.workload in only and step.impls]
+
+
+def _fanout_step(children: int, impls: Sequence[str], reps: int, via: bool = False) -> Step:
+    """N children started concurrently (through one intermediate with ``via``). The limits
+    grow with N: on two cores, hundreds of children booting at once take minutes."""
+    timeout = 120 + 2.0 * children
+    params: Dict[str, Any] = {"children": children, "connect_timeout": 0.9 * timeout}
+    if via:
+        params["via"] = True
+    return Step("fanout", "fanout", impls, reps, params, timeout)
 
 
 def with_ssh_target(steps: Sequence[Step], stack: contextlib.ExitStack) -> List[Step]:
@@ -284,8 +316,10 @@ def with_ssh_target(steps: Sequence[Step], stack: contextlib.ExitStack) -> List[
     steps its address; or mark them skipped, saying why the server cannot run."""
     if not any(step.workload == "ssh" for step in steps):
         return list(steps)
+    accounts = max(int(step.params.get("accounts", 0)) for step in steps
+                   if step.workload == "ssh")
     try:
-        target: Optional[sshd.SshTarget] = stack.enter_context(sshd.serve())
+        target: Optional[sshd.SshTarget] = stack.enter_context(sshd.serve(accounts))
         skip = None
     except sshd.SshdUnavailable as exc:
         target, skip = None, str(exc)
@@ -373,13 +407,13 @@ def prepare_envs(impls: Sequence[str], log: List[str]) -> tuple:
     for impl in impls:
         spec = specs[IMPLS[impl][0]]
         try:
-            pythons[impl] = envs.ensure_env(spec, log=log)
+            python = pythons[impl] = envs.ensure_env(spec, log=log)
         except RuntimeError as exc:
             unavailable[impl] = str(exc).splitlines()[0]
             versions[impl] = {"python": None, "version": None, "error": str(exc)[-1000:]}
             log.append(f"{impl}: {exc}")
             continue
-        versions[impl] = envs.probe_version(pythons[impl], spec.distribution)
+        versions[impl] = envs.probe_version(python, spec.distribution)
         versions[impl]["requirement"] = " ".join(spec.requirements).replace(
             str(envs.REPO_ROOT), ".")
     if "ours" in versions:
@@ -412,9 +446,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None,
                         help="where RESULTS.md goes (default: bench/RESULTS.md for a complete "
                              "run, else next to run.json)")
-    parser.add_argument("--budget", type=float, default=900.0,
-                        help="seconds after which remaining jobs are skipped (default 900)")
+    parser.add_argument("--budget", type=float, default=7200.0,
+                        help="seconds after which remaining jobs are skipped (default 7200)")
     return parser.parse_args(argv)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_job, which kills the running job
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -450,9 +488,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta["duration"] = time.monotonic() - runner.started
     path = _save(run_dir, meta, runner.records)
     _say(f"raw results: {path} ({meta['duration']:.0f} s)")
-    results = args.results or (BENCH_DIR / "RESULTS.md" if complete else run_dir / "RESULTS.md")
-    plots_dir = BENCH_DIR if complete and args.results is None else results.parent
-    _report(path, results, plots_dir)
+    reference = complete and args.results is None
+    results = args.results or (BENCH_DIR / "RESULTS.md" if reference else run_dir / "RESULTS.md")
+    plots_dir = BENCH_DIR if reference else results.parent
+    _report(path, results, plots_dir, README if reference else None)
     return 0
 
 
@@ -467,15 +506,19 @@ def _save(run_dir: Path, meta: Dict[str, Any], records: List[Dict[str, Any]]) ->
 def _progress(number: int, total: int, job: Job, rec: Dict[str, Any]) -> str:
     status = "ok" if rec["ok"] else ("skipped" if rec["skipped"] else "FAILED")
     what = job.step.workload
+    if job.step.script_workload != job.step.workload:
+        what += f" ({job.step.script_workload})"
     if job.step.workload == "fanout":
-        what += f" x{job.step.params['children']}"
+        what += f" x{job.step.params['children']}" + (" via one" if job.step.params.get(
+            "via") else "")
     detail = "" if rec["ok"] else f": {(rec.get('error') or '')[:150]}"
     wall = f" {rec['wall']:.1f}s" if "wall" in rec else ""
     return f"[{number}/{total}] {what} {job.impl} #{job.rep + 1}: {status}{wall}{detail}"
 
 
-def _report(run_json: Path, results: Path, plots_dir: Path) -> None:
-    """Write RESULTS.md here; plots where matplotlib is (our interpreter or the tools venv)."""
+def _report(run_json: Path, results: Path, plots_dir: Path, readme: Optional[Path]) -> None:
+    """Write RESULTS.md here; plots where matplotlib is (our interpreter or the tools venv);
+    and the README's tables, for the reference run."""
     from bench import report
 
     run = report.load_run(run_json)
@@ -485,8 +528,12 @@ def _report(run_json: Path, results: Path, plots_dir: Path) -> None:
         plots = report.write_plots(run, plots_dir)
     except ImportError:
         plots = _plots_in_tools_venv(run_json, plots_dir)
-    report.write_results(run, results, plots)
+    baseline = report.goals.load_baseline()
+    report.write_results(run, results, plots, baseline)
     _say(f"report: {results}")
+    if readme is not None:
+        report.update_readme(readme, report.render_readme_block(run, baseline))
+        _say(f"README tables: {readme}")
 
 
 def _plots_in_tools_venv(run_json: Path, plots_dir: Path) -> List[Path]:
@@ -509,4 +556,5 @@ def _say(text: str) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

@@ -7,17 +7,25 @@ ssh setup is read or changed (``/etc/ssh``, the system's sshd, ``/root/.ssh``), 
 directory is removed when the run ends, however it ends.
 
 The login is ``root`` with the generated key only (``PermitRootLogin prohibit-password``,
-``AllowUsers root``, no passwords). That was chosen over a dedicated bench account because a
-new account means editing ``/etc/passwd``, ``/etc/shadow`` and ``/etc/group`` and making a home
-directory, which a killed harness would leave behind; this server leaves nothing. The workloads
-already run as root, so the remote children get no rights the local ones lack, and the server
-listens on loopback only and accepts one key that exists for the length of the run.
+no passwords): the workloads already run as root, so the remote children get no rights the
+local ones lack, and the server listens on loopback only and accepts one key that exists for
+the length of the run.
+
+The concurrent-connection workload logs in to different accounts at once; ``serve(accounts=N)``
+creates N of them for the run (``useradd``: no password that any login accepts, the same
+generated key, a home directory inside the temp directory, no group of their own) and deletes
+them (``userdel``) when the run ends, after ending any process still running as one of them.
+Each account's comment names the harness process that made it (pid and start time), so that
+accounts a killed harness could not delete are deleted by the next run that finds their
+maker gone. Nothing else of the machine's account files is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -26,9 +34,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["SSHD", "SshTarget", "SshdUnavailable", "serve", "why_unavailable"]
+__all__ = ["ACCOUNT_TAG", "SSHD", "SshTarget", "SshdUnavailable", "remove_stale_accounts",
+           "serve", "why_unavailable"]
 
 SSHD = "/usr/sbin/sshd"
 #: The interpreter the remote children run (the issue's setup: the system's Python 3).
@@ -37,6 +46,10 @@ REMOTE_PYTHON = "/usr/bin/python3"
 PRIVSEP_DIR = Path("/run/sshd")
 LISTEN_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+#: The comment (GECOS field) of every account this module creates, then "pid=N start=T".
+ACCOUNT_TAG = "mitogen-bench"
+#: Accounts' names: this prefix, 6 hex digits for the run, 2 digits for the account.
+ACCOUNT_PREFIX = "mb"
 
 
 class SshdUnavailable(RuntimeError):
@@ -52,10 +65,12 @@ class SshTarget:
     username: str
     identity_file: str
     python_path: str
+    usernames: Tuple[str, ...] = ()  # the run's own accounts, same key
 
     def params(self) -> Dict[str, Any]:
         return {"hostname": self.hostname, "port": self.port, "username": self.username,
-                "identity_file": self.identity_file, "python_path": self.python_path}
+                "identity_file": self.identity_file, "python_path": self.python_path,
+                "usernames": list(self.usernames)}
 
 
 def why_unavailable() -> Optional[str]:
@@ -65,7 +80,7 @@ def why_unavailable() -> Optional[str]:
     for program in (SSHD, REMOTE_PYTHON):
         if not os.access(program, os.X_OK):
             return f"{program} is missing"
-    for program in ("ssh", "ssh-keygen"):
+    for program in ("ssh", "ssh-keygen", "useradd", "userdel"):
         if shutil.which(program) is None:
             return f"{program} is not on PATH"
     return None
@@ -77,7 +92,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(tmp: Path, port: int) -> str:
+def _config(tmp: Path, port: int, users: Sequence[str]) -> str:
     # StrictModes off: sshd would refuse an authorized_keys file below the world-writable
     # /tmp. Harmless here: the file is ours, and the directory holding it is 0700.
     return "\n".join([
@@ -89,7 +104,7 @@ def _config(tmp: Path, port: int) -> str:
         "StrictModes no",
         "UsePAM no",
         "PermitRootLogin prohibit-password",
-        "AllowUsers root",
+        f"AllowUsers {' '.join(['root', *users])}",
         "PubkeyAuthentication yes",
         "PasswordAuthentication no",
         "KbdInteractiveAuthentication no",
@@ -207,9 +222,99 @@ def _privsep_dir() -> Iterator[None]:
                 PRIVSEP_DIR.rmdir()
 
 
+def _owner_tag() -> str:
+    return f"{ACCOUNT_TAG} pid={os.getpid()} start={_start_time(os.getpid())}"
+
+
+def _owner_alive(gecos: str) -> bool:
+    """Whether the harness process named in an account's comment still runs."""
+    fields = dict(part.split("=", 1) for part in gecos.split()[1:] if "=" in part)
+    try:
+        pid = int(fields["pid"])
+    except (KeyError, ValueError):
+        return False
+    return _start_time(pid) == fields.get("start")
+
+
+def _kill_user_processes(uid: int) -> None:
+    """SIGKILL every process running as ``uid`` (an account of ours: nothing else runs as it)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                real_uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue
+        if real_uid == uid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(name), signal.SIGKILL)
+
+
+def _account_tool(*argv: str) -> None:
+    """Run useradd/userdel, retrying while another process holds the account files' lock."""
+    for attempt in range(20):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode == 0:
+            return
+        if "lock" not in done.stderr.lower():
+            break
+        time.sleep(0.1 * (attempt + 1))  # another engineer's useradd: nothing to wait on
+    raise SshdUnavailable(f"{' '.join(argv[:1])} {argv[-1]} failed (exit {done.returncode}): "
+                          f"{done.stderr.strip()[-300:]}")
+
+
+def _remove_account(name: str) -> None:
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
+    _kill_user_processes(uid)
+    _account_tool("userdel", name)
+
+
+def remove_stale_accounts() -> List[str]:
+    """Delete the accounts of earlier runs whose harness is gone; return their names."""
+    stale = [entry.pw_name for entry in pwd.getpwall()
+             if entry.pw_gecos.startswith(ACCOUNT_TAG + " ") and
+             entry.pw_name.startswith(ACCOUNT_PREFIX) and not _owner_alive(entry.pw_gecos)]
+    for name in stale:
+        _remove_account(name)
+    return stale
+
+
 @contextlib.contextmanager
-def serve() -> Iterator[SshTarget]:
-    """Run the server for the duration of the ``with`` block; yield how to log in to it.
+def _accounts(count: int, homes: Path) -> Iterator[Tuple[str, ...]]:
+    """``count`` login accounts for this run (see the module's docstring), deleted on exit."""
+    if not count:
+        yield ()
+        return
+    remove_stale_accounts()
+    run = secrets.token_hex(3)
+    created: List[str] = []
+    homes.mkdir(mode=0o711)
+    try:
+        for number in range(count):
+            name = f"{ACCOUNT_PREFIX}{run}{number:02d}"
+            # "*" is a password no login accepts, but unlike useradd's default "!" it does
+            # not lock the account, which sshd (without PAM) would refuse even with a key.
+            _account_tool("useradd", "--no-create-home", "--home-dir", str(homes / name),
+                          "--no-user-group", "--shell", "/bin/sh", "--password", "*",
+                          "--comment", _owner_tag(), name)
+            created.append(name)
+            entry = pwd.getpwnam(name)
+            (homes / name).mkdir(mode=0o700)
+            os.chown(homes / name, entry.pw_uid, entry.pw_gid)
+        yield tuple(created)
+    finally:
+        for name in created:
+            _remove_account(name)
+
+
+@contextlib.contextmanager
+def serve(accounts: int = 0) -> Iterator[SshTarget]:
+    """Run the server for the duration of the ``with`` block; yield how to log in to it,
+    with ``accounts`` accounts of its own besides root.
 
     Raises :class:`SshdUnavailable` (before yielding) when it cannot run or start.
     """
@@ -224,10 +329,15 @@ def serve() -> Iterator[SshTarget]:
             _keygen(tmp / "client_ed25519")
         except (subprocess.SubprocessError, OSError) as exc:
             raise SshdUnavailable(f"ssh-keygen failed: {exc}") from exc
+        # The accounts' logins read authorized_keys as themselves: they may pass through the
+        # directory and read that one file (the private keys stay 0600).
+        os.chmod(tmp, 0o711)
         (tmp / "authorized_keys").write_text((tmp / "client_ed25519.pub").read_text())
+        os.chmod(tmp / "authorized_keys", 0o644)
+        users = stack.enter_context(_accounts(accounts, tmp / "home"))
         port = _free_port()
         config, log = tmp / "sshd_config", tmp / "sshd.log"
-        config.write_text(_config(tmp, port))
+        config.write_text(_config(tmp, port, users))
         stack.enter_context(_privsep_dir())
         checked = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True,
                                  text=True, timeout=60, check=False)
@@ -238,4 +348,5 @@ def serve() -> Iterator[SshTarget]:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         stack.callback(_stop, proc)
         _wait_listening(port, proc, log)
-        yield SshTarget("127.0.0.1", port, "root", str(tmp / "client_ed25519"), REMOTE_PYTHON)
+        yield SshTarget("127.0.0.1", port, "root", str(tmp / "client_ed25519"), REMOTE_PYTHON,
+                        users)

@@ -12,6 +12,9 @@
 ``down [FILE]``  tear down the ``up`` trees (all, or those of FILE) and wait until each is gone;
                  remove what a runner that is gone left (containers, networks, keys, records)
 ``images ...``   build, list and prune the docker backend's host images (``images --help``)
+``campaign``     a fault campaign: N runs of generated fault schedules over a tree (FILE's,
+                 or random trees) under load, each checked; a failing run is shrunk and
+                 written down with its seed, so that ``--replay`` runs it again
 
 Every tree has one state record (:mod:`simulator.state`), whichever backend runs it, and
 ``status`` and ``down`` work from those records.
@@ -358,7 +361,42 @@ def _parser() -> argparse.ArgumentParser:
     down.set_defaults(run=cmd_down)
     sub.add_parser("images", help="build, list or prune the docker backend's images (see "
                                   "`python -m simulator images --help`)")
+    campaign = sub.add_parser("campaign", help="run a fault campaign: generated schedules, "
+                                               "checked, shrunk (local backend)")
+    campaign.add_argument("file", nargs="?", help="the topology (default: random trees)")
+    campaign.add_argument("--runs", type=int, default=10, help="how many runs (default 10)")
+    campaign.add_argument("--seed", type=int, default=None,
+                          help="the campaign's seed (default: FILE's seed, else 0)")
+    campaign.add_argument("--run", type=int, action="append", default=None, metavar="K",
+                          dest="only",
+                          help="only run K of the seed (repeatable): replays one run")
+    campaign.add_argument("--shape", choices=("file", "random"), default=None,
+                          help="FILE's tree for every run, or a random tree per run (default: "
+                               "file when FILE is given)")
+    campaign.add_argument("--max-hosts", type=int, default=24,
+                          help="random trees: at most this many hosts (default 24)")
+    campaign.add_argument("--horizon", type=float, default=10.0,
+                          help="seconds of load and faults per run (default 10)")
+    campaign.add_argument("--faults", default="1-6", metavar="LOW-HIGH",
+                          help="faults per run (default 1-6)")
+    campaign.add_argument("--kinds", default=None,
+                          help="fault kinds to draw from, comma-separated (default: all the "
+                               "local backend can apply)")
+    campaign.add_argument("--shrink", type=int, default=6, metavar="N",
+                          help="at most N more runs to shrink a failing run (default 6)")
+    campaign.add_argument("--out", default=os.path.join(".sim", "campaign"),
+                          help="where runs write their history (default .sim/campaign)")
+    campaign.add_argument("--replay", metavar="SCHEDULE", default=None,
+                          help="run again the run recorded in SCHEDULE (a finding's "
+                               "schedule.json)")
+    campaign.set_defaults(run=_cmd_campaign)
     return parser
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    from simulator.campaign import command
+
+    return command(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

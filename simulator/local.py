@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import os
 import shutil
 import signal as signal_module
@@ -53,7 +54,6 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 
 import mitogen.core
 import mitogen.master
-from simulator import probes
 from simulator.backend import (
     Backend,
     BackendError,
@@ -76,12 +76,14 @@ from simulator.relay import RelayControl, RelayControlError
 from simulator.timeline import Timeline
 from simulator.topology import Host, Topology
 
-__all__ = ["RELAY_PATH", "LocalBackend", "sweep_stale_dirs"]
+__all__ = ["RELAY_PATH", "LocalBackend", "interpreters", "sweep_stale_dirs"]
 
 RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
 #: Seconds a relay keeps a link open after its parent side closed; also how long a paused
 #: (SIGSTOPped) orphan can survive a killed runner before its relay kills it.
 RELAY_LINGER = 2.0
+#: How long a relay gives its child after SIGTERM (relay.KILL_GRACE), plus a margin.
+RELAY_STOP_GRACE = 3.0
 
 #: Hosts started at once while building a tree (each waits mostly on its links).
 BUILD_THREADS = 8
@@ -117,7 +119,8 @@ def sweep_stale_dirs() -> List[str]:
     """Remove control directories left by runs whose process is gone (a killed pytest).
 
     A directory is named after the pid that made it; the processes of that run end by
-    themselves when their parent's stream closes, only their directory would stay.
+    themselves when their parent's stream closes, only their directory would stay. One
+    whose run still has a state record is left to ``python -m simulator down``.
     """
     removed: List[str] = []
     base = _base_dir()
@@ -127,10 +130,27 @@ def sweep_stale_dirs() -> List[str]:
         return removed
     for name in names:
         owner = name.split("-", 1)[0]
-        if owner.isdigit() and not _pid_alive(int(owner)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        path = os.path.join(base, name)
+        if owner.isdigit() and not _pid_alive(int(owner)) and not _recorded(path, owner):
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     return removed
+
+
+#: In a control directory whose run has a state record: the records' directory.
+_RECORDED = "recorded-in"
+
+
+def _recorded(path: str, owner: str) -> bool:
+    """True while a state record of the run that made ``path`` exists: then ``down`` removes
+    the directory and says so (a sweep by another run in between would take that away)."""
+    try:
+        with open(os.path.join(path, _RECORDED), encoding="utf-8") as stream:
+            records = stream.read().strip()
+    except OSError:
+        return False
+    return bool(records) and bool(glob.glob(os.path.join(glob.escape(records),
+                                                         f"*-local-{owner}.json")))
 
 
 @dataclasses.dataclass
@@ -167,8 +187,12 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, timeline: Optional[Timeline] = None, keepalive: bool = True,
-                 router: Optional[mitogen.master.Router] = None) -> None:
+                 router: Optional[mitogen.master.Router] = None,
+                 on_start: Optional[Callable[[str], None]] = None) -> None:
         self.timeline = timeline or Timeline()
+        #: Called with a host's id each time it (re)starts, once its contexts answer and
+        #: before anything else sees them (the fault campaign installs its probes there).
+        self.on_start = on_start
         self.keepalive = keepalive
         self._router = router
         self._own_router = router is None
@@ -179,6 +203,8 @@ class LocalBackend(Backend):
         self._paused: Dict[str, List[int]] = {}
         self._relay_changed: Dict[str, str] = {}  # host id -> why its relay differs
         self._monitor: Optional[_KeepaliveMonitor] = None
+        #: When heal_all last made every link whole: silences measured before do not count.
+        self._healed_at = 0.0
         self._every_pid: Dict[int, str] = {}
         self.build_seconds: Optional[float] = None
 
@@ -248,7 +274,14 @@ class LocalBackend(Backend):
 
     def resources(self) -> Dict[str, Any]:
         """What a state record names for ``down``: the control directory of the links (the
-        processes end by themselves with their runner; their relays see it go)."""
+        processes end by themselves with their runner; their relays see it go). From now on
+        the directory is ``down``'s to remove: other runs' sweeps spare it while the record
+        is there (see :func:`sweep_stale_dirs`)."""
+        from simulator.state import state_dir
+
+        if self._dir is not None:
+            with open(os.path.join(self._dir, _RECORDED), "w", encoding="utf-8") as stream:
+                stream.write(state_dir())
         return {"control_dir": self._dir}
 
     # -- building ----------------------------------------------------------------------------
@@ -259,9 +292,12 @@ class LocalBackend(Backend):
         return os.path.join(self._dir, f"h{index}-{host.name[:40]}.sock")  # AF_UNIX: 108 max
 
     def _python_path(self, host: Host, control: str) -> List[str]:
-        """The relay, told the link's steady properties, running the host's interpreter."""
+        """The relay, told the link's steady properties, running the host's interpreter.
+        It needs only the standard library: ``-S`` spares it site's start-up (a third of
+        its own), which counts when a tree has a thousand links."""
         link = host.link
-        argv = [sys.executable, RELAY_PATH, "--control", control, "--linger", str(RELAY_LINGER)]
+        argv = [sys.executable, "-S", RELAY_PATH, "--control", control, "--linger",
+                str(RELAY_LINGER)]
         if link.latency or link.jitter:
             argv += ["--latency", repr(link.latency),
                      "--jitter", repr(min(link.jitter, link.latency))]
@@ -311,8 +347,12 @@ class LocalBackend(Backend):
         context = self.router.local(via=parent.context if parent else None,
                                     connect_timeout=self.topology.network.connect_timeout,
                                     **spec.kwargs)
-        pid, relay_pid = context.call(probes.pids)
-        ping_handle = context.call(probes.install_ping)
+        # Standard library calls only: importing anything else would make the new
+        # interpreter load site, a good part of its start-up. Keepalives go to the router's
+        # own PING handler, answered on the broker thread, never behind user calls.
+        pid = context.call(os.getpid)
+        relay_pid = context.call(os.getppid)
+        ping_handle = mitogen.core.PING
         accounts = {}
         for account in host.accounts:
             if account.name == host.login:
@@ -339,6 +379,8 @@ class LocalBackend(Backend):
                              accounts={k: v[0].context_id for k, v in accounts.items()})
         self.timeline.record("route", action="add", host=host.id,
                              context_id=context.context_id)
+        if self.on_start is not None:
+            self.on_start(host.id)
         return state
 
     def _watch(self, host_id: str, context: mitogen.core.Context,
@@ -533,9 +575,12 @@ class LocalBackend(Backend):
         nbytes = fault.nbytes or 0
         if fault.kind == "reset" and not nbytes:
             self.relay(target, lambda c: c.fault("reset"))
-        else:
-            self.relay(target, lambda c: c.fault("cut_after", nbytes=nbytes))
-        return _Handle(fault, target, "revive")
+            return _Handle(fault, target, "revive")
+        # A cut that has not happened yet must not happen after the heal: the relay is
+        # healed too (which disarms it), then the host started again if it did happen.
+        self._relay_changed[target] = "cut"
+        self.relay(target, lambda c: c.fault("cut_after", nbytes=nbytes))
+        return _Handle(fault, target, "relay")
 
     def heal(self, handle: object) -> None:
         if not isinstance(handle, _Handle):
@@ -548,11 +593,19 @@ class LocalBackend(Backend):
             self.revive(handle.target)
 
     def heal_all(self) -> None:
-        """Resume paused hosts, restore every changed link, start every host that is down."""
+        """Resume paused hosts, restore every changed link, start every host that is down.
+
+        Keepalive silences from before count no more: a link the monitor was about to give
+        up (a host paused until now) stays, and one it is giving up this moment is waited
+        for and started again, so that every host runs once this returns."""
         for host_id in list(self._paused):
             self.unpause(host_id)
         for host_id in list(self._relay_changed):
             self._restore_link(host_id)
+        if self._monitor is not None:
+            self._monitor.forgive()
+        with self._lock:
+            self._healed_at = time.monotonic()
         for host in self.topology.roots():
             self.revive(host.id)
 
@@ -560,7 +613,9 @@ class LocalBackend(Backend):
         """Start again every host of ``host_id``'s subtree that is down; return their ids.
 
         Waits first until the master has seen the old contexts go, so that routes to a
-        dead context never linger next to its replacement.
+        dead context never linger next to its replacement, and until the old link relay has
+        ended, so that the new one can take its control socket (a relay whose link was
+        reset lingers a moment, then stops its child).
         """
         started = []
         for host in self.topology.subtree(self.topology.host(host_id)):
@@ -569,11 +624,18 @@ class LocalBackend(Backend):
                 continue
             if state is not None:
                 self._wait_down(host.id)
+                self._wait_relay_gone(state)
             self._start_host(host)
             started.append(host.id)
         if started:
             self.timeline.record("build", host=host_id, action="revived", hosts=started)
         return started
+
+    def _wait_relay_gone(self, state: _HostState) -> None:
+        """Wait (bounded) for a dead link's relay to end; end it if it outstays that."""
+        if self.wait_gone([state.relay_pid], RELAY_LINGER + RELAY_STOP_GRACE):
+            self._signal([state.relay_pid], signal_module.SIGKILL)
+            self.wait_gone([state.relay_pid], 5.0)
 
     def _wait_down(self, host_id: str) -> None:
         """Wait until the master saw the host's context disconnect (bounded)."""
@@ -582,9 +644,19 @@ class LocalBackend(Backend):
             raise BackendError(f"{host_id!r}: its context did not disconnect within "
                                f"{DISCONNECT_WAIT:g} s after it was stopped")
 
-    def give_up_link(self, host_id: str, silent_for: float) -> None:
+    def give_up_link(self, host_id: str, silent_for: float,
+                     decided_at: Optional[float] = None) -> None:
         """What an ssh client does after ServerAliveCountMax unanswered keepalives: close
-        the link. The parent then sees the stream end and sends DEL_ROUTE up the tree."""
+        the link. The parent then sees the stream end and sends DEL_ROUTE up the tree.
+
+        The host counts as down from now (a revive waits for its context to go, then starts
+        it again); not if ``heal_all`` ran since the silence was judged (``decided_at``)."""
+        with self._lock:
+            state = self._states.get(host_id)
+            if state is None or not state.alive or (
+                    decided_at is not None and decided_at <= self._healed_at):
+                return
+            state.alive = False
         self.timeline.record("keepalive", host=host_id, silent_for=round(silent_for, 3))
         try:
             self.relay(host_id, lambda c: c.fault("reset"))
@@ -657,7 +729,25 @@ class _KeepaliveMonitor(threading.Thread):
             parent = state.host.parent
             parent_fine = parent is None or silent.get(parent, 0.0) < bound
             if quiet >= bound and parent_fine and state.alive:
-                self.backend.give_up_link(state.host.id, quiet)
+                self.backend.give_up_link(state.host.id, quiet, decided_at=now)
+
+    def forgive(self) -> None:
+        """Every link counts as answered now (``heal_all`` made them whole)."""
+        now = time.monotonic()
+        for key in list(self._last_ok):
+            self._last_ok[key] = now
+
+
+#: The interpreter names a topology may ask the local backend for.
+KNOWN_PYTHONS = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13",
+                 "python3.14")
+
+
+def interpreters() -> Tuple[str, ...]:
+    """The interpreters a local host can really run here (others fall back to the runner's):
+    its own version always, the others where this machine has them (on PATH, or pyenv's)."""
+    mine = "python%d.%d" % sys.version_info[:2]
+    return tuple(name for name in KNOWN_PYTHONS if name == mine or _find_python(name))
 
 
 def _find_python(name: str) -> Optional[str]:

@@ -70,6 +70,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="base directory of the run reports, written to "
                          "DIR/<topology>/<backend>/<run>/ (default: .sim/report under the "
                          "root directory)")
+    group.addoption("--topology-campaign", metavar="N", type=int, default=None,
+                    help="run a fault campaign instead of the tests: N runs of generated, "
+                         "overlapping fault schedules over the tree under load, each checked "
+                         "(seeded by --topology-seed; local backend)")
+    group.addoption("--topology-campaign-shape", choices=("file", "random"), default="file",
+                    help="the campaign's trees: the --topology file's (default), or a random "
+                         "tree per run (depth 1-5, fan-out 1-8, mixed interpreters)")
+    group.addoption("--topology-campaign-shrink", metavar="N", type=int, default=6,
+                    help="at most N more runs to shrink a failing schedule (default 6)")
+    group.addoption("--topology-campaign-replay", metavar="SCHEDULE", default=None,
+                    help="run again the campaign run recorded in SCHEDULE (the schedule.json "
+                         "of a finding)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -81,6 +93,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "docker: needs a running Docker engine (every test of the tree on "
                    "--topology-backend=docker)")
     path = config.getoption("topology", None)
+    if _campaign_wanted(config):
+        if config.getoption("topology_backend") != "local":
+            raise pytest.UsageError("--topology-campaign: campaigns run on the local backend "
+                                    "only (for now); drop --topology-backend")
+        if not path and not config.getoption("topology_campaign_replay") and \
+                config.getoption("topology_campaign_shape") == "file":
+            raise pytest.UsageError("--topology-campaign: give --topology=FILE, or "
+                                    "--topology-campaign-shape=random to draw the trees")
+        from simulator.pytest_campaign import CampaignPlugin
+
+        config.pluginmanager.register(CampaignPlugin(_topology_of), "simulator-campaign")
     if not path:
         return
     from simulator.preflight import refusals
@@ -129,6 +152,10 @@ def pytest_report_header(config: pytest.Config) -> List[str]:
     from simulator.faults import describe_seeds
 
     topology = _topology_of(config)
+    if _campaign_wanted(config):
+        from simulator.pytest_campaign import header
+
+        return header(config, topology)
     if topology is None:
         return []
     accounts = sum(len(h.accounts) - 1 for h in topology.hosts)
@@ -414,3 +441,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(f"  {os.path.basename(path):14} {path}")
     latest = os.path.join(os.path.dirname(simulation.report_dir), "latest")
     terminalreporter.write_line(f"latest:   {latest}")
+
+
+def _campaign_wanted(config: pytest.Config) -> bool:
+    return bool(config.getoption("topology_campaign", None)
+                or config.getoption("topology_campaign_replay", None))

@@ -11,24 +11,34 @@ subtracted from one another: that is how DEL_ROUTE propagation is measured hop b
 
 from __future__ import annotations
 
+import collections
+import importlib
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import mitogen.core
 
 __all__ = [
+    "SINK_HANDLE",
+    "call_into",
+    "channel_send",
     "disconnect_times",
     "dropped_count",
+    "hold",
     "identity",
+    "import_named",
+    "install_campaign_probes",
     "install_ping",
     "open_receiver",
     "pids",
     "receive_delays",
     "send_stamps",
     "start_route_trace",
+    "take_route_log",
     "take_route_trace",
     "watch_disconnects",
+    "whoami",
 ]
 
 #: context id -> monotonic time at which this context learned that it is gone.
@@ -139,3 +149,97 @@ def receive_delays(handle: int, count: int, timeout: float = 10.0) -> List[float
         return [time.monotonic() - recv.get(timeout=timeout).unpickle() for _ in range(count)]
     finally:
         recv.close()
+
+
+# ------------------------------------------------------------------ fault campaigns
+# The workload of simulator.campaign: every payload names the context it is meant for, and
+# every answer names the context that produced it, so the checker can prove that nothing
+# reached a context other than its destination.
+
+#: Every context's channel sink listens on this handle (far above the handles routers hand
+#: out), so that a message handled by the wrong context is caught by that context's sink.
+SINK_HANDLE = 0x7FFF0000
+#: (monotonic time, context id) of every context this context's router forgot: a route
+#: deleted because a child stream died or a DEL_ROUTE arrived. Bounded; oldest dropped.
+_route_log: Deque[Tuple[float, int]] = collections.deque(maxlen=100_000)
+
+
+def whoami(token: object, payload: Optional[bytes] = None) -> Tuple[int, object]:
+    """This context's id, and the caller's token back (which call this answer is for).
+    ``payload`` only makes the call bigger (a frame that spans several reads)."""
+    return mitogen.context_id, token
+
+
+@mitogen.core.takes_router
+def call_into(context_id: int, token: object,
+              router: Optional[mitogen.core.Router] = None) -> Tuple[Optional[int], object]:
+    """Call :func:`whoami` in ``context_id``, a context below this one: a call that starts
+    inside the tree, which must fail here as soon as this context loses the path to it.
+
+    A failure comes back as ``(None, {"failed": why, "ran": when})``: ``when`` is the moment
+    this context began the call (its main thread may have been busy before, starting a
+    child), from which the failure's bound counts."""
+    assert router is not None
+    ran = time.monotonic()
+    try:
+        return router.context_by_id(context_id).call(whoami, token)
+    except mitogen.core.Error as exc:
+        return None, {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
+                      "ran": ran}
+
+
+def hold(seconds: float, token: object) -> Tuple[int, object]:
+    """A call that stays in flight a while, so that faults find calls to break."""
+    time.sleep(min(float(seconds), 10.0))
+    return mitogen.context_id, token
+
+
+def import_named(name: str) -> Tuple[int, object]:
+    """Import ``name`` (a module only the master has, so it comes over the tree) and return
+    what the module says it is."""
+    return mitogen.context_id, importlib.import_module(name).WHO
+
+
+@mitogen.core.takes_router
+def install_campaign_probes(ack: mitogen.core.Sender,
+                            router: Optional[mitogen.core.Router] = None
+                            ) -> mitogen.core.Sender:
+    """Log every route this context forgets, and open a sink for the channel workload:
+    each message it gets is acknowledged to ``ack`` (a master's receiver) with the id of
+    the context it was meant for, the id it reached and the id it came from. Returns a
+    Sender for the sink, which any context may use."""
+    assert router is not None
+    forget = router._forget_context
+
+    def logged_forget(context_id: int) -> None:
+        _route_log.append((time.monotonic(), context_id))
+        forget(context_id)
+
+    router._forget_context = logged_forget  # type: ignore[method-assign]
+
+    def sink(msg: mitogen.core.Message) -> None:
+        if msg.is_dead:
+            return
+        body = msg.unpickle()
+        ack.send({"op": body.get("op"), "tag": body.get("tag"), "to": body.get("to"),
+                  "at": mitogen.context_id, "src": msg.src_id})
+
+    router.add_handler(sink, SINK_HANDLE, overwrite=True)
+    return mitogen.core.Sender(router.myself(), SINK_HANDLE)
+
+
+def take_route_log() -> List[Tuple[float, int]]:
+    """Everything :func:`install_campaign_probes` logged so far (and forget it)."""
+    entries = list(_route_log)
+    _route_log.clear()
+    return entries
+
+
+def channel_send(sink: mitogen.core.Sender, op: int, to: int,
+                 count: int) -> Tuple[int, int]:
+    """Send ``count`` tagged messages to another context's sink (see
+    :func:`install_campaign_probes`); ``to`` is the id they are meant for. Returns this
+    context's id and the count."""
+    for tag in range(count):
+        sink.send({"op": op, "tag": tag, "to": to})
+    return mitogen.context_id, count

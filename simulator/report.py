@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 if TYPE_CHECKING:
     from simulator.topology import Topology
 
-__all__ = ["RunInfo", "marker_points", "run_title", "summarise", "write_report"]
+__all__ = ["RunInfo", "marker_points", "plot_timeline", "run_title", "summarise",
+           "write_report"]
 
 _FAULT_COLOURS = {
     "kill": "#d62728", "pause": "#9467bd", "partition": "#ff7f0e", "latency": "#1f77b4",
@@ -44,7 +45,11 @@ _MARKERS = {
     "del_route": ("|", "#1f77b4", "DEL_ROUTE reached this host", 0.68),
     "disconnect": ("x", "#d62728", "disconnect seen by master", 0.8),
     "keepalive": ("v", "#ff7f0e", "keepalive gave up", 0.92),
+    "op_failed": ("1", "#bcbd22", "campaign op failed", 0.62),
+    "violation": ("X", "#ff0000", "VIOLATION (campaign checker)", 0.5),
 }
+#: Marker sizes that differ from the default: a violation must stand out.
+_SIZES = {"violation": 220}
 #: Kinds not listed above still show, at this height, with a generic marker.
 _OTHER = ("*", "#000000", "other event", 0.5)  # its legend label is the kind itself
 
@@ -213,7 +218,8 @@ def _plot(events: Sequence[Mapping[str, Any]], topology: Topology, path: str,
             marker, colour, label, _height = _MARKERS.get(kind, _OTHER)
             xs, ys = zip(*points)
             handles.append(axes.scatter(xs, ys, marker=marker, color=colour,
-                                        label=label if kind in _MARKERS else kind, s=30,
+                                        label=label if kind in _MARKERS else kind,
+                                        s=_SIZES.get(kind, 30),
                                         zorder=3 + _marker_rank(kind)))
         axes.set_yticks([i + 0.5 for i in range(len(lanes))], lanes)
         axes.set_ylim(0, len(lanes))
@@ -228,6 +234,12 @@ def _plot(events: Sequence[Mapping[str, Any]], topology: Topology, path: str,
         figure.savefig(path, dpi=100)
     finally:
         pyplot.close(figure)
+
+
+def plot_timeline(events: Sequence[Mapping[str, Any]], topology: Topology, path: str,
+                  info: RunInfo) -> None:
+    """Draw ``events`` as ``timeline.png`` draws them, into ``path``."""
+    _plot(events, topology, path, info)
 
 
 def write_report(events: Sequence[Mapping[str, Any]], out_dir: str, topology: Topology,

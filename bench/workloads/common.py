@@ -13,24 +13,48 @@ reports what it measured before the failure.
 
 from __future__ import annotations
 
+import array
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
+import re
+import resource
 import sys
+import threading
 import time
 import traceback
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "RESULT_MARKER",
+    "NotRunnable",
     "Recorder",
+    "become_subreaper",
+    "bytes_kept_per_cycle",
+    "check_memory_for",
+    "cpu_seconds",
+    "fd_table",
+    "live_children",
     "make_package",
     "measure",
+    "new_fds",
+    "private_bytes",
+    "raise_nofile",
     "read_rss_bytes",
+    "reap_children",
+    "record_leftovers",
     "run_main",
     "ssh_client_args",
     "timed",
+    "under_load",
+    "wait_reaped",
+    "warm_pool",
 ]
 
 #: Prefix of the one stdout line that carries the result.
@@ -49,7 +73,7 @@ class Recorder:
         self.metrics: Dict[str, Dict[str, Any]] = {}
         self.info: Dict[str, Any] = {}
 
-    def samples(self, name: str, unit: str, values: List[float], **extra: Any) -> None:
+    def samples(self, name: str, unit: str, values: Sequence[float], **extra: Any) -> None:
         """Record repeated measurements (seconds, bytes...) of one metric."""
         if not values:
             raise ValueError(f"metric {name!r}: no samples")
@@ -80,6 +104,226 @@ def read_rss_bytes(pid: int) -> int:
                 kib = int(line.split()[1])
                 return kib * 1024
     raise RuntimeError(f"no VmRSS line in /proc/{pid}/status")
+
+
+def private_bytes(pid: int) -> int:
+    """Memory only this process holds (private clean + dirty pages, ``smaps_rollup``): what
+    another copy of it would add to the machine, unlike RSS, which counts shared pages."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable line in /proc/meminfo")
+
+
+class NotRunnable(Exception):
+    """This implementation cannot run the workload here; the message says why. Recorded as a
+    skip with that reason, not as a failure."""
+
+
+def check_memory_for(children: int, sample_pid: int, share: float = 0.5) -> None:
+    """Refuse (:class:`NotRunnable`) to start ``children`` more children like ``sample_pid``
+    when their private memory would take more than ``share`` of the memory available: the
+    machine is shared, and an out-of-memory kill would hit whoever comes first."""
+    need, available = children * private_bytes(sample_pid), _mem_available()
+    if need > share * available:
+        raise NotRunnable(f"{children} children would need {need / (1 << 30):.1f} GiB of "
+                          f"private memory ({private_bytes(sample_pid) >> 10} KiB each), over "
+                          f"{share:.0%} of the {available / (1 << 30):.1f} GiB available")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread) and of every descendant it
+    has waited for (``RUSAGE_CHILDREN`` counts a grandchild once its parent waited for it
+    and was itself waited for; :func:`become_subreaper` makes orphans ours to wait for)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux ``prctl``), so that a
+    grandchild whose parent exits first is still waited for here, and its CPU counted."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def live_children(pids: Optional[Sequence[int]] = None) -> List[int]:
+    """Processes (running or zombie) whose parent is this process: all of them, or those
+    among ``pids``."""
+    me, found = os.getpid(), []
+    for name in (os.listdir("/proc") if pids is None else [str(pid) for pid in pids]):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me:
+            found.append(int(name))
+    return found
+
+
+def reap_children(timeout: float) -> int:
+    """Wait for every child of this process to exit, and reap it, for at most ``timeout``
+    seconds; return how many were left. Call it only once the library has shut down: it
+    reaps children the library may have meant to wait for itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            return len(live_children())
+        time.sleep(0.01)  # no event says "a child exited" without a SIGCHLD handler
+
+
+def bytes_kept_per_cycle(cycle: Callable[[Any], None], children: int,
+                         reap_timeout: float = 60.0) -> int:
+    """Growth of the live Python allocations (tracemalloc) across one ``cycle(pids)`` of
+    connecting ``children`` children and disconnecting them, once they are reaped: objects
+    the library keeps per cycle, as opposed to memory its allocators keep for reuse.
+
+    Measured between the ends of two traced cycles, not from the start of tracing: a block
+    allocated during a cycle that merely replaces an older one (a container's table rebuilt
+    at the same size, the buffer of the poll call the broker thread is blocked in) is alive
+    at both ends. ``pids`` is an array of ``children`` slots the cycle fills with its
+    children's pids, made before tracing starts so that it is not counted. Tracing slows the
+    cycles: run this after every timing and RSS figure.
+    """
+    pids = array.array("q", bytes(8 * children))
+    ends = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(2):
+            cycle(pids)
+            deadline = time.monotonic() + reap_timeout
+            while live_children(pids.tolist()) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the library's reaper runs on its own schedule
+            gc.collect()
+            ends.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    return ends[1] - ends[0]
+
+
+def fd_table() -> Dict[int, str]:
+    """This process's open descriptors and what each refers to (``socket:[inode]``, a path)."""
+    table = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, or one closed meanwhile
+            continue
+    return table
+
+
+def new_fds(before: Mapping[int, str]) -> List[str]:
+    """What the descriptors opened since ``before`` (a :func:`fd_table`) refer to; socket
+    inodes are dropped (``socket``), so that equal leftovers read alike in a report."""
+    return sorted(re.sub(r"\[\d+\]$", "", target) for fd, target in fd_table().items()
+                  if before.get(fd) != target)
+
+
+def wait_reaped(pids: Sequence[int], deadline: float) -> None:
+    """Wait until none of ``pids`` is this process's child any more (reaped by the library),
+    or until ``deadline`` (``time.monotonic()``)."""
+    while live_children(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the library's reaper runs on its own schedule
+
+
+def record_leftovers(rec: Recorder, pids: Sequence[int], fds_before: Mapping[int, str],
+                     deadline: float) -> None:
+    """Record what the library left behind (``scale.left_behind``: children not reaped and
+    descriptors not closed, which ones in ``info``), waiting for them until ``deadline``.
+
+    Call it once the threads the workload started have exited: a library may keep a
+    descriptor per thread for the thread's life (ours: the socketpair a thread sleeps on,
+    made the first time it has to wait), which is the thread's, not the children's.
+    """
+    wait_reaped(pids, deadline)
+    while new_fds(fds_before) and time.monotonic() < deadline:
+        time.sleep(0.05)  # closing threads of the library may still be finishing
+    unreaped, fds = len(live_children(pids)), new_fds(fds_before)
+    rec.value("scale.left_behind", "count", unreaped + len(fds))
+    rec.info["scale_unreaped"] = unreaped
+    if fds:
+        rec.info["scale_open_fds"] = fds
+
+
+def raise_nofile(needed: int) -> int:
+    """Raise this process's open-file limit to at least ``needed`` (the hard limit too, when
+    root); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))  # root only
+    else:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@contextlib.contextmanager
+def warm_pool(workers: int, first: Callable[[], Any]) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool whose ``workers`` threads all exist already and have each run
+    ``first()`` (a call, which may leave a per-thread resource behind), so that memory and
+    descriptors counted after this point are not theirs."""
+    barrier = threading.Barrier(workers)
+
+    def warm() -> None:
+        first()
+        barrier.wait(60.0)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(warm) for _ in range(workers)]:
+            future.result()
+        yield pool
+
+
+def under_load(big: Callable[[], Any], small: Callable[[], Any], transfers: int) -> List[float]:
+    """Round trips of ``small()``, made back to back for as long as another thread runs
+    ``big()`` ``transfers`` times in a row: the latency one caller sees while another moves a
+    large message. Raises what ``big()`` raised."""
+    done = threading.Event()
+    errors: List[BaseException] = []
+
+    def pump() -> None:
+        try:
+            for _ in range(transfers):
+                big()
+        except BaseException as exc:  # handed to the measuring thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=pump, name="bench-big-transfers", daemon=True)
+    thread.start()
+    samples = []
+    while not done.is_set():
+        samples.append(timed(small))
+    thread.join()
+    if errors:
+        raise errors[0]
+    return samples
 
 
 def _module_body(index: int) -> str:
@@ -159,7 +403,7 @@ def ssh_client_args(params: Dict[str, Any]) -> List[str]:
             "-l", str(params["username"]), str(params["hostname"])]
 
 
-def _parse_argv(argv: List[str], workloads: Dict[str, Workload]) -> tuple:
+def _parse_argv(argv: List[str], workloads: Mapping[str, Workload]) -> tuple:
     if len(argv) not in (2, 3):
         raise SystemExit(f"usage: {Path(sys.argv[0]).name} WORKLOAD [PARAMS_JSON]; "
                          f"workloads: {', '.join(sorted(workloads))}")
@@ -172,7 +416,7 @@ def _parse_argv(argv: List[str], workloads: Dict[str, Workload]) -> tuple:
     return name, params
 
 
-def run_main(workloads: Dict[str, Workload], load: Optional[Callable[[], str]] = None,
+def run_main(workloads: Mapping[str, Workload], load: Optional[Callable[[], str]] = None,
              argv: Optional[List[str]] = None) -> int:
     """Run the workload named on the command line and print its result line.
 
@@ -190,6 +434,8 @@ def run_main(workloads: Dict[str, Workload], load: Optional[Callable[[], str]] =
         if load is not None:
             rec.info["version"] = load()
         workloads[name](params, rec)
+    except NotRunnable as exc:
+        result.update(ok=False, skipped=True, error=f"skipped: {exc}"[:2000])
     except BaseException as exc:  # reported, never raised: the harness decides
         result["ok"] = False
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]

@@ -8,7 +8,8 @@ ships its own source over the pipe, as it does over ssh, rather than importing a
 copy: that is the fair match for Mitogen, which always ships itself.
 
 Multi-hop and remote import have no counterpart here (execnet does not forward module
-imports); the harness does not run them and the report marks them n/a.
+imports, and a ``via=`` gateway is a proxy made for starting, not a chain to call through);
+the harness does not run them and the report marks them n/a.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List
 
@@ -37,9 +39,14 @@ for op, args in channel:
 class Child:
     """One gateway plus its dispatch channel, with a ``call`` like Mitogen's context."""
 
-    def __init__(self, group: Any, spec: str = "") -> None:
-        self.gateway = group.makegateway(spec or f"popen//python={sys.executable}")
+    def __init__(self, group: Any, spec: str = "", gateway: Any = None) -> None:
+        self.gateway = gateway or group.makegateway(spec or f"popen//python={sys.executable}")
         self.channel = self.gateway.remote_exec(SERVE)
+
+    def another_channel(self) -> Child:
+        """A second dispatch loop on the same gateway (the same pipe), for a second caller:
+        one channel's replies must not be read by two threads."""
+        return Child(None, gateway=self.gateway)
 
     def call(self, op: str, *args: Any) -> Any:
         self.channel.send((op, args))
@@ -139,12 +146,25 @@ def throughput(params: Dict[str, Any], rec: Recorder) -> None:
 
 
 def fanout(params: Dict[str, Any], rec: Recorder) -> None:
-    """Wall time to make N gateways concurrently (one thread each) and call each once."""
+    """Wall time to make N gateways concurrently (one thread each) and call each once; then
+    the CPU seconds that cost, per child (as ``mitogen_api.fanout``).
+
+    With ``via``, the N gateways are made through one intermediate gateway (``popen//via=``,
+    made first, untimed; its own CPU is counted in the total).
+    """
     children = int(params["children"])
+    name = "fanout_via" if params.get("via") else "fanout"
+    common.become_subreaper()
+    cpu_before = common.cpu_seconds()
 
     def body(group: Any) -> None:
+        spec = ""
+        if params.get("via"):
+            _start_and_call(group, f"popen//id=intermediate//python={sys.executable}")
+            spec = f"popen//via=intermediate//python={sys.executable}"
+
         def one(_: int) -> int:
-            return _start_and_call(group).call("getpid")
+            return _start_and_call(group, spec).call("getpid")
 
         def all_children() -> None:
             with ThreadPoolExecutor(max_workers=children) as pool:
@@ -152,7 +172,43 @@ def fanout(params: Dict[str, Any], rec: Recorder) -> None:
             if len(set(pids)) != children:
                 raise RuntimeError(f"{children} children gave {len(set(pids))} distinct pids")
 
-        rec.samples(f"fanout.{children}", "s", [timed(all_children)])
+        rec.samples(f"{name}.{children}", "s", [timed(all_children)])
+
+    _with_group(body)
+    left = common.reap_children(timeout=30.0)
+    rec.samples(f"{name}_cpu.{children}", "s", [(common.cpu_seconds() - cpu_before) / children])
+    if left:
+        raise RuntimeError(f"{left} child processes still running 30 s after shutdown")
+
+
+def tail(params: Dict[str, Any], rec: Recorder) -> None:
+    """Round trips to one gateway while another receives a big argument, against the same
+    gateway's idle round trips; and round trips on a second channel of the receiving gateway
+    while a big argument is on its way (as ``mitogen_api.tail``)."""
+    big, rounds = int(params.get("big_bytes", 256 << 20)), int(params.get("rounds", 3))
+    idle_calls, transfers = int(params.get("idle_calls", 1000)), int(params.get("transfers", 2))
+    warmup = int(params.get("warmup", 200))
+
+    def body(group: Any) -> None:
+        sink, probe = _start_and_call(group), _start_and_call(group)
+        beside_sink = sink.another_channel()
+        payload = os.urandom(1 << 20) * max(1, big >> 20)
+
+        def send_big() -> None:
+            if sink.call("len", payload) != len(payload):
+                raise RuntimeError("child saw a different length")
+
+        send_big()
+        _call_samples(probe, warmup)
+        samples: Dict[str, List[float]] = {"idle": [], "loaded": [], "same_stream": []}
+        for _ in range(rounds):
+            samples["idle"] += _call_samples(probe, idle_calls)
+            samples["loaded"] += common.under_load(send_big, lambda: probe.call("getpid"),
+                                                   transfers)
+            samples["same_stream"] += common.under_load(
+                send_big, lambda: beside_sink.call("getpid"), 1)
+        for name, values in samples.items():
+            rec.samples(f"tail.{name}", "s", values, big_bytes=len(payload))
 
     _with_group(body)
 
@@ -186,20 +242,81 @@ def bootstrap(params: Dict[str, Any], rec: Recorder) -> None:
 
 
 def memory(params: Dict[str, Any], rec: Recorder) -> None:
-    """RSS of fresh idle children, and the master's RSS growth per connected child."""
+    """RSS of fresh idle children, the master's RSS growth per connected child, what is left
+    of it after they exit, and what a second cycle leaves (as ``mitogen_api.memory``).
+
+    The measured gateways live in a group of their own, whose ``terminate()`` waits for them
+    to exit; the first gateway stays connected in the outer group.
+    """
     children = int(params.get("children", 16))
 
     def body(group: Any) -> None:
         first = _start_and_call(group)
         rss = [read_rss_bytes(first.call("getpid"))]
-        gc.collect()
-        before = read_rss_bytes(os.getpid())
-        kids = [_start_and_call(group) for _ in range(children)]
-        gc.collect()
-        after = read_rss_bytes(os.getpid())
+        before = _master_rss()
+        cycle = execnet.Group()
+        kids = [_start_and_call(cycle) for _ in range(children)]
+        connected = _master_rss()
         rss.extend(read_rss_bytes(kid.call("getpid")) for kid in kids)
         rec.samples("memory.child_rss", "B", rss)
-        rec.value("memory.master_per_child", "B", (after - before) / children)
+        rec.value("memory.master_per_child", "B", (connected - before) / children)
+        del kids
+        cycle.terminate(timeout=60.0)
+        after_first = _master_rss()
+        rec.value("memory.master_residual", "B", after_first - before)
+        cycle = execnet.Group()
+        for _ in range(children):
+            _start_and_call(cycle)
+        cycle.terminate(timeout=60.0)
+        rec.value("memory.master_leak_per_child", "B",
+                  (_master_rss() - after_first) / children)
+
+        def traced(pids: Any) -> None:
+            third = execnet.Group()
+            for i in range(children):
+                pids[i] = _start_and_call(third).call("getpid")
+            third.terminate(timeout=60.0)
+
+        rec.value("memory.master_objects_kept_per_child", "B",
+                  common.bytes_kept_per_cycle(traced, children) / children)
+
+    _with_group(body)
+
+
+def _master_rss() -> int:
+    gc.collect()
+    return read_rss_bytes(os.getpid())
+
+
+def scale(params: Dict[str, Any], rec: Recorder) -> None:
+    """N gateways at once in one master: made from ``workers`` threads, one call each, then
+    all terminated (``Group.terminate()``, which waits for every process); the times and the
+    master's RSS (as ``mitogen_api.scale``)."""
+    children, workers = int(params.get("children", 1000)), int(params.get("workers", 32))
+    reap_timeout = float(params.get("reap_timeout", 30.0))
+    rec.info["nofile"] = common.raise_nofile(8 * children + 256)
+
+    def body(group: Any) -> None:
+        first = _start_and_call(group)
+        common.check_memory_for(children, first.call("getpid"))
+        with common.warm_pool(workers, lambda: None) as pool:
+            rss_before, fds_before = _master_rss(), common.fd_table()
+            many = execnet.Group()
+            elapsed, kids = measure(lambda: list(pool.map(lambda _: _start_and_call(many),
+                                                          range(children))))
+            pids = [kid.call("getpid") for kid in kids]
+            if len(set(pids)) != children:
+                raise RuntimeError(f"{children} children gave {len(set(pids))} distinct pids")
+            rec.samples("scale.start", "s", [elapsed])
+            rss_connected = _master_rss()
+            rec.value("scale.master_rss", "B", rss_connected)
+            rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
+            del kids
+            rec.samples("scale.shutdown", "s", [timed(many.terminate, None)])
+            deadline = time.monotonic() + reap_timeout
+            common.wait_reaped(pids, deadline)
+            rec.value("scale.master_residual", "B", _master_rss() - rss_before)
+        common.record_leftovers(rec, pids, fds_before, deadline)
 
     _with_group(body)
 
@@ -248,13 +365,37 @@ def ssh(params: Dict[str, Any], rec: Recorder) -> None:
     _with_group(connect_and_call)
 
 
+def ssh_fanout(params: Dict[str, Any], rec: Recorder) -> None:
+    """Wall time of one ssh gateway per account, all made at once from one thread each,
+    until each has answered its first call (as ``mitogen_api.ssh_fanout``)."""
+    users = list(params["usernames"])
+
+    def body(group: Any) -> None:
+        def one(user: str) -> int:
+            return _start_and_call(group, ssh_spec({**params, "username": user})).call(
+                "getpid")
+
+        def all_connections() -> None:
+            with ThreadPoolExecutor(max_workers=len(users)) as pool:
+                pids = list(pool.map(one, users))
+            if len(set(pids)) != len(users):
+                raise RuntimeError(f"{len(users)} connections gave {len(set(pids))} pids")
+
+        rec.samples("ssh.concurrent", "s", [timed(all_connections)], connections=len(users))
+
+    _with_group(body)
+
+
 WORKLOADS = {
     "bootstrap": bootstrap,
     "cold_start": cold_start,
     "fanout": fanout,
     "memory": memory,
     "roundtrip": roundtrip,
+    "scale": scale,
     "ssh": ssh,
+    "ssh_fanout": ssh_fanout,
+    "tail": tail,
     "throughput": throughput,
 }
 

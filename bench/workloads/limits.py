@@ -14,7 +14,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Tuple
 
 import common
@@ -109,11 +111,17 @@ class Peer:
 
 
 def interpreter_start(params: Dict[str, Any], rec: Recorder) -> None:
-    """``python -I -S -c pass``: the floor of any cold start on this machine."""
+    """``python -I -S -c pass``: the floor of any cold start on this machine, in wall time and
+    in CPU seconds (user + system of the waited-for interpreter)."""
     runs = int(params.get("starts", 15))
     argv = [sys.executable, "-I", "-S", "-c", "pass"]
-    rec.samples("limits.interpreter_start", "s",
-                [timed(lambda: subprocess.run(argv, check=True)) for _ in range(runs)])
+    walls, cpus = [], []
+    for _ in range(runs):
+        cpu = common.cpu_seconds()
+        walls.append(timed(lambda: subprocess.run(argv, check=True)))
+        cpus.append(common.cpu_seconds() - cpu)
+    rec.samples("limits.interpreter_start", "s", walls)
+    rec.samples("limits.interpreter_start_cpu", "s", cpus)
 
 
 def _roundtrips(transport: str, warmup: int, count: int) -> List[float]:
@@ -202,8 +210,45 @@ def ssh(params: Dict[str, Any], rec: Recorder) -> None:
         rec.samples(name, "s", values)
 
 
+def ssh_fanout(params: Dict[str, Any], rec: Recorder) -> None:
+    """Wall time of bare ssh logins to the harness's sshd, one per account, all started at once,
+    until the last has printed from the remote interpreter: the floor under the libraries'
+    concurrent ssh connects (``ssh_fanout`` in the other scripts).
+
+    Every session stays open until all have printed (the remote interpreter then waits for
+    its stdin to close), as the libraries' connections do: no session's teardown competes
+    with the others' logins.
+    """
+    users = list(params["usernames"])
+    all_ready = threading.Barrier(len(users))
+    command = (f"{params['python_path']} -c "
+               "'import sys; print(\"ready\", flush=True); sys.stdin.read()'")
+
+    def login(user: str) -> float:
+        argv = ["ssh", "-o", "Compression=yes",
+                *common.ssh_client_args({**params, "username": user}), command]
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                line = proc.stdout.readline()
+                arrived = time.perf_counter()
+                all_ready.wait(timeout=300)
+            finally:
+                proc.stdin.close()
+            proc.stdout.read()
+            if proc.wait(timeout=60) != 0 or line.strip() != b"ready":
+                all_ready.abort()
+                raise RuntimeError(f"ssh as {user}: exit {proc.returncode}, said {line!r}")
+        return arrived
+
+    with ThreadPoolExecutor(max_workers=len(users)) as pool:
+        start = time.perf_counter()
+        last = max(pool.map(login, users))
+    rec.samples("ssh.login_python_concurrent", "s", [last - start], connections=len(users))
+
+
 WORKLOADS = {"limits": limits, "interpreter_start": interpreter_start, "ipc": ipc, "ssh": ssh,
-             "socketpair_transfer": socketpair_transfer}
+             "ssh_fanout": ssh_fanout, "socketpair_transfer": socketpair_transfer}
 
 if __name__ == "__main__":
     sys.exit(common.run_main(WORKLOADS))

@@ -20,9 +20,10 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import common
 from common import Recorder, measure, read_rss_bytes, timed
@@ -40,23 +41,24 @@ def _load() -> str:
     return ".".join(str(part) for part in mitogen.__version__)
 
 
-def _with_router(body: Any) -> None:
+def _with_router(body: Any, max_message_size: Optional[int] = None) -> None:
     """Run ``body(router)`` with a fresh router that is always shut down afterwards.
 
     Through ``mitogen.utils.run_with_router`` where it exists; otherwise (a partial
-    implementation) with the same Broker/Router steps spelled out, so the core can be measured
-    before its utilities exist.
+    implementation), or when the router must accept messages larger than its default
+    ``max_message_size`` (which its children inherit), with the same Broker/Router steps
+    spelled out.
     """
     try:
         utils = importlib.import_module("mitogen.utils")
     except ImportError:
         utils = None
-    if utils is not None:
+    if utils is not None and max_message_size is None:
         utils.run_with_router(body)
         return
     broker = mitogen.master.Broker()
     try:
-        body(mitogen.master.Router(broker))
+        body(mitogen.master.Router(broker, max_message_size=max_message_size))
     finally:
         broker.shutdown()
         broker.join()
@@ -146,8 +148,56 @@ def throughput(params: Dict[str, Any], rec: Recorder) -> None:
     _with_router(body)
 
 
+def tail(params: Dict[str, Any], rec: Recorder) -> None:
+    """Round trips to one child while another child receives a big argument, against the
+    same child's round trips with nothing else going on.
+
+    Each round measures ``idle_calls`` idle round trips to the probe child; then round trips
+    to it for as long as a second thread passes ``big_bytes`` to the sink child ``transfers``
+    times in a row (the window); then round trips to the sink child itself for as long as one
+    more big argument is on its way to it (the same stream).
+    """
+    big, rounds = int(params.get("big_bytes", 256 << 20)), int(params.get("rounds", 3))
+    idle_calls, transfers = int(params.get("idle_calls", 1000)), int(params.get("transfers", 2))
+    warmup = int(params.get("warmup", 200))
+
+    def body(router: Any) -> None:
+        sink, probe = _start_and_call(router), _start_and_call(router)
+        payload = os.urandom(1 << 20) * max(1, big >> 20)
+
+        def send_big() -> None:
+            if sink.call(len, payload) != len(payload):
+                raise RuntimeError("child saw a different length")
+
+        send_big()  # warm-up: page in the buffers on both sides
+        _call_samples(probe, warmup)
+        samples: Dict[str, List[float]] = {"idle": [], "loaded": [], "same_stream": []}
+        for _ in range(rounds):
+            samples["idle"] += _call_samples(probe, idle_calls)
+            samples["loaded"] += common.under_load(send_big, _getpid_of(probe), transfers)
+            samples["same_stream"] += common.under_load(send_big, _getpid_of(sink), 1)
+        for name, values in samples.items():
+            rec.samples(f"tail.{name}", "s", values, big_bytes=len(payload))
+
+    # Both libraries refuse messages above 128 MiB by default: room for the argument as each
+    # pickles it (Mitogen's protocol 2 turns bytes into latin-1 text, up to twice the size),
+    # on both sides (children inherit the limit).
+    _with_router(body, max_message_size=max(128 << 20, 2 * big + (16 << 20)))
+
+
+def _getpid_of(ctx: Any) -> Any:
+    return lambda: ctx.call(os.getpid)
+
+
 def fanout(params: Dict[str, Any], rec: Recorder) -> None:
-    """Wall time to start N children concurrently (one thread each) and call each once.
+    """Wall time to start N children concurrently (one thread each) and call each once; then
+    the CPU seconds that cost, per child.
+
+    With ``via``, the N children are started through one intermediate child (started first,
+    untimed; its own CPU is counted in the total). The CPU is the master's (every thread) plus
+    every descendant's once reaped, from before the router exists to after it has shut down:
+    it includes starting, calling and shutting down the children, and the master's own work
+    for all of that.
 
     ``connect_timeout`` (a standard connection option) is raised from its 30 s default: on two
     cores, hundreds of children booting at once can take longer than that, and the curve
@@ -155,10 +205,17 @@ def fanout(params: Dict[str, Any], rec: Recorder) -> None:
     """
     children = int(params["children"])
     connect_timeout = float(params.get("connect_timeout", 150.0))
+    name = "fanout_via" if params.get("via") else "fanout"
+    common.become_subreaper()
+    cpu_before = common.cpu_seconds()
 
     def body(router: Any) -> None:
+        options: Dict[str, Any] = {"connect_timeout": connect_timeout}
+        if params.get("via"):
+            options["via"] = _start_and_call(router)
+
         def one(_: int) -> int:
-            return _start_and_call(router, connect_timeout=connect_timeout).call(os.getpid)
+            return _start_and_call(router, **options).call(os.getpid)
 
         def all_children() -> None:
             with ThreadPoolExecutor(max_workers=children) as pool:
@@ -166,17 +223,26 @@ def fanout(params: Dict[str, Any], rec: Recorder) -> None:
             if len(set(pids)) != children:
                 raise RuntimeError(f"{children} children gave {len(set(pids))} distinct pids")
 
-        rec.samples(f"fanout.{children}", "s", [timed(all_children)])
+        rec.samples(f"{name}.{children}", "s", [timed(all_children)])
 
     _with_router(body)
+    _record_cpu_per_child(rec, f"{name}_cpu.{children}", cpu_before, children)
+
+
+def _record_cpu_per_child(rec: Recorder, name: str, cpu_before: float, children: int) -> None:
+    """Reap what is left, then record the CPU seconds since ``cpu_before`` per child."""
+    left = common.reap_children(timeout=30.0)
+    rec.samples(name, "s", [(common.cpu_seconds() - cpu_before) / children])
+    if left:
+        raise RuntimeError(f"{left} child processes still running 30 s after shutdown")
 
 
 def multihop(params: Dict[str, Any], rec: Recorder) -> None:
-    """Trivial call latency through a chain of 1, 2 and 3 hops built with ``via=``.
+    """Trivial call latency through a chain of 1 to ``hops`` hops built with ``via=``.
 
-    The chain lengths are interleaved in rounds so that noise spreads over all three.
+    The chain lengths are interleaved in rounds so that noise spreads over all of them.
     """
-    hops, rounds = int(params.get("hops", 3)), int(params.get("rounds", 10))
+    hops, rounds = int(params.get("hops", 5)), int(params.get("rounds", 10))
     per_round, warmup = int(params.get("calls_per_round", 100)), int(params.get("warmup", 100))
 
     def body(router: Any) -> None:
@@ -258,25 +324,101 @@ def bootstrap(params: Dict[str, Any], rec: Recorder) -> None:
 
 
 def memory(params: Dict[str, Any], rec: Recorder) -> None:
-    """RSS of fresh idle children, and the master's RSS growth per connected child.
+    """RSS of fresh idle children; the master's RSS growth per connected child; what is left
+    of that growth once they have disconnected; and what a second cycle of as many children
+    (connect, disconnect) leaves on top of that: a leak grows with every cycle, memory the
+    allocator keeps for reuse does not.
 
     One child is started before the master's baseline, so that one-time costs (imports,
-    payload preparation) are not charged to the children.
+    payload preparation) are not charged to the children; it stays connected throughout.
+    Last, two more cycles under tracemalloc: how much the live Python objects grow per cycle
+    once its children are reaped (a leak of objects shows there, allocator memory does not).
     """
     children = int(params.get("children", 16))
 
     def body(router: Any) -> None:
         first = _start_and_call(router)
         rss = [read_rss_bytes(first.call(os.getpid))]
-        gc.collect()
-        before = read_rss_bytes(os.getpid())
+        before = _master_rss()
         ctxs = [_start_and_call(router) for _ in range(children)]
-        gc.collect()
-        after = read_rss_bytes(os.getpid())
+        connected = _master_rss()
         rss.extend(read_rss_bytes(ctx.call(os.getpid)) for ctx in ctxs)
         rec.samples("memory.child_rss", "B", rss)
-        rec.value("memory.master_per_child", "B", (after - before) / children)
+        rec.value("memory.master_per_child", "B", (connected - before) / children)
         rec.info["threads"] = threading.active_count()
+        _shutdown_all(ctxs, timeout=60.0)
+        del ctxs
+        after_first = _master_rss()
+        rec.value("memory.master_residual", "B", after_first - before)
+        _shutdown_all([_start_and_call(router) for _ in range(children)], timeout=60.0)
+        rec.value("memory.master_leak_per_child", "B",
+                  (_master_rss() - after_first) / children)
+
+        def cycle(pids: Any) -> None:
+            ctxs = [_start_and_call(router) for _ in range(children)]
+            for i, ctx in enumerate(ctxs):
+                pids[i] = ctx.call(os.getpid)
+            _shutdown_all(ctxs, timeout=60.0)
+
+        rec.value("memory.master_objects_kept_per_child", "B",
+                  common.bytes_kept_per_cycle(cycle, children) / children)
+
+    _with_router(body)
+
+
+def _master_rss() -> int:
+    gc.collect()
+    return read_rss_bytes(os.getpid())
+
+
+def _shutdown_all(ctxs: List[Any], timeout: float) -> None:
+    """Ask every context to shut down at once, then wait for each to disconnect."""
+    for latch in [ctx.shutdown() for ctx in ctxs]:
+        latch.get(timeout=timeout)
+
+
+def scale(params: Dict[str, Any], rec: Recorder) -> None:
+    """N children connected to one master at once: start them all (from ``workers``
+    threads), one call each, then shut them all down; the times, and the master's RSS.
+
+    Runs only where the children's private memory fits in half of what the machine has
+    available (measured on a first child, which stays connected throughout and is not
+    counted). The starting threads exist before the master's baseline RSS is taken and until
+    the last RSS is read, so that their stacks are not charged to the children. Clean means:
+    every child process gone and reaped by the library within ``reap_timeout`` seconds of
+    the last disconnect, and, once the starting threads have exited too, no descriptor open
+    that was not before (a thread's own descriptors are the thread's).
+    """
+    children, workers = int(params.get("children", 1000)), int(params.get("workers", 32))
+    reap_timeout = float(params.get("reap_timeout", 30.0))
+    connect_timeout = float(params.get("connect_timeout", 300.0))
+    rec.info["nofile"] = common.raise_nofile(8 * children + 256)
+
+    def body(router: Any) -> None:
+        first = _start_and_call(router)
+        common.check_memory_for(children, first.call(os.getpid))
+        with common.warm_pool(workers, _getpid_of(first)) as pool:
+            gc.collect()
+            rss_before, fds_before = read_rss_bytes(os.getpid()), common.fd_table()
+
+            def one(_: int) -> Any:
+                return _start_and_call(router, connect_timeout=connect_timeout)
+
+            elapsed, ctxs = measure(lambda: list(pool.map(one, range(children))))
+            pids = [ctx.call(os.getpid) for ctx in ctxs]
+            if len(set(pids)) != children:
+                raise RuntimeError(f"{children} children gave {len(set(pids))} distinct pids")
+            rec.samples("scale.start", "s", [elapsed])
+            gc.collect()
+            rss_connected = read_rss_bytes(os.getpid())
+            rec.value("scale.master_rss", "B", rss_connected)
+            rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
+            rec.samples("scale.shutdown", "s", [timed(_shutdown_all, ctxs, connect_timeout)])
+            del ctxs
+            deadline = time.monotonic() + reap_timeout
+            common.wait_reaped(pids, deadline)
+            rec.value("scale.master_residual", "B", _master_rss() - rss_before)
+        common.record_leftovers(rec, pids, fds_before, deadline)
 
     _with_router(body)
 
@@ -322,6 +464,26 @@ def ssh(params: Dict[str, Any], rec: Recorder) -> None:
         rec.samples("ssh.connect", "s", times)
         _call_samples(ctx, warmup)
         rec.samples("ssh.call", "s", _call_samples(ctx, calls))
+
+    _with_router(body)
+
+
+def ssh_fanout(params: Dict[str, Any], rec: Recorder) -> None:
+    """Wall time of one ssh connection per account (all to the harness's sshd), started at
+    once from one thread each, until each has answered its first call."""
+    users = list(params["usernames"])
+
+    def body(router: Any) -> None:
+        def one(user: str) -> int:
+            return _ssh_connect_and_call(router, {**params, "username": user}).call(os.getpid)
+
+        def all_connections() -> None:
+            with ThreadPoolExecutor(max_workers=len(users)) as pool:
+                pids = list(pool.map(one, users))
+            if len(set(pids)) != len(users):
+                raise RuntimeError(f"{len(users)} connections gave {len(set(pids))} pids")
+
+        rec.samples("ssh.concurrent", "s", [timed(all_connections)], connections=len(users))
 
     _with_router(body)
 
@@ -572,7 +734,10 @@ WORKLOADS = {
     "push_file": push_file,
     "remote_import": remote_import,
     "roundtrip": roundtrip,
+    "scale": scale,
     "ssh": ssh,
+    "ssh_fanout": ssh_fanout,
+    "tail": tail,
     "throughput": throughput,
 }
 
