@@ -23,6 +23,12 @@ import venv
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.run import workload_env
+from bench.workloads.common import RESULT_MARKER
+
 __all__ = ["PLANS", "install", "main", "measure"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,11 +74,13 @@ def install(ref: str) -> Path:
 
 def measure(python: Path, workload: str, params: dict) -> Dict[str, float]:
     """One run of a workload: each metric's median (a single value stays as it is)."""
-    marker = "BENCH-RESULT "
+    # The environment bench/run.py gives its workloads (no PYTHONDONTWRITEBYTECODE: a
+    # master that cannot cache its boot image minifies the core for its first child).
     out = subprocess.run([str(python), str(WORKLOADS / "mitogen_api.py"), workload,
                           json.dumps(params)], cwd=WORKLOADS, capture_output=True, text=True,
-                         timeout=600, check=False)
-    lines = [line[len(marker):] for line in out.stdout.splitlines() if line.startswith(marker)]
+                         timeout=600, check=False, env=workload_env())
+    lines = [line[len(RESULT_MARKER):] for line in out.stdout.splitlines()
+             if line.startswith(RESULT_MARKER)]
     if not lines:
         raise RuntimeError(f"{workload} on {python} printed no result: {out.stderr[-2000:]}")
     result = json.loads(lines[-1])

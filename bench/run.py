@@ -131,7 +131,7 @@ class Runner:
         return rec
 
 
-def _clean_env() -> Dict[str, str]:
+def workload_env() -> Dict[str, str]:
     """The environment for workload processes: ours, minus anything that picks a Python, and
     minus PYTHONDONTWRITEBYTECODE, which the machine this was written on sets but users'
     machines rarely do: without .pyc files every import in every library recompiles."""
@@ -182,7 +182,7 @@ def run_job(python: Path, script: Path, workload: str, params: Dict[str, Any],
     argv = [str(python), str(script), workload, json.dumps(params)]
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                            env=_clean_env(), start_new_session=True)
+                            env=workload_env(), start_new_session=True)
     timed_out = False
     try:
         out, err = proc.communicate(timeout=timeout)

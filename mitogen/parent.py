@@ -299,8 +299,11 @@ def _master_core_image() -> CoreImage:
     minify = importlib.import_module("mitogen.minify")
     minified = minify.for_boot(original.decode("utf-8"))
     image = CoreImage.from_source(minified.rstrip("\n").encode("utf-8") + b"\n")
-    if not sys.dont_write_bytecode:
-        any(_write_cached_image(path, key, image) for path in paths)
+    if sys.dont_write_bytecode:
+        # No file beside the sources, as for bytecode; the user's own cache still saves
+        # every later master the minifying (a few hundred ms: it parses the core twice).
+        paths = paths[1:]
+    any(_write_cached_image(path, key, image) for path in paths)
     return image
 
 

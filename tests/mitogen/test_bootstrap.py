@@ -123,11 +123,14 @@ def test_boot_image_with_a_wrong_checksum_is_rebuilt(tmp_path, monkeypatch):
     assert cache.read_bytes() == header + b"\n" + body
 
 
-def test_boot_image_is_not_written_when_bytecode_writing_is_off(tmp_path, monkeypatch):
+def test_with_bytecode_writing_off_the_image_goes_to_the_user_cache_only(tmp_path,
+                                                                        monkeypatch):
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    image = _fresh_image(monkeypatch, tmp_path / "core.boot-image")
+    beside, user = tmp_path / "pycache", tmp_path / "user"
+    image = _fresh_image(monkeypatch, beside / "core.boot-image", user / "core.boot-image")
     assert image.source == mitogen.parent.get_core_source()
-    assert list(tmp_path.iterdir()) == []
+    assert not beside.exists()
+    assert (user / "core.boot-image").read_bytes().startswith(b"mitogen-core-image 1 ")
 
 
 def test_unwritable_boot_image_cache_is_ignored(tmp_path, monkeypatch):
