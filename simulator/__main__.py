@@ -52,7 +52,7 @@ def _refusals(topology: Any, backends: List[str]) -> List[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from simulator.faults import FaultError, format_plan
+    from simulator.faults import FaultError, format_plan, plan
 
     topology = _load(args.file)
     print(f"{topology.name}: {len(topology.hosts)} hosts, seed {topology.seed}")
@@ -67,7 +67,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"schedule {schedule.name}: {exc}")
             continue
         print(f"schedule {schedule.name} (seed {seed}):")
-        for line in format_plan(schedule.plan(topology, args.seed)):
+        for line in format_plan(plan(schedule, topology, args.seed)):
             print(f"  {line}")
     refused = _refusals(topology, ["local", "docker"] if args.backend == "both"
                         else [args.backend])
@@ -77,18 +77,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _backend(args: argparse.Namespace, timeline: Any) -> Any:
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if args.backend == "docker":
         from simulator.dockerbackend import DockerBackend
 
-        return DockerBackend(timeline, prepare=True,
-                             progress=lambda line: print(line, file=sys.stderr, flush=True))
+        return DockerBackend(timeline, prepare=True, progress=progress)
+    if args.backend == "swarm":
+        from simulator.swarmbackend import SwarmBackend
+
+        return SwarmBackend(timeline, prepare=True, progress=progress, engine=args.engine)
     from simulator.local import LocalBackend
 
     return LocalBackend(timeline, keepalive=not args.no_keepalive)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from simulator.faults import FaultError, describe_seeds
+    from simulator.faults import FaultError, describe_seeds, plan
     from simulator.state import RunRecord, describe_hosts
     from simulator.timeline import Timeline
 
@@ -99,7 +103,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     steps = None
     if args.schedule:
         try:
-            steps = topology.schedule(args.schedule).plan(topology, args.seed)
+            steps = plan(topology.schedule(args.schedule), topology, args.seed)
         except (LookupError, FaultError) as exc:
             raise SystemExit(f"simulator: --schedule: {exc}") from None
     stop = threading.Event()
@@ -199,7 +203,7 @@ def _live(record: Any) -> dict:
     container's state. Empty when nothing answers."""
     if not record.alive and record.backend == "local":
         return {}
-    if record.backend == "docker":
+    if record.backend in ("docker", "swarm"):
         return _container_states(record)
     from simulator.relay import RelayControl, RelayControlError
 
@@ -224,15 +228,16 @@ def _live(record: Any) -> dict:
 
 def _container_states(record: Any) -> dict:
     try:
-        from simulator.dockerbackend import LABEL_HOST, LABEL_RUN
         from simulator.dockerd import DockerdError, engine_client
+        from simulator.ownership import LABEL_HOST, LABEL_RUN
 
         client = engine_client(client_timeout=10)
     except (ImportError, DockerdError):
         return {}
     try:
         run = record.resources.get("run")
-        containers = client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run}"})
+        containers = client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run}"},
+                                            ignore_removed=True)
         return {c.labels.get(LABEL_HOST): f"container {c.name} {c.status}" for c in containers}
     finally:
         client.close()
@@ -279,11 +284,12 @@ def _wait_gone(record: Any, timeout: float) -> bool:
 
 
 def _remove_left(record: Any) -> List[str]:
-    if record.backend == "docker":
-        from simulator.dockerbackend import remove_run
+    if record.backend in ("docker", "swarm"):
+        from simulator.ownership import remove_run
 
         run = record.resources.get("run")
-        return remove_run(run, record.resources.get("keys_dir")) if run else []
+        return remove_run(run, record.resources.get("keys_dir"),
+                          record.resources.get("engines") or ()) if run else []
     import shutil
 
     control = record.resources.get("control_dir")
@@ -300,14 +306,19 @@ def _sweep() -> List[str]:
 
     removed = sweep_stale_dirs()
     try:
-        from simulator.dockerbackend import sweep_stale
         from simulator.dockerd import DockerdError, engine_client
+        from simulator.ownership import sweep_stale
 
         client = engine_client(client_timeout=60)
     except (ImportError, DockerdError):
         return removed
     try:
-        return removed + sweep_stale(client)
+        from simulator.swarmbackend import leave_made_swarm
+
+        removed += sweep_stale(client)
+        if leave_made_swarm(client):
+            removed.append("the one-node swarm the simulator made")
+        return removed
     finally:
         client.close()
 
@@ -323,12 +334,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=None,
                        help="seed of every schedule (as --topology-seed; default: each "
                             "schedule's own, else the file's)")
-    check.add_argument("--backend", choices=("local", "docker", "both"), default="both",
-                       help="check what this backend would refuse (default: both)")
+    check.add_argument("--backend", choices=("local", "docker", "swarm", "both"),
+                       default="both", help="check what this backend would refuse (default: "
+                                            "both: local and docker; swarm refuses as docker)")
     check.set_defaults(run=cmd_check)
     up = sub.add_parser("up", help="build FILE's tree and keep it up until Ctrl-C or `down`")
     up.add_argument("file")
-    up.add_argument("--backend", choices=("local", "docker"), default="local")
+    up.add_argument("--backend", choices=("local", "docker", "swarm"), default="local")
+    up.add_argument("--engine", default=None, metavar="URL",
+                    help="swarm backend: the manager's Docker engine (default: this machine's; "
+                         "a one-node swarm is made on it if it is in none)")
     up.add_argument("--schedule", metavar="NAME", default=None,
                     help="play this fault schedule of FILE once, then keep the tree up")
     up.add_argument("--seed", type=int, default=None,

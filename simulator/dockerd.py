@@ -40,6 +40,7 @@ __all__ = [
     "engine_client",
     "ensure_dockerd",
     "main",
+    "socket_accepts",
 ]
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
@@ -115,7 +116,7 @@ def _client(engine: Engine, timeout: float) -> docker.DockerClient:
     return docker.DockerClient(base_url=engine.host, timeout=timeout)
 
 
-def _socket_accepts(host: str) -> bool:
+def socket_accepts(host: str) -> bool:
     """Whether anything accepts connections at the engine's address.
 
     Checked with our own socket first because the docker SDK leaks its socket when a connect
@@ -137,7 +138,7 @@ def _socket_accepts(host: str) -> bool:
 
 def _answering_client(engine: Engine, client_timeout: float) -> Optional[docker.DockerClient]:
     """A client if the engine answers a ping now, else None (never raises for 'not up')."""
-    if not _socket_accepts(engine.host):
+    if not socket_accepts(engine.host):
         return None
     errors = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
     try:

@@ -22,10 +22,8 @@ import re
 import signal as signal_module
 import threading
 import time
-import types
 from contextlib import contextmanager
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
     ClassVar,
@@ -40,10 +38,19 @@ from typing import (
     Union,
 )
 
+from simulator.topology import (
+    EDGE_FAULT_KINDS,
+    FAULT_KINDS,
+    FAULT_PARAMS,
+    HOST_FAULT_KINDS,
+    MAX_SCHEDULE_STEPS,
+    FaultError,
+    Schedule,
+    Topology,
+    convert_field,
+    set_field,
+)
 from simulator.units import parse_duration, parse_fraction, parse_rate
-
-if TYPE_CHECKING:
-    from simulator.topology import Host, Topology
 
 __all__ = [
     "EDGE_FAULT_KINDS",
@@ -74,12 +81,9 @@ __all__ = [
     "describe_seeds",
     "format_plan",
     "make_fault",
+    "plan",
     "run_plan",
 ]
-
-
-class FaultError(ValueError):
-    """A fault, a schedule or an injector call was given something it cannot use."""
 
 
 class FaultsNotHealed(AssertionError):
@@ -105,19 +109,6 @@ def _check_choice(cls_name: str, field: str, value: object, choices: Sequence[st
         raise FaultError(f"{cls_name}.{field}: expected one of {', '.join(choices)}, "
                          f"got {value!r}")
     return value  # type: ignore[return-value]
-
-
-def _convert(cls_name: str, field: str, parser: Callable[..., Any], value: object) -> Any:
-    """Run a unit parser, naming the fault and field in the error it raises."""
-    try:
-        return parser(value, allow_bare=True)
-    except ValueError as exc:
-        raise FaultError(f"{cls_name}.{field}: {exc}") from None
-
-
-def _set(obj: object, field: str, value: object) -> None:
-    """Store a normalised value on a frozen dataclass during ``__post_init__``."""
-    object.__setattr__(obj, field, value)
 
 
 def _signal_name(value: object) -> str:
@@ -180,7 +171,7 @@ class Kill(Fault):
     def __post_init__(self) -> None:
         _check_target("Kill", "host", self.host)
         _check_choice("Kill", "mode", self.mode, self.MODES)
-        _set(self, "grace", _convert("Kill", "grace", parse_duration, self.grace))
+        set_field(self, "grace", convert_field("Kill", "grace", parse_duration, self.grace))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +185,7 @@ class Restart(Fault):
 
     def __post_init__(self) -> None:
         _check_target("Restart", "host", self.host)
-        _set(self, "grace", _convert("Restart", "grace", parse_duration, self.grace))
+        set_field(self, "grace", convert_field("Restart", "grace", parse_duration, self.grace))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +219,7 @@ class Signal(Fault):
         if not isinstance(self.process_match, str) or not self.process_match.strip():
             raise FaultError(f"Signal.process_match: expected a non-empty string to match "
                              f"against remote command lines, got {self.process_match!r}")
-        _set(self, "signal", _signal_name(self.signal))
+        set_field(self, "signal", _signal_name(self.signal))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +273,8 @@ class Latency(Fault):
 
     def __post_init__(self) -> None:
         _check_target("Latency", "edge", self.edge)
-        _set(self, "delay", _convert("Latency", "delay", parse_duration, self.delay))
-        _set(self, "jitter", _convert("Latency", "jitter", parse_duration, self.jitter))
+        set_field(self, "delay", convert_field("Latency", "delay", parse_duration, self.delay))
+        set_field(self, "jitter", convert_field("Latency", "jitter", parse_duration, self.jitter))
         if self.delay == 0 and self.jitter == 0:
             raise FaultError("Latency.delay: a latency fault needs a delay or a jitter above 0")
         if self.jitter > self.delay:
@@ -302,7 +293,7 @@ class Bandwidth(Fault):
 
     def __post_init__(self) -> None:
         _check_target("Bandwidth", "edge", self.edge)
-        _set(self, "rate", _convert("Bandwidth", "rate", parse_rate, self.rate))
+        set_field(self, "rate", convert_field("Bandwidth", "rate", parse_rate, self.rate))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +307,8 @@ class Loss(Fault):
 
     def __post_init__(self) -> None:
         _check_target("Loss", "edge", self.edge)
-        _set(self, "fraction", _convert("Loss", "fraction", parse_fraction, self.fraction))
+        set_field(self, "fraction",
+                  convert_field("Loss", "fraction", parse_fraction, self.fraction))
         if self.fraction == 0:
             raise FaultError("Loss.fraction: a loss fault needs a fraction above 0")
 
@@ -364,26 +356,6 @@ class HealAll:
 # Kinds, as a schedule names them
 # --------------------------------------------------------------------------------------------
 
-# Parameter types per kind, shared with the topology loader (which converts file values with
-# the same parsers and reports errors with their place in the file) and with schema.json.
-FAULT_PARAMS: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
-    "kill": {},
-    "power_off": {},
-    "stop": {"grace": "duration"},
-    "restart": {"grace": "duration"},
-    "pause": {},
-    "signal": {"process": "string", "signal": "string"},
-    "sshd_down": {},
-    "partition": {"mode": "string", "direction": "string"},
-    "latency": {"delay": "duration", "jitter": "duration"},
-    "bandwidth": {"rate": "rate"},
-    "loss": {"fraction": "percent"},
-    "stream": {"kind": "string", "nbytes": "integer"},
-})
-FAULT_KINDS: Tuple[str, ...] = tuple(FAULT_PARAMS)
-HOST_FAULT_KINDS: Tuple[str, ...] = (
-    "kill", "power_off", "stop", "restart", "pause", "signal", "sshd_down")
-EDGE_FAULT_KINDS: Tuple[str, ...] = ("partition", "latency", "bandwidth", "loss", "stream")
 _REQUIRED_PARAMS = {"signal": ("process",)}
 
 
@@ -418,9 +390,6 @@ def make_fault(kind: str, target: str, params: Optional[Mapping[str, Any]] = Non
 # Schedules
 # --------------------------------------------------------------------------------------------
 
-MAX_SCHEDULE_STEPS = 1000
-
-
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One planned fault: apply at ``start`` seconds after the plan begins, heal after
@@ -431,138 +400,25 @@ class Step:
     fault: Union[Fault, HealAll]
 
 
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """A named, seeded fault schedule (one entry of a topology file's ``faults:`` section).
+def plan(schedule: Schedule, topology: Topology, seed: Optional[int] = None) -> List[Step]:
+    """The timed steps of ``schedule`` on ``topology``, seeded by
+    :meth:`~simulator.topology.Schedule.seed_for` (``seed`` is the command line's override).
 
-    Every ``interval`` seconds one fault, drawn from ``pick``, is applied to a target drawn
-    from ``targets[kind]`` (selectors; all hosts or edges when absent) for ``duration``
-    seconds, ``count`` times; then everything is healed. At most one fault is applied at a
-    time, so ``duration`` may not exceed ``interval``. Faults start at a seeded random moment
-    within their slot, so the same seed replays the same plan.
+    Pure and deterministic: no clock, no global RNG. Ends with a :class:`HealAll` step.
     """
-
-    name: str
-    interval: float
-    duration: float
-    pick: Tuple[str, ...]
-    count: int = 5
-    targets: Mapping[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    seed: Optional[int] = None
-    final: str = "heal"
-
-    def __post_init__(self) -> None:
-        where = f"schedule {self.name!r}"
-        if not isinstance(self.name, str) or not self.name:
-            raise FaultError(f"schedule name: expected a non-empty string, got {self.name!r}")
-        _set(self, "interval", _convert(where, "interval", parse_duration, self.interval))
-        _set(self, "duration", _convert(where, "duration", parse_duration, self.duration))
-        if self.interval <= 0 or self.duration <= 0:
-            raise FaultError(f"{where}: interval and duration must be above 0")
-        if self.duration > self.interval:
-            raise FaultError(f"{where}: duration ({self.duration}s) exceeds interval "
-                             f"({self.interval}s); faults of one schedule never overlap")
-        if (not isinstance(self.count, int) or isinstance(self.count, bool)
-                or not 1 <= self.count <= MAX_SCHEDULE_STEPS):
-            raise FaultError(f"{where}: count: expected 1..{MAX_SCHEDULE_STEPS}, "
-                             f"got {self.count!r}")
-        if self.seed is not None and (not isinstance(self.seed, int)
-                                      or isinstance(self.seed, bool)):
-            raise FaultError(f"{where}: seed: expected an integer, got {self.seed!r}")
-        if self.final != "heal":
-            raise FaultError(f"{where}: final: the only final step is 'heal', "
-                             f"got {self.final!r}")
-        _set(self, "pick", self._checked_pick(where))
-        _set(self, "targets", self._checked_targets(where))
-        _set(self, "params", self._checked_params(where))
-
-    def _checked_pick(self, where: str) -> Tuple[str, ...]:
-        pick = tuple(self.pick) if isinstance(self.pick, (list, tuple)) else ()
-        if not pick:
-            raise FaultError(f"{where}: pick: expected a non-empty list of fault kinds")
-        for kind in pick:
-            if kind not in FAULT_PARAMS:
-                raise FaultError(f"{where}: pick: unknown fault kind {kind!r}; expected one "
-                                 f"of {', '.join(FAULT_KINDS)}")
-        return pick
-
-    def _checked_targets(self, where: str) -> Mapping[str, Tuple[str, ...]]:
-        from simulator.topology import SelectorError, parse_selector
-
-        targets = {}
-        for kind, given in dict(self.targets).items():
-            if kind not in self.pick:
-                raise FaultError(f"{where}: targets: {kind!r} is not in pick")
-            selectors = (given,) if isinstance(given, str) else tuple(given)
-            for selector in selectors:
-                try:
-                    prefix, _pattern = parse_selector(selector)
-                except SelectorError as exc:
-                    raise FaultError(f"{where}: targets.{kind}: {exc}") from None
-                if prefix == "edge" and kind in HOST_FAULT_KINDS:
-                    raise FaultError(f"{where}: targets.{kind}: {kind!r} acts on hosts, but "
-                                     f"{selector!r} selects edges")
-            targets[kind] = selectors
-        return types.MappingProxyType(targets)
-
-    def _checked_params(self, where: str) -> Mapping[str, Mapping[str, Any]]:
-        params = {}
-        for kind, values in dict(self.params).items():
-            if kind not in self.pick:
-                raise FaultError(f"{where}: params: {kind!r} is not in pick")
-            try:
-                make_fault(kind, "probe", values)  # validates the values once, early
-            except FaultError as exc:
-                raise FaultError(f"{where}: params.{exc}") from None
-            params[kind] = types.MappingProxyType(dict(values))
-        return types.MappingProxyType(params)
-
-    def candidates(self, topology: Topology, kind: str) -> Tuple[Host, ...]:
-        """The hosts (or, for edge faults, the hosts below the edges) ``kind`` may hit."""
-        selectors = self.targets.get(kind)
-        if selectors is None:
-            return tuple(topology.walk())
-        found: Dict[str, Host] = {}
-        for selector in selectors:
-            matched = topology.select(selector)
-            if not matched:
-                raise FaultError(f"schedule {self.name!r}: targets.{kind}: {selector!r} "
-                                 f"matches no host in topology {topology.name!r}")
-            for host in matched:
-                found.setdefault(host.id, host)
-        order = {host.id: index for index, host in enumerate(topology.walk())}
-        return tuple(sorted(found.values(), key=lambda host: order[host.id]))
-
-    def seed_for(self, topology: Topology, override: Optional[int] = None) -> int:
-        """The seed rule (simulator/FORMAT.md), the one ``check``, ``up`` and pytest use: a
-        seed given on the command line (``--seed``, ``--topology-seed``), else the schedule's
-        own ``seed``, else the topology's."""
-        chosen = next((s for s in (override, self.seed, topology.seed) if s is not None), None)
-        if chosen is None:
-            raise FaultError(f"schedule {self.name!r}: no seed; give the schedule or the "
-                             f"topology a `seed`, or pass one")
-        return chosen
-
-    def plan(self, topology: Topology, seed: Optional[int] = None) -> List[Step]:
-        """Return the timed steps of this schedule, seeded by :meth:`seed_for` (``seed`` is
-        the command line's override, if any).
-
-        Pure and deterministic: no clock, no global RNG. Ends with a :class:`HealAll` step.
-        """
-        rng = random.Random(f"{self.name}:{self.seed_for(topology, seed)}")
-        pools = {kind: self.candidates(topology, kind) for kind in self.pick}
-        slack = self.interval - self.duration
-        steps = []
-        for slot in range(self.count):
-            kind = rng.choice(self.pick)
-            host = rng.choice(pools[kind])
-            start = round(slot * self.interval + rng.uniform(0.0, slack), 3)
-            fault = make_fault(kind, host.id, self.params.get(kind))
-            steps.append(Step(start=start, duration=self.duration, fault=fault))
-        steps.append(Step(start=round(self.count * self.interval, 3), duration=0.0,
-                          fault=HealAll()))
-        return steps
+    rng = random.Random(f"{schedule.name}:{schedule.seed_for(topology, seed)}")
+    pools = {kind: schedule.candidates(topology, kind) for kind in schedule.pick}
+    slack = schedule.interval - schedule.duration
+    steps = []
+    for slot in range(schedule.count):
+        kind = rng.choice(schedule.pick)
+        host = rng.choice(pools[kind])
+        start = round(slot * schedule.interval + rng.uniform(0.0, slack), 3)
+        fault = make_fault(kind, host.id, schedule.params.get(kind))
+        steps.append(Step(start=start, duration=schedule.duration, fault=fault))
+    steps.append(Step(start=round(schedule.count * schedule.interval, 3), duration=0.0,
+                      fault=HealAll()))
+    return steps
 
 
 def describe_seeds(topology: Topology, override: Optional[int] = None) -> str:

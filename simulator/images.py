@@ -73,6 +73,7 @@ __all__ = [
     "SuiteRecipe",
     "UnknownSuiteError",
     "cache_dir",
+    "copy_image",
     "debian_mirror",
     "ensure_image",
     "image_present",
@@ -82,6 +83,7 @@ __all__ = [
     "main",
     "node_config_tar",
     "recipe",
+    "remove_tree",
     "validate_node",
     "wait_node_ready",
     "write_node_config",
@@ -196,7 +198,7 @@ def _mounts_under(path: Path) -> List[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """rm -rf that first unmounts what a failed debootstrap may leave mounted inside.
 
     A chroot can hold /proc, /sys or a bind-mounted /dev; deleting through them would
@@ -287,7 +289,7 @@ def _sweep_stale_work(work_root: Path) -> List[Path]:
     for entry in sorted(work_root.iterdir()):
         if not _builder_alive(entry.name):
             _kill_work_processes(entry)
-            _remove_tree(entry)
+            remove_tree(entry)
             swept.append(entry)
     return swept
 
@@ -417,7 +419,7 @@ def _make_tarball(r: SuiteRecipe, mirror: str, tarball: Path, stage: _Stage) -> 
         return facts
     finally:
         _kill_work_processes(work)  # an interrupted build leaves nothing running...
-        _remove_tree(work)  # ...and nothing half-made
+        remove_tree(work)  # ...and nothing half-made
 
 
 def _import(client: docker.DockerClient, r: SuiteRecipe, tarball: Path, facts: Mapping[str, str],
@@ -450,6 +452,18 @@ def image_present(client: docker.DockerClient, tag: str) -> bool:
         client.images.get(tag)
     except docker.errors.ImageNotFound:
         return False
+    return True
+
+
+def copy_image(source: docker.DockerClient, target: docker.DockerClient, tag: str) -> bool:
+    """Stream ``tag`` from one engine into another that lacks it (``docker save`` into
+    ``docker load``, through both APIs): how images reach a swarm's nodes without a
+    registry. Returns whether anything was copied."""
+    if image_present(target, tag):
+        return False
+    target.api.load_image(source.images.get(tag).save(named=True))
+    if not image_present(target, tag):
+        raise ImageBuildError(f"{tag} did not load into the engine at {target.api.base_url}")
     return True
 
 

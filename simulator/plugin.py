@@ -51,7 +51,7 @@ __all__ = ["Simulation"]
 _TOPOLOGY_KEY = pytest.StashKey[Any]()
 _SIM_KEY = pytest.StashKey[Any]()
 _ITEM_START_KEY = pytest.StashKey[float]()
-BACKENDS = ("local", "docker")
+BACKENDS = ("local", "docker", "swarm")
 NO_TOPOLOGY = "no --topology given: the simulator's end-to-end tests need a topology file"
 
 
@@ -120,8 +120,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """On the docker backend every test of the tree needs Docker: mark it so."""
-    if _topology_of(config) is None or config.getoption("topology_backend") != "docker":
+    """On the docker and swarm backends every test of the tree needs Docker: mark it so."""
+    if _topology_of(config) is None or \
+            config.getoption("topology_backend") not in ("docker", "swarm"):
         return
     for item in items:
         if "sim" in getattr(item, "fixturenames", ()):
@@ -223,7 +224,9 @@ class Simulation:
 
     def plan(self, schedule: str) -> List[Step]:
         """The steps of a named schedule, seeded as ``python -m simulator check`` shows."""
-        return self.topology.schedule(schedule).plan(self.topology, self.seed)
+        from simulator.faults import plan
+
+        return plan(self.topology.schedule(schedule), self.topology, self.seed)
 
     def injector(self) -> FaultInjector:
         """A fault injector whose every step goes to the timeline and to the state record
@@ -249,15 +252,20 @@ def _make_backend(kind: str, timeline: Timeline, topology: Topology) -> Backend:
         from simulator.local import LocalBackend
 
         return LocalBackend(timeline)
+    suites = sorted({host.suite for host in topology.hosts})
     try:
         from simulator.dockerbackend import DockerBackend, docker_unavailable
+        from simulator.swarmbackend import SwarmBackend, swarm_unavailable
     except ImportError as exc:
-        raise pytest.UsageError(f"--topology-backend=docker: not available here ({exc})")
+        raise pytest.UsageError(f"--topology-backend={kind}: not available here ({exc})")
     # Nothing is installed, started or built inside a test's timeout: a missing engine or
     # image skips, saying what to run (.ci/run prepares both, and there a skip fails).
-    reason = docker_unavailable(sorted({host.suite for host in topology.hosts}))
+    reason = docker_unavailable(suites) if kind == "docker" else swarm_unavailable(suites)
     if reason:
-        pytest.skip(f"--topology-backend=docker: {reason}")
+        pytest.skip(f"--topology-backend={kind}: {reason}")
+    if kind == "swarm":
+        # The manager's engine: MITOGEN_SIM_SWARM (e.g. a lab's socket), else this machine's.
+        return SwarmBackend(timeline, engine=os.environ.get("MITOGEN_SIM_SWARM") or None)
     return DockerBackend(timeline)
 
 

@@ -25,7 +25,7 @@ from simulator.topology import Topology
 
 __all__ = ["BACKENDS", "MIN_MEMORY", "refusals", "refusals_text"]
 
-BACKENDS = ("local", "docker")
+BACKENDS = ("local", "docker", "swarm")
 #: The smallest memory limit Docker accepts for a container.
 MIN_MEMORY = 6 * 1024 * 1024
 #: The smallest CPU limit Docker accepts (``--cpus``).
@@ -38,7 +38,7 @@ def refusals(topology: Topology, backend: str) -> List[str]:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "local":
         return []
-    where = f"{topology.source}: the docker backend cannot run topology {topology.name!r}"
+    where = f"{topology.source}: the {backend} backend cannot run topology {topology.name!r}"
     return [f"{where}: {problem}" for problem in _docker_problems(topology)]
 
 
@@ -86,10 +86,10 @@ def _docker_problems(topology: Topology) -> List[str]:
 
 def _network_problems(topology: Topology) -> List[str]:
     from simulator.backend import BackendError
-    from simulator.dockerbackend import _blocks, _plan_segments
+    from simulator.segments import blocks, plan_segments
 
     try:
-        _plan_segments(topology, _blocks(topology.network.supernet)[0])
+        plan_segments(topology, blocks(topology.network.supernet)[0])
     except BackendError as exc:
         return [str(exc)]
     return []

@@ -40,15 +40,20 @@ from typing import (
 
 import yaml
 
-from simulator.faults import FAULT_KINDS, FAULT_PARAMS, FaultError, Schedule
 from simulator.units import parse_duration, parse_fraction, parse_rate, parse_size
 
 __all__ = [
+    "EDGE_FAULT_KINDS",
+    "FAULT_KINDS",
+    "FAULT_PARAMS",
+    "HOST_FAULT_KINDS",
     "KNOWN_SUITES",
     "MAX_HOSTS",
+    "MAX_SCHEDULE_STEPS",
+    "PLACEMENT_RULES",
     "SUDO_MODES",
     "Account",
-    "FaultSchedule",
+    "FaultError",
     "Hop",
     "Host",
     "HostNotFound",
@@ -56,7 +61,9 @@ __all__ = [
     "KeySpec",
     "Link",
     "Network",
+    "NodePlacement",
     "Resources",
+    "Schedule",
     "SelectorError",
     "Topology",
     "TopologyError",
@@ -77,9 +84,6 @@ KEY_TYPES = ("ed25519", "rsa", "ecdsa")
 MAX_HOSTS = 10_000
 MAX_RANGE = 1000
 MAX_DEPTH = 32
-
-#: The faults section's schedules are :class:`simulator.faults.Schedule` values.
-FaultSchedule = Schedule
 
 PathPart = Union[str, int]
 
@@ -246,6 +250,28 @@ class Network:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodePlacement:
+    """Where hosts go when a backend spreads the tree over machines (the ``swarm`` backend's
+    nodes; single-machine backends ignore it). ``rule``:
+
+    * ``spread``: hosts in walk order, round robin over the nodes;
+    * ``subtree``: hosts above ``depth`` (0: the roots) go to the first node; every host at
+      ``depth`` takes the next node round robin (from the second node when ``depth`` > 0),
+      and its whole subtree goes with it;
+    * ``labels``: each host goes to a node whose labels include those of the first entry of
+      ``labels`` whose selector matches it, round robin among such nodes; a host no entry
+      matches goes with its parent (a root: to the first node).
+    """
+
+    rule: str = "spread"
+    depth: int = 1
+    labels: Tuple[Tuple[str, Mapping[str, str]], ...] = ()
+
+
+PLACEMENT_RULES = ("spread", "subtree", "labels")
+
+
+@dataclasses.dataclass(frozen=True)
 class Link:
     """The edge from a host up to its parent (or, for a root host, to the runner).
 
@@ -386,6 +412,173 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 
 # --------------------------------------------------------------------------------------------
+# Fault schedules: the `faults:` section (simulator.faults builds and applies the faults)
+# --------------------------------------------------------------------------------------------
+
+
+class FaultError(ValueError):
+    """A fault, a schedule or an injector call was given something it cannot use."""
+
+
+def convert_field(cls_name: str, field: str, parser: Callable[..., Any], value: object) -> Any:
+    """Run a unit parser, naming the fault (or schedule) and field in the error."""
+    try:
+        return parser(value, allow_bare=True)
+    except ValueError as exc:
+        raise FaultError(f"{cls_name}.{field}: {exc}") from None
+
+
+def set_field(obj: object, field: str, value: object) -> None:
+    """Store a normalised value on a frozen dataclass during ``__post_init__``."""
+    object.__setattr__(obj, field, value)
+
+
+#: Parameter types per fault kind: the vocabulary of the ``faults:`` section, shared with
+#: :mod:`simulator.faults` (which builds the faults) and with schema.json.
+FAULT_PARAMS: Mapping[str, Mapping[str, str]] = types.MappingProxyType({
+    "kill": {},
+    "power_off": {},
+    "stop": {"grace": "duration"},
+    "restart": {"grace": "duration"},
+    "pause": {},
+    "signal": {"process": "string", "signal": "string"},
+    "sshd_down": {},
+    "partition": {"mode": "string", "direction": "string"},
+    "latency": {"delay": "duration", "jitter": "duration"},
+    "bandwidth": {"rate": "rate"},
+    "loss": {"fraction": "percent"},
+    "stream": {"kind": "string", "nbytes": "integer"},
+})
+FAULT_KINDS: Tuple[str, ...] = tuple(FAULT_PARAMS)
+HOST_FAULT_KINDS: Tuple[str, ...] = (
+    "kill", "power_off", "stop", "restart", "pause", "signal", "sshd_down")
+EDGE_FAULT_KINDS: Tuple[str, ...] = ("partition", "latency", "bandwidth", "loss", "stream")
+MAX_SCHEDULE_STEPS = 1000
+_UNIT_PARSERS: Mapping[str, Callable[..., Any]] = {
+    "duration": parse_duration, "rate": parse_rate, "percent": parse_fraction}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A named, seeded fault schedule (one entry of a topology file's ``faults:`` section).
+
+    Every ``interval`` seconds one fault, drawn from ``pick``, is applied to a target drawn
+    from ``targets[kind]`` (selectors; all hosts or edges when absent) for ``duration``
+    seconds, ``count`` times; then everything is healed. At most one fault is applied at a
+    time, so ``duration`` may not exceed ``interval``. Faults start at a seeded random moment
+    within their slot, so the same seed replays the same plan.
+    """
+
+    name: str
+    interval: float
+    duration: float
+    pick: Tuple[str, ...]
+    count: int = 5
+    targets: Mapping[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    seed: Optional[int] = None
+    final: str = "heal"
+
+    def __post_init__(self) -> None:
+        where = f"schedule {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise FaultError(f"schedule name: expected a non-empty string, got {self.name!r}")
+        set_field(self, "interval", convert_field(where, "interval", parse_duration, self.interval))
+        set_field(self, "duration", convert_field(where, "duration", parse_duration, self.duration))
+        if self.interval <= 0 or self.duration <= 0:
+            raise FaultError(f"{where}: interval and duration must be above 0")
+        if self.duration > self.interval:
+            raise FaultError(f"{where}: duration ({self.duration}s) exceeds interval "
+                             f"({self.interval}s); faults of one schedule never overlap")
+        if (not isinstance(self.count, int) or isinstance(self.count, bool)
+                or not 1 <= self.count <= MAX_SCHEDULE_STEPS):
+            raise FaultError(f"{where}: count: expected 1..{MAX_SCHEDULE_STEPS}, "
+                             f"got {self.count!r}")
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or isinstance(self.seed, bool)):
+            raise FaultError(f"{where}: seed: expected an integer, got {self.seed!r}")
+        if self.final != "heal":
+            raise FaultError(f"{where}: final: the only final step is 'heal', "
+                             f"got {self.final!r}")
+        set_field(self, "pick", self._checked_pick(where))
+        set_field(self, "targets", self._checked_targets(where))
+        set_field(self, "params", self._checked_params(where))
+
+    def _checked_pick(self, where: str) -> Tuple[str, ...]:
+        pick = tuple(self.pick) if isinstance(self.pick, (list, tuple)) else ()
+        if not pick:
+            raise FaultError(f"{where}: pick: expected a non-empty list of fault kinds")
+        for kind in pick:
+            if kind not in FAULT_PARAMS:
+                raise FaultError(f"{where}: pick: unknown fault kind {kind!r}; expected one "
+                                 f"of {', '.join(FAULT_KINDS)}")
+        return pick
+
+    def _checked_targets(self, where: str) -> Mapping[str, Tuple[str, ...]]:
+        targets = {}
+        for kind, given in dict(self.targets).items():
+            if kind not in self.pick:
+                raise FaultError(f"{where}: targets: {kind!r} is not in pick")
+            selectors = (given,) if isinstance(given, str) else tuple(given)
+            for selector in selectors:
+                try:
+                    prefix, _pattern = parse_selector(selector)
+                except SelectorError as exc:
+                    raise FaultError(f"{where}: targets.{kind}: {exc}") from None
+                if prefix == "edge" and kind in HOST_FAULT_KINDS:
+                    raise FaultError(f"{where}: targets.{kind}: {kind!r} acts on hosts, but "
+                                     f"{selector!r} selects edges")
+            targets[kind] = selectors
+        return types.MappingProxyType(targets)
+
+    def _checked_params(self, where: str) -> Mapping[str, Mapping[str, Any]]:
+        """Names and units are checked here; values that only a fault can judge (a mode, a
+        signal) when :func:`simulator.faults.plan` builds the faults."""
+        params = {}
+        for kind, given in dict(self.params).items():
+            if kind not in self.pick:
+                raise FaultError(f"{where}: params: {kind!r} is not in pick")
+            values = dict(given)
+            for name, value in given.items():
+                unit = FAULT_PARAMS[kind].get(name)
+                if unit is None:
+                    allowed = ", ".join(FAULT_PARAMS[kind]) or "none"
+                    raise FaultError(f"{where}: params.{kind}: unknown parameter {name!r}; "
+                                     f"expected: {allowed}")
+                if unit in _UNIT_PARSERS:
+                    values[name] = convert_field(f"{where}: params.{kind}", name,
+                                            _UNIT_PARSERS[unit], value)
+            params[kind] = types.MappingProxyType(values)
+        return types.MappingProxyType(params)
+
+    def candidates(self, topology: Topology, kind: str) -> Tuple[Host, ...]:
+        """The hosts (or, for edge faults, the hosts below the edges) ``kind`` may hit."""
+        selectors = self.targets.get(kind)
+        if selectors is None:
+            return tuple(topology.walk())
+        found: Dict[str, Host] = {}
+        for selector in selectors:
+            matched = topology.select(selector)
+            if not matched:
+                raise FaultError(f"schedule {self.name!r}: targets.{kind}: {selector!r} "
+                                 f"matches no host in topology {topology.name!r}")
+            for host in matched:
+                found.setdefault(host.id, host)
+        order = {host.id: index for index, host in enumerate(topology.walk())}
+        return tuple(sorted(found.values(), key=lambda host: order[host.id]))
+
+    def seed_for(self, topology: Topology, override: Optional[int] = None) -> int:
+        """The seed rule (simulator/FORMAT.md), the one ``check``, ``up`` and pytest use: a
+        seed given on the command line (``--seed``, ``--topology-seed``), else the schedule's
+        own ``seed``, else the topology's."""
+        chosen = next((s for s in (override, self.seed, topology.seed) if s is not None), None)
+        if chosen is None:
+            raise FaultError(f"schedule {self.name!r}: no seed; give the schedule or the "
+                             f"topology a `seed`, or pass one")
+        return chosen
+
+
+# --------------------------------------------------------------------------------------------
 # The topology
 # --------------------------------------------------------------------------------------------
 
@@ -403,6 +596,7 @@ class Topology:
     keys: Tuple[KeySpec, ...]
     hosts: Tuple[Host, ...]
     schedules: Tuple[Schedule, ...]
+    placement: NodePlacement = NodePlacement()
     _by_id: Mapping[str, Host] = dataclasses.field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -913,6 +1107,7 @@ _TOP_FIELDS: Mapping[str, Checker] = {
     "profiles": _map_of(_name, _layer),
     "tree": lambda value, where: value,  # checked with its own walker below
     "faults": lambda value, where: value,
+    "placement": lambda value, where: value,  # checked once the hosts are known
 }
 
 
@@ -1089,7 +1284,42 @@ def parse_topology(data: Any, source: str) -> Topology:
         schedules=tuple(decl.schedule for decl in schedules),
     )
     _check_schedule_targets(topology, schedules)
+    if "placement" in data:
+        topology = dataclasses.replace(topology, placement=_placement(
+            topology, data["placement"], wheres["placement"]))
     return topology
+
+
+def _label_map(value: Any, where: _Where) -> Dict[str, str]:
+    labels = _map_of(_string, _string)(value, where)
+    if not labels:
+        _want(where, "a non-empty mapping of node labels", value)
+    return labels
+
+
+_PLACEMENT_ENTRY: Mapping[str, Checker] = {"select": _selector, "node": _label_map}
+
+
+def _placement(topology: Topology, value: Any, where: _Where) -> NodePlacement:
+    """The ``placement`` section: a rule, and for ``labels`` selectors that must each match
+    a host (typos fail here, as in ``faults``)."""
+    values, wheres = _check_fields(value, where, {
+        "rule": _one_of(*PLACEMENT_RULES), "depth": _integer,
+        "labels": _list_of(_record(_PLACEMENT_ENTRY, required=("select", "node")),
+                           non_empty=True)}, required=("rule",))
+    rule = values["rule"]
+    if "depth" in values and (rule != "subtree" or values["depth"] < 0):
+        wheres["depth"].fail("depth is for rule 'subtree', and at least 0")
+    if (rule == "labels") != ("labels" in values):
+        (wheres.get("labels") or wheres["rule"]).fail(
+            "rule 'labels' needs a `labels` list, and only it takes one")
+    entries = []
+    for index, entry in enumerate(values.get("labels", ())):
+        if not topology.select(entry["select"]):
+            wheres["labels"].item(value["labels"], index).fail(
+                f"selector {entry['select']!r} matches no host")
+        entries.append((entry["select"], types.MappingProxyType(dict(entry["node"]))))
+    return NodePlacement(rule, values.get("depth", 1), tuple(entries))
 
 
 def _schedules(value: Any, where: _Where) -> List[_ScheduleDecl]:

@@ -87,7 +87,7 @@ def private_engine() -> Iterator[Engine]:
             while not _gone_or_zombie(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert _gone_or_zombie(pid), f"private dockerd {pid} did not stop"
-        images._remove_tree(state)
+        images.remove_tree(state)
 
 
 @pytest.mark.docker

@@ -31,7 +31,7 @@ from simulator import probes
 from simulator.faults import Kill, Partition, run_plan
 from tests.support import funcs
 
-CRASH_BOUND = {"local": 1.0, "docker": 2.0}
+CRASH_BOUND = {"local": 1.0, "docker": 2.0, "swarm": 2.0}
 SHUTDOWN_BOUND = 5.0
 CALL_TIMEOUT = 30.0
 
@@ -336,7 +336,7 @@ def test_a_compromised_node_cannot_forge_the_master_or_a_sibling(sim, tmp_path):
 
 
 def test_master_shutdown_leaves_no_process_within_bound(sim):
-    if sim.backend.name == "docker":
+    if sim.backend.name in ("docker", "swarm"):
         _docker_shutdown(sim)
         return
     from simulator.local import LocalBackend

@@ -34,6 +34,7 @@ from simulator.faults import (
     SshdDown,
     StreamFault,
     make_fault,
+    plan,
     run_plan,
 )
 from simulator.topology import load_topology, parse_topology
@@ -154,17 +155,17 @@ def test_make_fault_rejects_bad_kinds_and_params(kind, params, expected):
 
 def test_same_seed_same_plan_and_different_seed_different_plan(dc):
     ci = dc.schedule("ci")
-    first = ci.plan(dc)
-    assert first == ci.plan(dc)
-    assert first == ci.plan(dc, seed=ci.seed)
-    assert first != ci.plan(dc, seed=ci.seed + 1)
-    plans = {tuple(ci.plan(dc, seed=seed)) for seed in range(20)}
+    first = plan(ci, dc)
+    assert first == plan(ci, dc)
+    assert first == plan(ci, dc, seed=ci.seed)
+    assert first != plan(ci, dc, seed=ci.seed + 1)
+    plans = {tuple(plan(ci, dc, seed=seed)) for seed in range(20)}
     assert len(plans) == 20
 
 
 def test_plans_end_with_heal_all_and_respect_the_schedule(dc):
     ci = dc.schedule("ci")
-    steps = ci.plan(dc, seed=99)
+    steps = plan(ci, dc, seed=99)
     assert len(steps) == ci.count + 1
     last = steps[-1]
     assert isinstance(last.fault, HealAll)
@@ -191,7 +192,7 @@ def test_candidates_follow_the_targets(dc):
 
 def test_large_schedule_uses_every_kind_it_picks(large):
     soak = large.schedule("soak")
-    kinds = {step.fault.KIND for seed in range(5) for step in soak.plan(large, seed=seed)}
+    kinds = {step.fault.KIND for seed in range(5) for step in plan(soak, large, seed=seed)}
     assert {"kill", "partition", "pause", "latency", "loss", "bandwidth", "stream",
             "sshd_down", "heal_all"} <= kinds
 
@@ -204,18 +205,18 @@ def test_seed_precedence_argument_then_schedule_then_topology():
                                     "pick": ["kill", "pause"]}}}
     topology = parse_topology(data, "seeds.yml")
     own, inherits = topology.schedule("own"), topology.schedule("inherits")
-    assert own.plan(topology) == own.plan(topology, seed=6) != own.plan(topology, seed=5)
-    assert inherits.plan(topology) == inherits.plan(topology, seed=5)
+    assert plan(own, topology) == plan(own, topology, seed=6) != plan(own, topology, seed=5)
+    assert plan(inherits, topology) == plan(inherits, topology, seed=5)
     del data["seed"]
     unseeded = parse_topology(data, "seeds.yml")
     with pytest.raises(FaultError, match="no seed"):
-        unseeded.schedule("inherits").plan(unseeded)
+        plan(unseeded.schedule("inherits"), unseeded)
 
 
 def test_unmatched_selectors_fail_at_plan_time_for_python_built_schedules(dc):
     schedule = Schedule("s", "2s", "1s", pick=("kill",), targets={"kill": ["role:ghost"]})
     with pytest.raises(FaultError, match="'role:ghost' matches no host"):
-        schedule.plan(dc, seed=1)
+        plan(schedule, dc, seed=1)
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
@@ -241,7 +242,7 @@ def test_bad_schedules_are_explained(kwargs, expected):
 def test_plans_are_bounded():
     schedule = Schedule("s", "1s", "1s", pick=("pause",), count=MAX_SCHEDULE_STEPS)
     topology = parse_topology({"version": 1, "tree": {"h": None}}, "one.yml")
-    assert len(schedule.plan(topology, seed=1)) == MAX_SCHEDULE_STEPS + 1
+    assert len(plan(schedule, topology, seed=1)) == MAX_SCHEDULE_STEPS + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +422,7 @@ class FakeStop:
 def test_run_plan_applies_each_step_in_time_and_heals_all(dc):
     clock, backend = FakeClock(), FakeBackend()
     injector = FaultInjector(backend, clock=clock)
-    steps = dc.schedule("ci").plan(dc)
+    steps = plan(dc.schedule("ci"), dc)
     count = run_plan(injector, steps, stop=FakeStop(clock), clock=clock)
     assert count == len(steps) - 1
     applies = [e for e in injector.events if e.action == "apply"]
@@ -439,7 +440,7 @@ def test_run_plan_applies_each_step_in_time_and_heals_all(dc):
 def test_run_plan_stops_early_and_still_heals(dc):
     clock, backend = FakeClock(), FakeBackend()
     injector = FaultInjector(backend, clock=clock)
-    steps = dc.schedule("ci").plan(dc)
+    steps = plan(dc.schedule("ci"), dc)
     # Waits alternate: until a start, then until its end. Stop during the second fault.
     count = run_plan(injector, steps, stop=FakeStop(clock, stop_after_waits=4), clock=clock)
     assert count == 2
@@ -450,7 +451,7 @@ def test_run_plan_stops_early_and_still_heals(dc):
 
 def test_run_plan_heals_when_the_backend_fails_mid_plan(dc):
     clock = FakeClock()
-    steps = dc.schedule("ci").plan(dc)
+    steps = plan(dc.schedule("ci"), dc)
     backend = FakeBackend(fail_apply={steps[2].fault})
     injector = FaultInjector(backend, clock=clock)
     with pytest.raises(BackendError):
@@ -461,7 +462,7 @@ def test_run_plan_heals_when_the_backend_fails_mid_plan(dc):
 
 def test_run_plan_in_real_time_with_an_event():
     topology = parse_topology({"version": 1, "tree": {"h": None}}, "one.yml")
-    steps = Schedule("quick", "20ms", "10ms", pick=("pause",), count=2).plan(topology, seed=3)
+    steps = plan(Schedule("quick", "20ms", "10ms", pick=("pause",), count=2), topology, seed=3)
     backend = FakeBackend()
     injector = FaultInjector(backend)
     began = time.monotonic()

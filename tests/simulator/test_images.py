@@ -237,7 +237,7 @@ def test_remove_tree_unmounts_before_deleting(tmp_path: Path):
     subprocess.run(["mount", "-t", "tmpfs", "none", str(tree / "rootfs" / "proc")], check=True)
     (tree / "rootfs" / "proc" / "kept").write_text("x")
     assert images._mounts_under(tree) == [str((tree / "rootfs" / "proc").resolve())]
-    images._remove_tree(tree)
+    images.remove_tree(tree)
     assert not tree.exists()
     assert images._mounts_under(tmp_path) == []
 
@@ -637,7 +637,7 @@ def test_a_build_killed_at_random_points_leaves_nothing_half_made(recipe_copy: P
         assert images._work_processes(cache) == []
     finally:
         images._kill_work_processes(cache)
-        images._remove_tree(cache)
+        images.remove_tree(cache)
         for ref in (r.tag, f"mitogen-sim/{suite}:latest"):
             try:
                 client.images.remove(ref)

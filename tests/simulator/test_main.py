@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from simulator.local import LocalBackend
+from tests.support import swarm
 
 pytest_plugins = ["pytester"]
 
@@ -130,6 +131,12 @@ def up(tmp_path: Path, request) -> Iterator[Tuple[subprocess.Popen, Dict[str, st
         reason = docker_unavailable(["bookworm"])
         if reason:
             pytest.skip(reason)
+    elif backend == "swarm":
+        from simulator.swarmbackend import swarm_unavailable
+
+        reason = swarm_unavailable(["bookworm"])
+        if reason:
+            pytest.skip(reason)
     topology = tmp_path / "sched.yml"
     topology.write_text(SCHEDULED)
     env = _env(tmp_path)
@@ -156,7 +163,8 @@ def up(tmp_path: Path, request) -> Iterator[Tuple[subprocess.Popen, Dict[str, st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("up", ["local", pytest.param("docker", marks=pytest.mark.docker)],
+@pytest.mark.parametrize("up", ["local", pytest.param("docker", marks=pytest.mark.docker),
+                                pytest.param("swarm", marks=pytest.mark.docker)],
                          indirect=True)
 def test_up_status_down_from_separate_processes(up, tmp_path: Path):
     proc, env, backend = up
@@ -174,6 +182,7 @@ def test_up_status_down_from_separate_processes(up, tmp_path: Path):
     leaf = next(h for h in record["hosts"] if h["id"] == "top/leaf")
     assert f"    as app: context {leaf['accounts']['app']}" in text
     assert "faults applied: Latency(edge='top/leaf'" in text
+    made = backend == "swarm" and _in_made_swarm()
 
     down = _simulator(env, "down")
     assert down.returncode == 0, down.stderr
@@ -181,18 +190,28 @@ def test_up_status_down_from_separate_processes(up, tmp_path: Path):
     assert proc.wait(timeout=60) == 0
     assert _records(tmp_path) == []
     assert "no topology is running" in _simulator(env, "status").stdout
-    _assert_nothing_left(backend, record)
+    _assert_nothing_left(backend, record, made)
 
 
-def _assert_nothing_left(backend: str, record: dict) -> None:
+def _in_made_swarm() -> bool:
+    from simulator.dockerd import engine_client
+
+    client = engine_client()
+    try:
+        return swarm.made_swarm(client)
+    finally:
+        client.close()
+
+
+def _assert_nothing_left(backend: str, record: dict, made_swarm: bool = False) -> None:
     resources = record["resources"]
     if backend == "local":
         assert not os.path.exists(resources["control_dir"])
         pids = [int(h["where"].split()[2]) for h in record["hosts"]]
         assert LocalBackend.wait_gone(pids, 5.0) == []
         return
-    from simulator.dockerbackend import LABEL_RUN
     from simulator.dockerd import engine_client
+    from simulator.ownership import LABEL_RUN
 
     assert not os.path.exists(resources["keys_dir"])
     client = engine_client()
@@ -200,6 +219,8 @@ def _assert_nothing_left(backend: str, record: dict) -> None:
         label = {"label": f"{LABEL_RUN}={resources['run']}"}
         assert client.containers.list(all=True, filters=label) == []
         assert client.networks.list(filters=label) == []
+        if made_swarm:  # the last run out leaves a swarm the simulator made
+            swarm.assert_left_unless_shared(client, resources["run"])
     finally:
         client.close()
 
@@ -233,7 +254,7 @@ def test_down_and_status_with_nothing_running(tmp_path: Path):
 def test_a_killed_docker_runner_leaves_no_private_keys(up, tmp_path: Path):
     """The keys directory of a SIGKILLed runner goes with its reaper (and, if the reaper was
     killed too, with the next run's sweep): private keys never outlive their run."""
-    from simulator.dockerbackend import sweep_stale_keys
+    from simulator.ownership import sweep_stale_keys
 
     proc, env, _backend = up
     (record,) = _records(tmp_path)
@@ -250,13 +271,13 @@ def test_a_killed_docker_runner_leaves_no_private_keys(up, tmp_path: Path):
 
 
 def test_keys_of_a_dead_run_are_swept_and_a_live_runs_kept():
-    from simulator import dockerbackend
+    from simulator import ownership
     from simulator.state import owner_tag
 
-    dead = dockerbackend._make_keys_dir("sweep-test-dead-%d" % os.getpid(), "1:0")
-    live = dockerbackend._make_keys_dir("sweep-test-live-%d" % os.getpid(), owner_tag())
+    dead = ownership.make_keys_dir("sweep-test-dead-%d" % os.getpid(), "1:0")
+    live = ownership.make_keys_dir("sweep-test-live-%d" % os.getpid(), owner_tag())
     try:
-        removed = dockerbackend.sweep_stale_keys()
+        removed = ownership.sweep_stale_keys()
         assert dead in removed and not os.path.exists(dead)
         assert live not in removed and os.path.isdir(live)
     finally:

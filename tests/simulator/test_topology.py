@@ -618,6 +618,11 @@ STRUCTURAL_MISTAKES = {
     "schedule without interval": lambda d: d["faults"]["ci"].pop("interval"),
     "final other than heal": lambda d: d["faults"]["ci"].update(final="explode"),
     "null faults": lambda d: d.update(faults=None),
+    "unknown placement rule": lambda d: d.update(placement={"rule": "random"}),
+    "labels rule without labels": lambda d: d.update(placement={"rule": "labels"}),
+    "depth on spread": lambda d: d.update(placement={"rule": "spread", "depth": 2}),
+    "empty node labels": lambda d: d.update(placement={
+        "rule": "labels", "labels": [{"select": "role:rack", "node": {}}]}),
 }
 
 
@@ -639,6 +644,9 @@ STRUCTURAL_VARIANTS = {
     "null python": lambda d: d["tree"]["bastion"].update(python=None),
     "signal fault": lambda d: d["faults"]["ci"].update(
         pick=["signal"], targets={}, params={"signal": {"process": "python", "signal": "STOP"}}),
+    "subtree placement": lambda d: d.update(placement={"rule": "subtree", "depth": 2}),
+    "labels placement": lambda d: d.update(placement={
+        "rule": "labels", "labels": [{"select": "role:rack", "node": {"zone": "a"}}]}),
 }
 
 
@@ -664,8 +672,36 @@ def test_the_format_reference_example_loads(tmp_path):
     assert str(info.value) == str(tmp_path / quoted)
 
 
+def test_placement_rules_are_read_and_typos_fail_early():
+    data = _base_document()
+    data["placement"] = {"rule": "labels",
+                         "labels": [{"select": "role:rack", "node": {"zone": "a"}}]}
+    placement = parse_topology(copy.deepcopy(data), "p.yml").placement
+    assert (placement.rule, placement.labels[0][0]) == ("labels", "role:rack")
+    assert dict(placement.labels[0][1]) == {"zone": "a"}
+    assert parse_topology(_base_document(), "p.yml").placement.rule == "spread"
+    data["placement"]["labels"][0]["select"] = "role:ghost"
+    with pytest.raises(TopologyError, match=r"placement\.labels\[0\]: selector 'role:ghost' "
+                                            r"matches no host"):
+        parse_topology(data, "p.yml")
+
+
 def test_public_names_exist():
     for name in topology_module.__all__:
         assert hasattr(topology_module, name), name
     for name in units.__all__:
         assert hasattr(units, name), name
+
+
+def test_the_model_does_not_import_the_faults():
+    """Faults depend on the model, not the reverse: loading topology.py pulls in no fault
+    (nor any backend) module."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, simulator.topology; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('simulator.'))))")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == ["simulator.topology", "simulator.units"]
