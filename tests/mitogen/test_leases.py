@@ -27,7 +27,10 @@ def test_a_waiting_caller_delivers_its_own_reply(local, monkeypatch):
     monkeypatch.setattr(mitogen.core.Receiver, "_on_receive", record)
     for _ in range(20):
         local.call(os.getpid)
-    assert delivered_on == [threading.current_thread().name] * 20
+    # The first call may find the broker still finishing the read that delivered the warm-up
+    # reply (it holds the stream until the read ends), and then no lease is lent; from then
+    # on only the waiting caller reads the stream.
+    assert delivered_on[1:] == [threading.current_thread().name] * 19
 
 
 def test_messages_before_a_reply_are_handled_before_it(router, caplog):
