@@ -1275,6 +1275,7 @@ class Router:
         self._context_by_id = {}
         self._handle_map = {}
         self._unguarded = None
+        self._guard_lock = threading.Lock()
         self._handle_counter = itertools.count(1000)
         self.dropped_count = 0
         self._drop_second = self._drop_logged = self._drop_quiet = 0
@@ -1412,15 +1413,16 @@ class Router:
         if not persist:
             self.del_handler(msg.handle)
         msg.router = self
-        if not (msg._trusted() or isinstance(getattr(fn, '__self__', None), Receiver)) and \
-                (self._unguarded is not None or 'mitogen.guard' not in sys.modules):
+        if not (msg._trusted() or isinstance(getattr(fn, '__self__', None), Receiver)):
             # A pickle from below is checked by mitogen.guard, which this thread cannot
             # fetch: a thread does, then these messages run, in the order they came.
-            if self._unguarded is None:
-                self._unguarded = []
-                threading.Thread(target=self._fetch_guard, daemon=True).start()
-            self._unguarded.append((fn, msg))
-            return
+            with self._guard_lock:
+                if self._unguarded is not None or 'mitogen.guard' not in sys.modules:
+                    if self._unguarded is None:
+                        self._unguarded = []
+                        threading.Thread(target=self._fetch_guard, daemon=True).start()
+                    self._unguarded.append((fn, msg))
+                    return
         self._call(fn, msg)
 
     def _fetch_guard(self):
@@ -1431,9 +1433,14 @@ class Router:
         self.broker.defer(self._run_unguarded)
 
     def _run_unguarded(self):
-        waiting, self._unguarded = self._unguarded, None
-        for fn, msg in waiting:
-            self._call(fn, msg)
+        while True:
+            with self._guard_lock:
+                waiting = self._unguarded
+                self._unguarded = [] if waiting else None
+            if not waiting:
+                return
+            for fn, msg in waiting:
+                self._call(fn, msg)
 
     def _call(self, fn, msg):
         try:

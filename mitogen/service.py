@@ -924,17 +924,23 @@ class FileService(Service):
                 reason = "the receiver of %s went away: %s" % (t.path, e)
         except OSError as e:
             reason = "reading %s failed: %s" % (t.path, e)
+        except mitogen.core.Error as e:  # the broker shut down: every link went with it
+            LOG.debug("%r: sending %s stopped: %s", self, t.path, e)
+            return
         except Exception as e:  # a bug: the receiver must still learn that nothing follows
             LOG.exception("%r: sending %s failed", self, t.path)
             reason = "sending %s failed: %s: %s" % (t.path, type(e).__name__, e)
         finally:
             t.acks.close()
             os.close(t.fd)
-        if reason is None:
-            t.sender.close()
-        else:
-            LOG.error("%r: %s", self, reason)
-            context.send(Message.dead(reason, handle=handle))
+        try:
+            if reason is None:
+                t.sender.close()
+            else:
+                LOG.error("%r: %s", self, reason)
+                context.send(Message.dead(reason, handle=handle))
+        except mitogen.core.Error as e:  # as above: nobody is left to tell
+            LOG.debug("%r: the end of %s was not sent: %s", self, t.path, e)
 
     def on_shutdown(self) -> None:
         """Fail every transfer still queued or running: each receiver learns why."""
