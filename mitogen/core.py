@@ -1413,7 +1413,8 @@ class Router:
         if not persist:
             self.del_handler(msg.handle)
         msg.router = self
-        if not (msg._trusted() or isinstance(getattr(fn, '__self__', None), Receiver)):
+        if (self._unguarded is not None or 'mitogen.guard' not in sys.modules) and not (
+                msg._trusted() or isinstance(getattr(fn, '__self__', None), Receiver)):
             # A pickle from below is checked by mitogen.guard, which this thread cannot
             # fetch: a thread does, then these messages run, in the order they came.
             with self._guard_lock:
