@@ -758,6 +758,10 @@ class FileService(Service):
     IO_SIZE = FILE_CHUNK
     window_size_bytes = FILE_WINDOW
 
+    #: Transfers queued for one stream at most: each holds an open file, so a context
+    #: calling fetch() in a loop must not exhaust this process's descriptors.
+    max_queued_per_stream = 64
+
     def __init__(self, router: Any) -> None:
         super().__init__(router)
         self._paths: set[str] = set()
@@ -859,6 +863,11 @@ class FileService(Service):
                 os.close(fd)
                 raise CallError("FileService is shutting down")
             queue = self._queues.setdefault(stream, [])
+            if len(queue) >= self.max_queued_per_stream:
+                transfer.acks.close()
+                os.close(fd)
+                raise CallError("FileService: %d transfers are already queued for the "
+                                "stream to context %d", len(queue), sender.context.context_id)
             queue.append(transfer)
             start = len(queue) == 1
         if start:

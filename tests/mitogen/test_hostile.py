@@ -19,17 +19,7 @@ import mitogen.core
 import mitogen.master
 from mitogen.core import ADD_ROUTE, CALL_FUNCTION, DEL_ROUTE, FORWARD_MODULE, LOAD_MODULE
 from tests.support import hostile
-
-
-def wait_for(predicate, timeout=10.0, interval=0.01):
-    """Poll `predicate` until it is true or `timeout` passes (a bounded wait for an event
-    this process cannot be told about, not a sleep standing in for one)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
+from tests.support.waiting import wait_for
 
 
 def rss_kib(pid="self"):

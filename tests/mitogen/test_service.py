@@ -19,6 +19,7 @@ import mitogen.master
 import mitogen.service
 from mitogen.service import FileService, PushFileService
 from tests.support import funcs, services
+from tests.support.waiting import wait_for
 
 GREETER = "tests.support.services.Greeter"
 MIB = 1 << 20
@@ -313,6 +314,21 @@ def test_file_service_stat_and_sender_must_be_the_callers(router, files, local):
         assert kind == "error" and "sender= of a fetch must belong" in text
     finally:
         recv.close()
+
+
+def test_fetch_in_a_loop_cannot_exhaust_the_servers_descriptors(router, files):
+    """A context that calls fetch() and never reads holds at most max_queued_per_stream
+    open files in the server (the window stalls the first transfer until it reads or goes
+    away), and they close when it goes."""
+    fds = len(os.listdir("/proc/self/fd"))
+    child = router.local(name="flooder")
+    limit = FileService.max_queued_per_stream
+    accepted, refusal = child.call(services.flood_fetch, router.myself(),
+                                   str(files / "single.txt"), limit + 20)
+    assert accepted == limit and "transfers are already queued" in refusal
+    child.shutdown(wait=True)
+    assert wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds), (
+        fds, sorted(os.listdir("/proc/self/fd")))
 
 
 @pytest.mark.slow

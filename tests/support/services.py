@@ -272,3 +272,22 @@ def link_bytes(router=None):
         if hasattr(router, "get_streams") else {}
     parent = router.parent_stream.rx_bytes if router.parent_stream is not None else None
     return children, parent
+
+
+def flood_fetch(context, path, count):
+    """Call FileService.fetch `count` times without reading anything (as a hostile context
+    might); the number accepted and the first refusal's text."""
+    receivers = [mitogen.core.Receiver(context.router) for _ in range(count)]
+    accepted, refusal = 0, None
+    try:
+        for recv in receivers:
+            try:
+                context.call_service("mitogen.service.FileService", "fetch", path=path,
+                                     sender=recv.to_sender())
+                accepted += 1
+            except mitogen.core.CallError as e:
+                refusal = refusal or str(e)
+    finally:
+        for recv in receivers:
+            recv.close()
+    return accepted, refusal
