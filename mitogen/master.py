@@ -920,11 +920,17 @@ class ResourceResponder:
             return ("dir", sorted(child.name for child in target.iterdir()))
         if not target.is_file():
             return ("missing", "%s does not exist in the master" % (where,))
-        data = target.read_bytes()
-        if len(data) + 1024 > self._router.max_message_size:
+        # The size first where the file can say it: a request of a few bytes must not make
+        # the master read a gigabyte only to refuse it.
+        if hasattr(target, "stat"):
+            data, size = None, target.stat().st_size
+        else:
+            data = target.read_bytes()
+            size = len(data)
+        if size + 1024 > self._router.max_message_size:
             return ("missing", "%s is too large to send (%d bytes; max_message_size is %d)"
-                    % (where, len(data), self._router.max_message_size))
-        return ("file", data)
+                    % (where, size, self._router.max_message_size))
+        return ("file", target.read_bytes() if data is None else data)
 
     @staticmethod
     def _root(fullname: str) -> Any:

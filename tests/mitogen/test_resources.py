@@ -87,3 +87,19 @@ def test_on_every_python_version(router, data_package, version):
         "RemoteTraversable", packages.DATA_BYTES, packages.DATA_TEXT.encode(),
         packages.DATA_TEXT.encode())
     assert requests > 0
+
+
+def test_a_file_too_large_is_refused_without_being_read(router, data_package):
+    name, _, root = data_package
+    with open(root / name / "huge.bin", "wb") as f:  # sparse: 2 GiB that cost no disk
+        f.truncate(2 << 30)
+
+    def rss_kib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+    peak = rss_kib()
+    reply = router.context_by_id(0).send_await(mitogen.core.Message.pickled(
+        (name, "huge.bin"), handle=mitogen.resources.GET_RESOURCE))
+    assert reply[0] == "missing" and "is too large to send (2147483648 bytes" in reply[1]
+    assert rss_kib() - peak < 64 * 1024  # the peak RSS: reading it would add 2 GiB
