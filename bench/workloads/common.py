@@ -42,6 +42,7 @@ __all__ = [
     "fd_table",
     "live_children",
     "make_package",
+    "master_rss",
     "measure",
     "new_fds",
     "private_bytes",
@@ -104,6 +105,12 @@ def read_rss_bytes(pid: int) -> int:
                 kib = int(line.split()[1])
                 return kib * 1024
     raise RuntimeError(f"no VmRSS line in /proc/{pid}/status")
+
+
+def master_rss() -> int:
+    """This process's RSS after a garbage collection (cycles freed, not waiting for one)."""
+    gc.collect()
+    return read_rss_bytes(os.getpid())
 
 
 def private_bytes(pid: int) -> int:

@@ -14,7 +14,6 @@ the harness does not run them and the report marks them n/a.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import time
@@ -253,23 +252,23 @@ def memory(params: Dict[str, Any], rec: Recorder) -> None:
     def body(group: Any) -> None:
         first = _start_and_call(group)
         rss = [read_rss_bytes(first.call("getpid"))]
-        before = _master_rss()
+        before = common.master_rss()
         cycle = execnet.Group()
         kids = [_start_and_call(cycle) for _ in range(children)]
-        connected = _master_rss()
+        connected = common.master_rss()
         rss.extend(read_rss_bytes(kid.call("getpid")) for kid in kids)
         rec.samples("memory.child_rss", "B", rss)
         rec.value("memory.master_per_child", "B", (connected - before) / children)
         del kids
         cycle.terminate(timeout=60.0)
-        after_first = _master_rss()
+        after_first = common.master_rss()
         rec.value("memory.master_residual", "B", after_first - before)
         cycle = execnet.Group()
         for _ in range(children):
             _start_and_call(cycle)
         cycle.terminate(timeout=60.0)
         rec.value("memory.master_leak_per_child", "B",
-                  (_master_rss() - after_first) / children)
+                  (common.master_rss() - after_first) / children)
 
         def traced(pids: Any) -> None:
             third = execnet.Group()
@@ -281,11 +280,6 @@ def memory(params: Dict[str, Any], rec: Recorder) -> None:
                   common.bytes_kept_per_cycle(traced, children) / children)
 
     _with_group(body)
-
-
-def _master_rss() -> int:
-    gc.collect()
-    return read_rss_bytes(os.getpid())
 
 
 def scale(params: Dict[str, Any], rec: Recorder) -> None:
@@ -300,7 +294,7 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
         first = _start_and_call(group)
         common.check_memory_for(children, first.call("getpid"))
         with common.warm_pool(workers, lambda: None) as pool:
-            rss_before, fds_before = _master_rss(), common.fd_table()
+            rss_before, fds_before = common.master_rss(), common.fd_table()
             many = execnet.Group()
             elapsed, kids = measure(lambda: list(pool.map(lambda _: _start_and_call(many),
                                                           range(children))))
@@ -308,14 +302,14 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
             if len(set(pids)) != children:
                 raise RuntimeError(f"{children} children gave {len(set(pids))} distinct pids")
             rec.samples("scale.start", "s", [elapsed])
-            rss_connected = _master_rss()
+            rss_connected = common.master_rss()
             rec.value("scale.master_rss", "B", rss_connected)
             rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
             del kids
             rec.samples("scale.shutdown", "s", [timed(many.terminate, None)])
             deadline = time.monotonic() + reap_timeout
             common.wait_reaped(pids, deadline)
-            rec.value("scale.master_residual", "B", _master_rss() - rss_before)
+            rec.value("scale.master_residual", "B", common.master_rss() - rss_before)
         common.record_leftovers(rec, pids, fds_before, deadline)
 
     _with_group(body)

@@ -339,20 +339,20 @@ def memory(params: Dict[str, Any], rec: Recorder) -> None:
     def body(router: Any) -> None:
         first = _start_and_call(router)
         rss = [read_rss_bytes(first.call(os.getpid))]
-        before = _master_rss()
+        before = common.master_rss()
         ctxs = [_start_and_call(router) for _ in range(children)]
-        connected = _master_rss()
+        connected = common.master_rss()
         rss.extend(read_rss_bytes(ctx.call(os.getpid)) for ctx in ctxs)
         rec.samples("memory.child_rss", "B", rss)
         rec.value("memory.master_per_child", "B", (connected - before) / children)
         rec.info["threads"] = threading.active_count()
         _shutdown_all(ctxs, timeout=60.0)
         del ctxs
-        after_first = _master_rss()
+        after_first = common.master_rss()
         rec.value("memory.master_residual", "B", after_first - before)
         _shutdown_all([_start_and_call(router) for _ in range(children)], timeout=60.0)
         rec.value("memory.master_leak_per_child", "B",
-                  (_master_rss() - after_first) / children)
+                  (common.master_rss() - after_first) / children)
 
         def cycle(pids: Any) -> None:
             ctxs = [_start_and_call(router) for _ in range(children)]
@@ -364,11 +364,6 @@ def memory(params: Dict[str, Any], rec: Recorder) -> None:
                   common.bytes_kept_per_cycle(cycle, children) / children)
 
     _with_router(body)
-
-
-def _master_rss() -> int:
-    gc.collect()
-    return read_rss_bytes(os.getpid())
 
 
 def _shutdown_all(ctxs: List[Any], timeout: float) -> None:
@@ -417,7 +412,7 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
             del ctxs
             deadline = time.monotonic() + reap_timeout
             common.wait_reaped(pids, deadline)
-            rec.value("scale.master_residual", "B", _master_rss() - rss_before)
+            rec.value("scale.master_residual", "B", common.master_rss() - rss_before)
         common.record_leftovers(rec, pids, fds_before, deadline)
 
     _with_router(body)
