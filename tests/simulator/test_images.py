@@ -324,6 +324,21 @@ def sim(bookworm_tag: str):
             client.close()
 
 
+# Runs a command on a new pseudo-terminal that is its controlling tty, and exits
+# with its status. util-linux `script` did this before, but with no stdin (as
+# under `docker exec`) it sometimes never noticed its child had exited.
+ON_A_TTY = (
+    "python3 -c 'import os, pty, sys\n"
+    "pid, fd = pty.fork()\n"
+    "if not pid: os.execvp(\"sh\", [\"sh\", \"-c\", sys.argv[1]])\n"
+    "while True:\n"
+    "    try:\n"
+    "        if not os.read(fd, 4096): break\n"
+    "    except OSError: break\n"
+    "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))' '{command}'"
+)
+
+
 def sh(container: Any, script: str, user: str = "root") -> Any:
     """Run a shell snippet in the container (out of band, like the backend's checks)."""
     return container.exec_run(["su", "-s", "/bin/sh", "-c", script, user] if user != "root"
@@ -387,7 +402,7 @@ def test_every_sudo_mode_behaves_as_sudo_would(sim: Sim):
     assert sh(host, "echo pw_pw | sudo -S -p '' true", "pw").exit_code == 0
     assert sh(host, "echo target_pw | sudo -S -p '' true", "target").exit_code != 0
     assert sh(host, "echo root_pw | sudo -S -p '' true", "target").exit_code == 0
-    assert sh(host, "script -qec 'sudo -n true' /dev/null", "tty").exit_code == 0
+    assert sh(host, ON_A_TTY.format(command="sudo -n true"), "tty").exit_code == 0
     assert sh(host, "echo plain_pw | sudo -S -p '' true", "plain").exit_code != 0
 
 
