@@ -179,6 +179,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Bootstrap bytes", ("bootstrap.payload",),
            lambda k: "payload sent to a new child after its command line",
            Target("abs_le", 16 * 1024)),
+    Family("Bootstrap bytes", ("bootstrap.bytecode",),
+           lambda k: "core bytecode also sent to a child on this machine (no compile there)"),
     Family("Bootstrap bytes", ("bootstrap.boot_command",),
            lambda k: "boot command line, without the interpreter path"),
     Family("Memory", ("memory.child_rss",), lambda k: "RSS of a fresh idle child",

@@ -37,6 +37,7 @@ class Connection(mitogen.parent.Connection):
     name_prefix = "kubectl"
     child_is_immediate_subprocess = True
     eager_payload = False
+    sends_bytecode = False  # over the network, to a cluster
 
     def make_stream_name(self, pid: int) -> str:
         return "kubectl.%s" % (self.options.pod,)

@@ -8,13 +8,17 @@ bootstrap of a child goes like this (see "The UNIX First Stage"):
 2. The first stage forks. The original process re-executes Python with ``argv[0]`` naming the
    context and a pipe as stdin, from which the new interpreter reads its program: one line
    that imports the stdlib modules the core needs (this overlaps with the compile below) and
-   then loads a code object from fd 102. The forked half writes ``MITO000``, reads an
-   8-digit length and then exactly that many compressed bytes from the real stdin (so the
-   payload can be built while the child starts), inflates and compiles them while the new
-   interpreter is still starting up (so compiling costs no time on the critical path; both
-   run the same interpreter binary, so the bytecode always matches), writes the code object
-   onto fd 102 and the source onto fd 101 (so the context can later boot children of its own
-   without fetching the core again), writes ``MITO001`` and exits.
+   then loads two code objects from fd 102: the core's, then its configuration line's.
+   The forked half writes ``MITO000``, then reads from the real stdin (so the payload can
+   be built while the child starts) an 8-digit length and that many compressed bytes of
+   source, then another length and the core's compressed bytecode (length 0: none). It
+   inflates the source and, while the new interpreter is still starting up, compiles it,
+   unless the bytecode came with this interpreter's magic number: then only the last line
+   needs compiling. It writes the code objects onto fd 102 and the source onto fd 101 (so
+   the context can later boot children of its own without fetching the core again),
+   writes ``MITO001`` and exits. Compiling the core takes about 30 ms, longer than a bare
+   interpreter start, so for a child on this machine (see
+   :attr:`Connection.sends_bytecode`) the parent sends the bytecode it compiled once.
 3. The program is the minified :mod:`mitogen.core` plus one line calling
    :meth:`ExternalContext.main` with this context's configuration. The master keeps the
    minified, compressed core in a boot image beside the core's bytecode cache (see
@@ -201,7 +205,8 @@ if os.fork():
  os.execl(sys.executable,sys.executable+'(mitogen:'+sys.argv[2]+')','-S')
 os.close(R);os.close(r);os.close(Q)
 P=b"import marshal,_pickle,_socket,select,_signal,heapq,_struct,fcntl,zlib,threading,mmap;"
-os.write(W,P+b"exec(marshal.load(open(102,'rb')))");os.close(W)
+P+=b"\\nwith open(102,'rb') as _b:_c=marshal.load(_b),marshal.load(_b)\\nexec(_c[0]);exec(_c[1])"
+os.write(W,P);os.close(W)
 os.write(1,b'MITO000\\n')
 def G(n):
  C=b''
@@ -212,8 +217,13 @@ def G(n):
   C+=b
  return C
 C=zlib.decompress(G(int(G(8))))
-import marshal
-for f,D in(V,marshal.dumps(compile(C,'mitogen/core.py','exec'))),(w,C):
+n=int(G(8))
+K=zlib.decompress(G(n)) if n else b''
+import marshal,_frozen_importlib_external as X
+i=C.rindex(b'\\n',0,-1)+1
+if K[:4]==X.MAGIC_NUMBER:K=K[4:]
+else:K=marshal.dumps(compile(C[:i],'mitogen/core.py','exec'))
+for f,D in(V,K+marshal.dumps(compile(C[i:],'mitogen/core.py','exec'))),(w,C):
  with os.fdopen(f,'wb') as o:o.write(D)
 os.write(1,b'MITO001\\n')
 os._exit(0)
@@ -228,7 +238,7 @@ _core_lock = threading.Lock()
 _core_image: CoreImage | None = None
 
 #: First line of a cached boot image; the format's version is part of it.
-_IMAGE_MAGIC = b"mitogen-core-image 1"
+_IMAGE_MAGIC = b"mitogen-core-image 2"
 
 
 class CoreImage(NamedTuple):
@@ -238,17 +248,47 @@ class CoreImage(NamedTuple):
     deflate data may follow it, so each child's payload is this prefix plus its own
     compressed configuration line and the stream's checksum (see :func:`build_payload`).
     The prefix never depends on the child, so it can be computed once per installation.
+    `bytecode` is what the first stage of a child running a Python with this one's
+    bytecode magic number takes instead of compiling the source (see :func:`compile_core`);
+    empty until a child needs it, except in the master's cached image.
     """
 
     source: bytes
     compressed: bytes
     checksum: int  # adler32 of `source`, the running value the payload's checksum continues
+    bytecode: bytes = b""
 
     @classmethod
     def from_source(cls, source: bytes) -> CoreImage:
         compressor = zlib.compressobj(9)
         compressed = compressor.compress(source) + compressor.flush(zlib.Z_FULL_FLUSH)
         return cls(source, compressed, zlib.adler32(source))
+
+
+def compile_core(source: bytes) -> bytes:
+    """The core's code as the first stage takes it: this Python's bytecode magic number,
+    then the marshalled code object, compressed.
+
+    Compiled as the first stage compiles it (same file name, no inherited ``__future__``
+    flags, no optimisation), so a child runs the same code either way.
+    """
+    import importlib.util
+    import marshal
+
+    code = compile(source, "mitogen/core.py", "exec", dont_inherit=True, optimize=0)
+    return zlib.compress(importlib.util.MAGIC_NUMBER + marshal.dumps(code), 6)
+
+
+def get_core_bytecode() -> bytes:
+    """This process's :attr:`CoreImage.bytecode`, compiled on first use (a context that
+    starts children of its own pays that once, rather than each of its children)."""
+    global _core_image
+    image = get_core_image()
+    if not image.bytecode:
+        bytecode = compile_core(image.source)
+        with _core_lock:
+            _core_image = image = image._replace(bytecode=bytecode)
+    return image.bytecode
 
 
 def _find_importer() -> Any:
@@ -299,6 +339,7 @@ def _master_core_image() -> CoreImage:
     minify = importlib.import_module("mitogen.minify")
     minified = minify.for_boot(original.decode("utf-8"))
     image = CoreImage.from_source(minified.rstrip("\n").encode("utf-8") + b"\n")
+    image = image._replace(bytecode=compile_core(image.source))
     if sys.dont_write_bytecode:
         # No file beside the sources, as for bytecode; the user's own cache still saves
         # every later master the minifying (a few hundred ms: it parses the core twice).
@@ -309,12 +350,16 @@ def _master_core_image() -> CoreImage:
 
 def _image_key(original: bytes) -> str:
     """Names what the cached image was made from: the core's text, the minifier's, and the
-    Python that parsed them. Two zlib checksums rather than a hashlib digest: importing
-    hashlib would cost the first child more than reading the cache saves."""
+    Python that parsed them and whose bytecode it holds (its magic number). Two zlib
+    checksums rather than a hashlib digest: importing hashlib would cost the first child
+    more than reading the cache saves."""
+    import importlib.util
+
     with open(os.path.join(os.path.dirname(mitogen.core.__file__), "minify.py"), "rb") as f:
         text = original + b"\0" + f.read()
-    return "%08x%08x%d-py%d.%d" % (zlib.crc32(text), zlib.adler32(text), len(text),
-                                   *sys.version_info[:2])
+    return "%08x%08x%d-py%d.%d-%s" % (zlib.crc32(text), zlib.adler32(text), len(text),
+                                      *sys.version_info[:2],
+                                      importlib.util.MAGIC_NUMBER.hex())
 
 
 def _image_cache_paths(core_path: str, key: str) -> list:
@@ -341,14 +386,25 @@ def _private_dir(path: str) -> bool:
 
 
 def _read_cached_image(path: str, key: str) -> CoreImage | None:
-    """The image cached at `path` if it was made from the same code and is intact."""
+    """The image cached at `path` if it was made from the same code and is intact.
+
+    The file: a header line (format, key, the source's adler32, the bytecode's length and
+    adler32), the compressed source, then the compressed bytecode.
+    """
     try:
         with open(path, "rb") as f:
-            header, _, compressed = f.read().partition(b"\n")
+            header, _, body = f.read().partition(b"\n")
     except OSError:
         return None
     fields = header.split(b" ")
-    if len(fields) != 4 or b" ".join(fields[:2]) != _IMAGE_MAGIC or fields[2] != key.encode():
+    if len(fields) != 6 or b" ".join(fields[:2]) != _IMAGE_MAGIC or fields[2] != key.encode():
+        return None
+    try:
+        cut = len(body) - int(fields[4])
+    except ValueError:
+        return None
+    compressed, bytecode = body[:cut], body[cut:]
+    if not 0 < cut < len(body) or fields[5] != b"%d" % (zlib.adler32(bytecode),):
         return None
     try:
         source = zlib.decompressobj().decompress(compressed)
@@ -357,19 +413,20 @@ def _read_cached_image(path: str, key: str) -> CoreImage | None:
     checksum = zlib.adler32(source)
     if fields[3] != b"%d" % (checksum,):
         return None
-    return CoreImage(source, compressed, checksum)
+    return CoreImage(source, compressed, checksum, bytecode)
 
 
 def _write_cached_image(path: str, key: str, image: CoreImage) -> bool:
     """Best effort and atomic, as Python writes a ``.pyc``; True if it was written."""
-    header = b"%s %s %d\n" % (_IMAGE_MAGIC, key.encode(), image.checksum)
+    header = b"%s %s %d %d %d\n" % (_IMAGE_MAGIC, key.encode(), image.checksum,
+                                    len(image.bytecode), zlib.adler32(image.bytecode))
     tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(header + image.compressed)
+                f.write(header + image.compressed + image.bytecode)
             os.replace(tmp, path)
         except OSError:
             os.unlink(tmp)
@@ -946,6 +1003,12 @@ class Connection:
     #: Whether the process started is the child's Python itself (else a wrapper: ssh,
     #: sudo, docker exec, ...).
     child_is_immediate_subprocess = True
+    #: Whether the payload carries the core's bytecode as well as its source (about 58
+    #: KiB more): a child whose Python has this one's bytecode magic number then skips
+    #: compiling the core, 30 ms on the critical path of its start; any other compiles the
+    #: source as before. For children on this machine, where bytes cost next to nothing;
+    #: not over a network (ssh, kubectl).
+    sends_bytecode = True
     #: Keyword arguments for create_child(): stderr on a pipe of its own, read for
     #: diagnosis while the child boots.
     create_child_args: dict = {"stderr_pipe": True}
@@ -994,11 +1057,13 @@ class Connection:
 
     def get_preamble(self) -> bytes:
         """The compressed program for this connection's context. It is sent after MITO000,
-        preceded by its length as 8 ASCII digits."""
+        preceded by its length as 8 ASCII digits, and followed by the core's bytecode
+        likewise (length 0 where :attr:`sends_bytecode` is false)."""
         if not self.payload:
             preamble = build_payload(self.get_econtext_config())
-            self.payload = b"%08d" % (len(preamble),) + preamble
-        return self.payload[8:]
+            bytecode = get_core_bytecode() if self.sends_bytecode else b""
+            self.payload = b"%08d%s%08d%s" % (len(preamble), preamble, len(bytecode), bytecode)
+        return self.payload[8:8 + int(self.payload[:8])]
 
     def get_econtext_config(self) -> dict:
         """The configuration the child's ExternalContext.main() starts with."""
@@ -1203,7 +1268,7 @@ class Connection:
         self._done = True
         if self._timer is not None:
             self._timer.cancel()
-        self.payload = b""  # 15 KiB a child, of no more use
+        self.payload = b""  # 16-74 KiB a child, of no more use
         if self._boot is not None:
             self._boot.release(self.broker)
             self._boot = None

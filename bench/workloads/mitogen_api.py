@@ -297,7 +297,8 @@ def _remote_import_in(root: Path, rec: Recorder) -> None:
 
 
 def bootstrap(params: Dict[str, Any], rec: Recorder) -> None:
-    """Bytes a new child needs: the boot command line and the payload sent after it.
+    """Bytes a new child needs: the boot command line and the payload sent after it (and,
+    where the library sends it, the core's bytecode a child on this machine gets as well).
 
     Built the way the library builds them for a real ``local()`` child, through its
     ``Connection``; the command is counted without the interpreter path (which varies by
@@ -319,6 +320,8 @@ def bootstrap(params: Dict[str, Any], rec: Recorder) -> None:
         if missing is not None:
             raise missing
         rec.value("bootstrap.payload", "B", len(preamble))
+        if getattr(conn, "sends_bytecode", False):  # ours, to a child on this machine
+            rec.value("bootstrap.bytecode", "B", len(mitogen.parent.get_core_bytecode()))
 
     _with_router(body)
 

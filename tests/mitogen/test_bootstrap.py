@@ -102,6 +102,7 @@ def test_boot_image_falls_back_to_a_private_user_cache(tmp_path, monkeypatch):
     b"",
     b"garbage",
     b"mitogen-core-image 1 0123 5\nnot zlib",
+    b"mitogen-core-image 2 0123 5 -3 1\nnot zlib",
 ])
 def test_stale_or_damaged_boot_image_is_rebuilt(tmp_path, monkeypatch, content):
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
@@ -109,16 +110,25 @@ def test_stale_or_damaged_boot_image_is_rebuilt(tmp_path, monkeypatch, content):
     cache.write_bytes(content)
     image = _fresh_image(monkeypatch, cache)
     assert image.source == mitogen.parent.get_core_source()
-    assert cache.read_bytes().startswith(b"mitogen-core-image 1 ")
+    assert cache.read_bytes().startswith(b"mitogen-core-image 2 ")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_boot_image_with_a_wrong_checksum_is_rebuilt(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["source checksum", "bytecode checksum",
+                                    "bytecode length", "truncated"])
+def test_boot_image_with_a_wrong_checksum_is_rebuilt(tmp_path, monkeypatch, damage):
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     cache = tmp_path / "core.boot-image"
     good = _fresh_image(monkeypatch, cache)
+    assert good.bytecode
     header, _, body = cache.read_bytes().partition(b"\n")
-    cache.write_bytes(header[: header.rindex(b" ")] + b" 12345\n" + body)
+    fields = header.split(b" ")
+    if damage == "truncated":
+        cache.write_bytes(header + b"\n" + body[:-1])
+    else:
+        index = {"source checksum": 3, "bytecode length": 4, "bytecode checksum": 5}[damage]
+        fields[index] = b"%d" % (int(fields[index]) + 1,)
+        cache.write_bytes(b" ".join(fields) + b"\n" + body)
     assert _fresh_image(monkeypatch, cache) == good
     assert cache.read_bytes() == header + b"\n" + body
 
@@ -130,7 +140,7 @@ def test_with_bytecode_writing_off_the_image_goes_to_the_user_cache_only(tmp_pat
     image = _fresh_image(monkeypatch, beside / "core.boot-image", user / "core.boot-image")
     assert image.source == mitogen.parent.get_core_source()
     assert not beside.exists()
-    assert (user / "core.boot-image").read_bytes().startswith(b"mitogen-core-image 1 ")
+    assert (user / "core.boot-image").read_bytes().startswith(b"mitogen-core-image 2 ")
 
 
 def test_unwritable_boot_image_cache_is_ignored(tmp_path, monkeypatch):
@@ -155,6 +165,63 @@ def test_first_stage_preimports_only_what_the_core_imports():
                 for alias in node.names}
     assert len(preloaded) > 5
     assert set(preloaded) <= imported, set(preloaded) - imported
+
+
+def _run_first_stage(payload: bytes) -> subprocess.CompletedProcess:
+    """The boot command without a parent: the payload goes in once MITO000 is out."""
+    options = mitogen.parent.Options(max_message_size=1 << 20, name="first-stage-test")
+    argv = mitogen.parent.Connection(options, router=_NoRouter()).get_boot_command()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == mitogen.parent.BOOT_START
+    out, err = proc.communicate(payload, timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _first_stage_payload(source: bytes, bytecode_source: bytes | None,
+                         magic: bytes = b"") -> bytes:
+    """Source and bytecode in the payload's framing; the last source line always runs."""
+    import importlib.util
+    import marshal
+
+    bytecode = b""
+    if bytecode_source is not None:
+        code = compile(bytecode_source, "mitogen/core.py", "exec", dont_inherit=True)
+        bytecode = zlib.compress((magic or importlib.util.MAGIC_NUMBER) + marshal.dumps(code))
+    compressed = zlib.compress(source)
+    return b"%08d%s%08d%s" % (len(compressed), compressed, len(bytecode), bytecode)
+
+
+@pytest.mark.parametrize("bytecode_source,magic,expected", [
+    (None, b"", b"source"),
+    (b"WHERE = 'bytecode'\n", b"", b"bytecode"),
+    (b"WHERE = 'bytecode'\n", b"\0\0\r\n", b"source"),  # another Python's magic number
+])
+def test_first_stage_runs_the_bytecode_only_with_its_own_magic_number(bytecode_source,
+                                                                      magic, expected):
+    """The core's bytecode replaces compiling its source, in a Python with the same magic
+    number only; the configuration line is compiled and run either way."""
+    source = b"WHERE = 'source'\nimport os; os.write(1, WHERE.encode())\n"
+    done = _run_first_stage(_first_stage_payload(source, bytecode_source, magic))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == mitogen.parent.BOOT_DONE + expected, done.stdout
+
+
+def test_children_on_this_machine_get_bytecode_and_ssh_children_do_not():
+    import mitogen.ssh
+
+    options = mitogen.parent.Options(max_message_size=1 << 20, name="payload-test")
+    local = mitogen.parent.Connection(options, router=_NoRouter())  # type: ignore[arg-type]
+    local.get_econtext_config = lambda: {"context_id": 5, "parent_ids": [0]}
+    preamble = local.get_preamble()
+    size = len(preamble)
+    assert local.payload[:8 + size] == b"%08d" % (size,) + preamble
+    bytecode = local.payload[16 + size:]
+    assert int(local.payload[8 + size:16 + size]) == len(bytecode) > 16 * 1024
+    assert bytecode == mitogen.parent.get_core_bytecode()
+    assert mitogen.parent.Connection.sends_bytecode
+    assert not mitogen.ssh.Connection.sends_bytecode
 
 
 def test_minified_core_keeps_line_numbers():
