@@ -60,8 +60,12 @@ import subprocess
 import sys
 import termios
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+# Names for annotations only: importing typing (and dataclasses, which imports inspect and
+# ast) would take a third of the relay's start, paid once per link of a tree.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 __all__ = [
     "DIRECTIONS",
@@ -127,16 +131,22 @@ class RelayControlError(RelayError):
 # -------------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class LinkSettings:
-    """How one direction of a link behaves when no fault is active."""
+class LinkSettings(collections.namedtuple("LinkSettings", "latency jitter bandwidth",
+                                           defaults=(0.0, 0.0, None))):
+    """How one direction of a link behaves when no fault is active: latency and jitter in
+    seconds, bandwidth in bytes per second (None: no cap)."""
 
-    latency: float = 0.0
-    jitter: float = 0.0
-    bandwidth: Optional[float] = None  # bytes per second; None means no cap
+    __slots__ = ()
+    latency: float
+    jitter: float
+    bandwidth: Optional[float]
 
     def as_dict(self) -> Dict[str, Any]:
         return {"latency": self.latency, "jitter": self.jitter, "bandwidth": self.bandwidth}
+
+
+#: A link direction with no latency, jitter or cap.
+NO_SHAPING = LinkSettings()
 
 
 def _is_number(value: Any) -> bool:
@@ -177,7 +187,7 @@ def updated_settings(base: LinkSettings, changes: Dict[str, Any]) -> LinkSetting
         values["jitter"] = _seconds("jitter", changes["jitter"])
     if "bandwidth" in changes:
         values["bandwidth"] = _bandwidth(changes["bandwidth"])
-    return replace(base, **values)
+    return base._replace(**values)
 
 
 def directions_of(value: Any) -> Tuple[str, ...]:
@@ -204,7 +214,8 @@ def format_address(host: str, port: int) -> str:
 
 # --------------------------------------------------------------------------- OS primitives
 
-Callback = Callable[[], None]
+if TYPE_CHECKING:
+    Callback = Callable[[], None]
 
 
 class Interests:
@@ -1137,22 +1148,32 @@ class ControlServer:
 # ------------------------------------------------------------------------------ the relay
 
 
-@dataclass
 class Options:
     """Everything the command line decides; see ``parse_options``."""
 
-    mode: str  # "exec", "connect" (stdio <-> TCP) or "listen" (TCP <-> TCP)
-    command: List[str]
-    connect: Optional[Tuple[str, int]] = None
-    listen: Optional[Tuple[str, int]] = None
-    upstream: LinkSettings = LinkSettings()
-    downstream: LinkSettings = LinkSettings()
-    seed: Optional[int] = None
-    control: Optional[str] = None
-    max_queue: int = DEFAULT_MAX_QUEUE
-    linger: float = DEFAULT_LINGER
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    once: bool = False
+    def __init__(self, mode: str, command: List[str],
+                 connect: Optional[Tuple[str, int]] = None,
+                 listen: Optional[Tuple[str, int]] = None,
+                 upstream: LinkSettings = NO_SHAPING,
+                 downstream: LinkSettings = NO_SHAPING,
+                 seed: Optional[int] = None, control: Optional[str] = None,
+                 max_queue: int = DEFAULT_MAX_QUEUE, linger: float = DEFAULT_LINGER,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, once: bool = False) -> None:
+        self.mode = mode  # "exec", "connect" (stdio <-> TCP) or "listen" (TCP <-> TCP)
+        self.command = command
+        self.connect = connect
+        self.listen = listen
+        self.upstream = upstream
+        self.downstream = downstream
+        self.seed = seed
+        self.control = control
+        self.max_queue = max_queue
+        self.linger = linger
+        self.connect_timeout = connect_timeout
+        self.once = once
+
+    def __repr__(self) -> str:
+        return "Options(%s)" % ", ".join("%s=%r" % item for item in vars(self).items())
 
 
 class Relay:
