@@ -1,6 +1,6 @@
 """A/B of two commits of this project on the bench's own workload scripts, in one run.
 
-``python bench/ab.py BASE [NEW] [--reps N] [--only roundtrip,throughput,cold_start]``
+``python bench/ab.py BASE [NEW] [--reps N] [--only roundtrip,throughput,cold_start,remote_import]``
 
 Each commit is exported with ``git archive`` and installed (not editable, without its
 dependencies: the workloads need only the package) into a virtual environment of its own
@@ -41,6 +41,7 @@ PLANS: Dict[str, dict] = {
     "roundtrip": {"warmup": 500, "calls": 5000},
     "throughput": {"small_bytes": MIB, "small_count": 64, "big_bytes": 64 * MIB},
     "cold_start": {"later_children": 2},
+    "remote_import": {},
 }
 
 
