@@ -545,7 +545,8 @@ def shorten_locals(source: str) -> str:
     """`source` with the local variables of its functions renamed to one or two letters.
 
     About 2% of the compressed core. Lines and columns of statements do not move (names only
-    get shorter), parameters keep their names (callers may pass them by keyword), and a
+    get shorter), parameters keep their names (callers may pass them by keyword) but a
+    method's ``self`` or ``cls`` (2% more), and a
     function is left as it is when renaming could change what it does: one that defines a
     class, uses ``global``/``nonlocal``, an f-string or a call that reads locals by name.
     Variables of nested functions are renamed within their own function; a variable that a
@@ -559,9 +560,10 @@ def shorten_locals(source: str) -> str:
 def _shorten(tree: ast.Module, lines: List[str]) -> None:
     renames: dict = {}  # (row, byte column) of a Name -> (old, new)
     keep = _module_imports(tree)
+    methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            renames.update(_local_renames(node, lines, keep))
+            renames.update(_local_renames(node, lines, keep, id(node) in methods))
     for (row, byte_col), (old, new) in sorted(renames.items(), reverse=True):
         line = lines[row - 1]
         col = len(line.encode("utf-8")[:byte_col].decode("utf-8"))  # ast counts UTF-8 bytes
@@ -609,10 +611,11 @@ def _module_imports(tree: ast.Module) -> set:
 
 
 def _local_renames(func: ast.FunctionDef | ast.AsyncFunctionDef, source_lines: List[str],
-                   keep: set) -> dict:
+                   keep: set, method: bool = False) -> dict:
     """{(row, col): (old, new)} for each Name node of `func`'s renamable locals: variables
     it binds that are not parameters and that no nested scope mentions (those would be
-    closure cells, whose order in the code object follows their names)."""
+    closure cells, whose order in the code object follows their names). In a method, the
+    first parameter too when it is ``self`` or ``cls``: nobody passes those by keyword."""
     own, nested = _own_nodes(func)
     if any(isinstance(n, (ast.ClassDef, ast.Global, ast.Nonlocal, ast.JoinedStr))
            or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
@@ -635,10 +638,19 @@ def _local_renames(func: ast.FunctionDef | ast.AsyncFunctionDef, source_lines: L
                          if len(name) > 2), key=lambda name: (-counts.get(name, 0), name))
     short = (s for s in _short_names() if s not in used and s not in keep)
     mapping = {name: next(short) for name in candidates}
+    first = [*args.posonlyargs, *args.args][:1]
+    receiver = first[0] if method and first and first[0].arg in ("self", "cls") else None
+    if receiver is not None and receiver.arg not in mentioned_inside and \
+            _RECEIVER not in used and _RECEIVER not in keep:
+        mapping[receiver.arg] = _RECEIVER
+    else:
+        receiver = None
     renames = {}
     for node in own:
         if isinstance(node, ast.Name) and node.id in mapping:
             renames[(node.lineno, node.col_offset)] = (node.id, mapping[node.id])
+    if receiver is not None and receiver.arg in mapping:
+        renames[(receiver.lineno, receiver.col_offset)] = (receiver.arg, mapping[receiver.arg])
     for handler in handlers:
         if handler.name in mapping:
             renames[_handler_name_position(handler, source_lines)] = (
@@ -661,8 +673,13 @@ def _handler_name_position(handler: ast.ExceptHandler, lines: List[str]) -> tupl
     return row, match.end() - len(name)
 
 
+#: What a method's ``self`` or ``cls`` becomes: one name in every method, which compresses
+#: far better than whichever letter each method has free; never given to another local.
+_RECEIVER = "s"
+
+
 def _short_names():
-    letters = "abcdefghijklmnopqrstuvwxyz"
+    letters = "abcdefghijklmnopqrstuvwxyz".replace(_RECEIVER, "")
     yield from letters
     for first in letters:
         for second in letters:
