@@ -2509,10 +2509,10 @@ class Importer:
         if parent:
             if parent == 'mitogen':
                 return True
-            if parent not in self._cache:
-                return False
-            entry = self._cache[parent]
-            return isinstance(entry, tuple) and fullname in (entry[0] or ())
+            entry = self._cache.get(parent)
+            # Ours only below a package we loaded: a local one may have a copy cached too.
+            return isinstance(entry, tuple) and fullname in (entry[0] or ()) and \
+                getattr(sys.modules.get(parent), '__loader__', None) is self
         if fullname == '__main__':
             return True
         if fullname in getattr(sys, 'stdlib_module_names', ()):

@@ -188,6 +188,20 @@ def test_a_package_in_the_childs_site_packages_is_imported_there(router):
     assert child.call(eval, probe) is True
 
 
+def test_a_local_package_with_a_copy_cached_imports_its_own_submodules(router):
+    """A context may hold a parent's copy of a package it also has itself (an intermediate
+    keeps what it forwards to its children). The local package wins, and its submodules come
+    from the same place, never from the cached copy."""
+    import hypothesis.strategies
+
+    child = router.local()
+    assert child.call(funcs.fetch_copy, "hypothesis")  # cached, not imported
+    path = child.call(eval, "__import__('hypothesis.strategies').strategies.__file__")
+    assert path == hypothesis.strategies.__file__
+    assert child.call(funcs.module_file, "hypothesis._native") == \
+        sys.modules["hypothesis._native"].__file__
+
+
 def test_namespace_package_and_zip_module(router, tmp_path, monkeypatch):
     ns = packages.unique_name("nspkg")
     (tmp_path / ns).mkdir()

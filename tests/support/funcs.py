@@ -204,6 +204,12 @@ def fetched(fullname):
     return _importer().get_cached(fullname) is not None
 
 
+def fetch_copy(fullname):
+    """Have this context's importer fetch `fullname` from its parent without importing it,
+    as an intermediate does for its children; whether a copy is now cached."""
+    return isinstance(_importer()._fetch(fullname), tuple)
+
+
 def arrived_as_code(fullname):
     """Whether `fullname` reached this context's importer as a code object (so it was not
     compiled here)."""
