@@ -920,17 +920,19 @@ class ResourceResponder:
             return ("dir", sorted(child.name for child in target.iterdir()))
         if not target.is_file():
             return ("missing", "%s does not exist in the master" % (where,))
-        # The size first where the file can say it: a request of a few bytes must not make
-        # the master read a gigabyte only to refuse it.
-        if hasattr(target, "stat"):
-            data, size = None, target.stat().st_size
-        else:
-            data = target.read_bytes()
+        # The size first where the file can say it, and never a read past what a reply may
+        # hold (the file may grow meanwhile): a request of a few bytes must not make the
+        # master read a gigabyte only to refuse it.
+        limit = self._router.max_message_size - 1024
+        size = target.stat().st_size if hasattr(target, "stat") else 0
+        if size <= limit:
+            with target.open("rb") as f:
+                data = f.read(limit + 1)
             size = len(data)
-        if size + 1024 > self._router.max_message_size:
+        if size > limit:
             return ("missing", "%s is too large to send (%d bytes; max_message_size is %d)"
                     % (where, size, self._router.max_message_size))
-        return ("file", target.read_bytes() if data is None else data)
+        return ("file", data)
 
     @staticmethod
     def _root(fullname: str) -> Any:
