@@ -22,6 +22,7 @@ import pytest
 
 from bench import goals, report, run
 from bench.workloads import common
+from tests.support.waiting import wait_for
 
 WORKLOADS = Path(run.__file__).resolve().parent / "workloads"
 MIB = 1 << 20
@@ -120,9 +121,7 @@ def test_an_interrupted_harness_kills_the_running_job_and_its_children(tmp_path)
          f" cwd=Path({str(tmp_path)!r}))\n"],
         cwd=Path(run.__file__).resolve().parent.parent)
     try:
-        deadline = time.monotonic() + 60
-        while not pid_file.exists() and harness.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # polls for the job's grandchild to exist
+        wait_for(lambda: pid_file.exists() or harness.poll() is not None, timeout=60)
         assert pid_file.exists(), "the job never started its child"
         harness.send_signal(signal.SIGTERM)
         assert harness.wait(timeout=30) == 128 + signal.SIGTERM

@@ -25,6 +25,7 @@ from simulator.ownership import LABEL_RUN
 from simulator.swarmbackend import NodeInfo, SwarmBackend, place
 from simulator.topology import parse_topology
 from tests.support import funcs
+from tests.support.waiting import wait_for
 
 TREE = {
     "version": 1,
@@ -255,9 +256,7 @@ def test_a_tree_over_three_nodes_survives_faults_there_and_a_node_killed():
             return [n for names in _resources(lab, run).values() for n in names
                     if n not in backend.left]
 
-        deadline = time.monotonic() + 30
-        while unreported() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: not unreported(), timeout=30, interval=0.5)
         left = _resources(lab, run)
         assert left.keys() == {1, 2, 3} - {victim}
         assert not unreported(), left
