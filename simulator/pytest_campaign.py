@@ -113,9 +113,10 @@ class CampaignPlugin:
     def __init__(self, topology_of: Callable[[pytest.Config], Optional[Topology]]) -> None:
         self._topology_of = topology_of
 
-    def pytest_ignore_collect(self, collection_path: Any) -> bool:
-        """No test file is read: importing a suite only to drop it takes seconds."""
-        return collection_path.is_file()
+    def pytest_ignore_collect(self, collection_path: Any) -> Optional[bool]:
+        """No test file is read: importing a suite only to drop it takes seconds. Directories
+        are left to pytest's own rules (``--ignore``, ``norecursedirs``, virtualenvs)."""
+        return True if collection_path.is_file() else None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import mitogen.core
 from simulator import probes
 from simulator.history import History
+from simulator.local import _pid_alive
 from simulator.topology import Topology
 
 __all__ = ["ContextHook", "Target", "Workload"]
@@ -134,8 +135,9 @@ class Workload:
 
     def on_start(self, host_id: str) -> None:
         """The backend's hook: probes into a host's new contexts, before anything else."""
-        if self._ack is None:
-            self.watch_master()
+        with self._lock:  # roots start on several build threads at once
+            if self._ack is None:
+                self.watch_master()
         host = self.topology.host(host_id)
         for account in [None, *(a.name for a in host.accounts if a.name != host.login)]:
             context = self.backend.context(host_id, account)
@@ -183,10 +185,14 @@ class Workload:
                 return
             target = order[turn % len(order)]
             kind = rng.choice(kinds)
-            if kind == "channel":
-                self._channel(target, next(partners[target]))
-            else:
-                self._call(kind, target, "load", rng)
+            try:
+                if kind == "channel":
+                    self._channel(target, next(partners[target]))
+                else:
+                    self._call(kind, target, "load", rng)
+            except Exception as exc:  # a load thread that died would thin the load unseen
+                self.history.record("workload_error", op_kind=kind, host=target[0],
+                                    account=target[1], error=f"{type(exc).__name__}: {exc}")
             self._stop.wait(self.pace)
 
     def _describe(self, target: Target) -> Tuple[mitogen.core.Context, Dict[str, Any]]:
@@ -236,8 +242,19 @@ class Workload:
             token = op
             fn, args = probes.whoami, (op,)
         self.history.op_start(op, kind, phase, dst, self._paths[target[0]])
-        recv = context.call_async(fn, *args)
+        recv = self._started(op, target, lambda: context.call_async(fn, *args))
         return op, recv, target, token, time.monotonic(), self._note_arrival(recv)
+
+    def _started(self, op: int, target: Target,
+                 send: Callable[[], mitogen.core.Receiver]) -> mitogen.core.Receiver:
+        """``send()``, the op ended as an error if it raises: an op that started never
+        stays open in the history (the checker would call it hung)."""
+        try:
+            return send()
+        except Exception as exc:
+            self.history.op_end(op, "error", error=f"{type(exc).__name__}: {exc}",
+                                host=target[0], account=target[1])
+            raise
 
     @staticmethod
     def _note_arrival(recv: mitogen.core.Receiver) -> List[float]:
@@ -294,8 +311,8 @@ class Workload:
         self.history.op_start(op, "channel", phase, src, self._paths[source[0]], to=dst)
         self.history.record("channel", op=op, count=self.messages, path=path,
                             host=dst["host"], account=dst["account"])
-        recv = src_context.call_async(probes.channel_send, sink, op, dst["context_id"],
-                                      self.messages)
+        recv = self._started(op, source, lambda: src_context.call_async(
+            probes.channel_send, sink, op, dst["context_id"], self.messages))
         return op, recv, source, self.messages, time.monotonic(), self._note_arrival(recv)
 
     # -- after the faults --------------------------------------------------------------------
@@ -339,7 +356,7 @@ class Workload:
                 recv.close()
         dead = sorted(int(e["context_id"]) for e in self.history.events()
                       if e.get("kind") == "build" and e.get("pid") is not None
-                      and not _running(int(e["pid"])))
+                      and not _pid_alive(int(e["pid"])))
         return self.history.record("campaign", action="collect", current=current, dead=dead)
 
     def close(self) -> None:
@@ -349,12 +366,3 @@ class Workload:
         for name in [n for n in sys.modules if n.split(".")[0] == self._package]:
             del sys.modules[name]
         shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    """True for a process that has not ended (a stopped one still runs; a zombie ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stream:
-            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
