@@ -286,7 +286,8 @@ METHODS = """\
   seconds of the master (every thread) and of every descendant, reaped (the workload is a
   child subreaper, so that grandchildren are counted too), from before the router exists to
   after it has shut down, divided by N; the intermediate's own CPU is included. The bare
-  interpreter start's CPU is measured the same way (`RUSAGE_CHILDREN`).
+  interpreter start's CPU is measured the same way (this process and the interpreter it
+  waited for: its own share is the fork, exec and wait, as a master's is for a child).
 - Remote import: a fresh child per variant, time of its first call into the package and the
   change in `router.get_stats()['get_module_count']`.
 - Bootstrap bytes: Mitogen-API implementations through `mitogen.parent.Connection`

@@ -252,14 +252,20 @@ def _kill_user_processes(uid: int) -> None:
 
 
 def _account_tool(*argv: str) -> None:
-    """Run useradd/userdel, retrying while another process holds the account files' lock."""
+    """Run useradd/userdel, retrying while another process holds the account files' lock,
+    or (userdel) while a process of the account, just killed, has not gone yet."""
     for attempt in range(20):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                  check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise SshdUnavailable(f"{argv[0]} {argv[-1]} did not finish in 60 s") from exc
         if done.returncode == 0:
             return
-        if "lock" not in done.stderr.lower():
+        stderr = done.stderr.lower()
+        if "lock" not in stderr and "currently used" not in stderr:
             break
-        time.sleep(0.1 * (attempt + 1))  # another engineer's useradd: nothing to wait on
+        time.sleep(0.1 * (attempt + 1))  # another's lock, a dying process: nothing to wait on
     raise SshdUnavailable(f"{' '.join(argv[:1])} {argv[-1]} failed (exit {done.returncode}): "
                           f"{done.stderr.strip()[-300:]}")
 
@@ -307,8 +313,14 @@ def _accounts(count: int, homes: Path) -> Iterator[Tuple[str, ...]]:
             os.chown(homes / name, entry.pw_uid, entry.pw_gid)
         yield tuple(created)
     finally:
-        for name in created:
-            _remove_account(name)
+        failures = []
+        for name in created:  # every one, even after one fails
+            try:
+                _remove_account(name)
+            except SshdUnavailable as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 @contextlib.contextmanager

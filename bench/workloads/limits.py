@@ -112,7 +112,8 @@ class Peer:
 
 def interpreter_start(params: Dict[str, Any], rec: Recorder) -> None:
     """``python -I -S -c pass``: the floor of any cold start on this machine, in wall time and
-    in CPU seconds (user + system of the waited-for interpreter)."""
+    in CPU seconds (user + system of the waited-for interpreter and of this process starting
+    and waiting for it, as a fan-out's CPU per child counts the master's share too)."""
     runs = int(params.get("starts", 15))
     argv = [sys.executable, "-I", "-S", "-c", "pass"]
     walls, cpus = [], []

@@ -396,8 +396,7 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
         first = _start_and_call(router)
         common.check_memory_for(children, first.call(os.getpid))
         with common.warm_pool(workers, _getpid_of(first)) as pool:
-            gc.collect()
-            rss_before, fds_before = read_rss_bytes(os.getpid()), common.fd_table()
+            rss_before, fds_before = common.master_rss(), common.fd_table()
 
             def one(_: int) -> Any:
                 return _start_and_call(router, connect_timeout=connect_timeout)
@@ -407,8 +406,7 @@ def scale(params: Dict[str, Any], rec: Recorder) -> None:
             if len(set(pids)) != children:
                 raise RuntimeError(f"{children} children gave {len(set(pids))} distinct pids")
             rec.samples("scale.start", "s", [elapsed])
-            gc.collect()
-            rss_connected = read_rss_bytes(os.getpid())
+            rss_connected = common.master_rss()
             rec.value("scale.master_rss", "B", rss_connected)
             rec.value("scale.master_per_child", "B", (rss_connected - rss_before) / children)
             rec.samples("scale.shutdown", "s", [timed(_shutdown_all, ctxs, connect_timeout)])

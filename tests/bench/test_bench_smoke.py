@@ -490,6 +490,26 @@ def test_a_difference_below_the_runs_noise_is_not_judged():
     # A fixed bound of 0 is a bound, not noise.
     clean = goals.Verdict(by_key[("scale.left_behind", "fixed")], "count", 0, 0, None, ())
     assert clean.status() == "met"
+    # Memory given back after a disconnect (a negative residual) meets a fixed bound.
+    residual = goals.Verdict(by_key[("memory.master_residual", "fixed")], "B", -4096.0,
+                             4096.0, None, ())
+    assert residual.met is True and residual.status() == "met"
+
+
+def test_account_removal_waits_for_the_accounts_last_process(monkeypatch):
+    """userdel refuses while a process of the account still exists (one just killed may
+    take a moment to go): that is retried, like a held lock, not turned into a failure."""
+    from bench import sshd
+
+    answers = [subprocess.CompletedProcess([], 8, "", "userdel: user x is currently used by "
+                                                     "process 4242\n"),
+               subprocess.CompletedProcess([], 0, "", "")]
+    calls = []
+    monkeypatch.setattr(sshd.subprocess, "run",
+                        lambda argv, **kw: calls.append(argv) or answers.pop(0))
+    monkeypatch.setattr(sshd.time, "sleep", lambda seconds: None)
+    sshd._account_tool("userdel", "x")
+    assert calls == [("userdel", "x"), ("userdel", "x")]
 
 
 def test_kept_ratios_are_compared_with_the_saved_baseline(tmp_path):
