@@ -22,6 +22,7 @@ takes), the history (JSONL) and the timeline picture with the violations marked
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import json
@@ -209,25 +210,35 @@ def execute(plan: RunPlan, settings: CampaignSettings, directory: str,
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
     began = time.monotonic()
-    timeline = Timeline(os.path.join(directory, "history.jsonl"))
-    history = History(timeline)
-    bounds = settings.bounds(plan.topology)
-    longest_grace = max((float(s.params.get("grace", 0.0)) for s in plan.steps), default=0.0)
-    token = uuid.uuid4().hex
-    workload = Workload(None, plan.topology, history, f"campaign:{plan.seed}:{plan.run}:load",
-                        wait=bounds.healthy + bounds.silent + longest_grace + 2.0,
-                        workers=settings.workers, pace=settings.pace,
-                        hold=settings.hold, hooks=hooks)
-    backend = LocalBackend(timeline, on_start=workload.on_start)
-    workload.backend = backend
-    history.record("campaign", action="begin", seed=plan.seed, run=plan.run,
-                   topology=plan.topology.name, bounds=bounds.as_dict(), token=token,
-                   steps=[step.as_dict() for step in plan.steps],
-                   contexts=[{"host": host, "account": account}
-                             for host, account in workload.targets])
-    saved = os.environ.get(ENV_TOKEN)
-    os.environ[ENV_TOKEN] = token
-    try:
+    # Each clean-up is registered as soon as what it undoes exists, and all of them run
+    # (last first) whatever fails: no process, module directory or token is left behind.
+    with contextlib.ExitStack() as cleanup:
+        timeline = Timeline(os.path.join(directory, "history.jsonl"))
+        cleanup.callback(timeline.close)
+        history = History(timeline)
+        bounds = settings.bounds(plan.topology)
+        longest_grace = max((float(s.params.get("grace", 0.0)) for s in plan.steps),
+                            default=0.0)
+        token = uuid.uuid4().hex
+        workload = Workload(None, plan.topology, history,
+                            f"campaign:{plan.seed}:{plan.run}:load",
+                            wait=bounds.healthy + bounds.silent + longest_grace + 2.0,
+                            workers=settings.workers, pace=settings.pace,
+                            hold=settings.hold, hooks=hooks)
+        cleanup.callback(workload.close)
+        backend = LocalBackend(timeline, on_start=workload.on_start)
+        workload.backend = backend
+        history.record("campaign", action="begin", seed=plan.seed, run=plan.run,
+                       topology=plan.topology.name, bounds=bounds.as_dict(), token=token,
+                       steps=[step.as_dict() for step in plan.steps],
+                       contexts=[{"host": host, "account": account}
+                                 for host, account in workload.targets])
+        cleanup.callback(history.record, "campaign", action="end")
+        cleanup.callback(_restore_env, ENV_TOKEN, os.environ.get(ENV_TOKEN))
+        os.environ[ENV_TOKEN] = token
+        cleanup.callback(_find_leftovers, history, token, bounds.shutdown)
+        cleanup.callback(backend.destroy)
+        cleanup.callback(workload.stop)
         try:
             backend.create(plan.topology)
         except Exception as exc:
@@ -238,21 +249,15 @@ def execute(plan: RunPlan, settings: CampaignSettings, directory: str,
         workload.stop()
         workload.final_sweep()
         workload.collect()
-    finally:
-        workload.stop()
-        try:
-            backend.destroy()
-            _find_leftovers(history, token, bounds.shutdown)
-        finally:
-            if saved is None:
-                os.environ.pop(ENV_TOKEN, None)
-            else:
-                os.environ[ENV_TOKEN] = saved
-            workload.close()
-            history.record("campaign", action="end")
-            timeline.close()
     events = timeline.events()
     return RunResult(plan, events, check(events), directory, time.monotonic() - began)
+
+
+def _restore_env(name: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _fault_fields(fid: int, step: PlannedFault) -> Dict[str, Any]:

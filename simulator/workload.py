@@ -39,7 +39,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import mitogen.core
 from simulator import probes
 from simulator.history import History
-from simulator.local import _pid_alive
 from simulator.topology import Topology
 
 __all__ = ["ContextHook", "Target", "Workload"]
@@ -335,6 +334,8 @@ class Workload:
         """Each current context's route log into the history (``del_route`` per hop), the
         ids of the contexts that serve each host and account now, and those of every
         context whose process has ended (the lost ones)."""
+        from simulator.local import _pid_alive  # the backend's module: loaded by now
+
         current = []
         logs = []
         for host, account in self.targets:
