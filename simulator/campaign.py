@@ -480,7 +480,13 @@ def write_finding(first: RunResult, best: RunResult, tried: int,
                    "shrunk": [dataclasses.asdict(v) for v in best.violations]}, stream,
                   indent=1)
     for result in {id(first): first, id(best): best}.values():
-        picture(result, os.path.join(result.directory, "timeline.png"))
+        try:
+            picture(result, os.path.join(result.directory, "timeline.png"))
+        except (CampaignError, subprocess.TimeoutExpired) as exc:
+            # The finding matters more than its picture: say why it is missing, go on.
+            for key in ("picture", "original_picture"):
+                if os.path.dirname(paths[key]) == result.directory:
+                    paths[key] = f"not drawn: {str(exc)[-300:]}"
     return Finding(first, best, tried, paths)
 
 

@@ -19,8 +19,10 @@ import pytest
 
 import mitogen.core
 from simulator import campaign as campaign_module
+import simulator.campaign
 from simulator.campaign import (
     ENV_TOKEN,
+    CampaignError,
     CampaignSettings,
     RunResult,
     execute,
@@ -141,6 +143,25 @@ def test_misrouted_messages_are_reported_and_shrink_to_no_fault_at_all(tiny, tmp
     assert finding.shrunk.plan.steps == ()
     assert "delivery" in {v.invariant for v in finding.shrunk.violations}
     assert "to 0 fault(s), none at all" in finding.text()
+
+
+def test_a_picture_that_cannot_be_drawn_does_not_hide_the_finding(tiny, tmp_path,
+                                                                  monkeypatch):
+    settings = _settings(tmp_path)
+    directory = tmp_path / "run"
+    directory.mkdir()
+    violation = Violation("leftovers", "pid 4242 still runs", 1.0)
+    result = RunResult(plan_run(settings, 1, tiny), [], [violation], str(directory), 1.0)
+
+    def cannot_draw(result, path):
+        raise CampaignError(f"could not draw {path}: no matplotlib")
+
+    monkeypatch.setattr(simulator.campaign, "picture", cannot_draw)
+    finding = simulator.campaign.write_finding(result, result, 0, settings)
+    assert finding.paths["picture"].startswith("not drawn: could not draw")
+    text = finding.text()
+    assert "pid 4242 still runs" in text and "campaign --replay" in text
+    assert json.loads((directory / "violations.json").read_text())["original"]
 
 
 @pytest.mark.slow
