@@ -18,8 +18,8 @@ from typing import List, Optional
 import pytest
 
 import mitogen.core
-from simulator import campaign as campaign_module
 import simulator.campaign
+from simulator import campaign as campaign_module
 from simulator.campaign import (
     ENV_TOKEN,
     CampaignError,
