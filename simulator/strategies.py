@@ -131,7 +131,8 @@ class TreeShape:
         for low, high, what in ((*self.depth, "depth"), (*self.fanout, "fanout"),
                                 (*self.accounts, "accounts")):
             if not 0 <= low <= high or (what != "accounts" and low < 1):
-                raise ValueError(f"TreeShape.{what}: expected 1 <= low <= high, got "
+                least = 0 if what == "accounts" else 1
+                raise ValueError(f"TreeShape.{what}: expected {least} <= low <= high, got "
                                  f"({low}, {high})")
         if self.max_hosts < self.depth[1]:
             raise ValueError(f"TreeShape.max_hosts ({self.max_hosts}) is below the deepest "

@@ -101,8 +101,9 @@ def test_a_run_under_faults_holds_every_invariant_and_records_its_history(tiny, 
     assert result.violations == [], "\n".join(v.message for v in result.violations)
     events = result.events
     ended = {e["op"]: e for e in _kinds(events, "op", action="end")}
-    types = {e["type"] for e in _kinds(events, "op", action="start") if ended[e["op"]]
-             ["outcome"] == "ok"}
+    started = _kinds(events, "op", action="start")
+    assert [e["op"] for e in started if e["op"] not in ended] == []  # every op ended
+    types = {e["type"] for e in started if ended[e["op"]]["outcome"] == "ok"}
     assert types == {"call", "hold", "bulk", "nested", "import", "channel"}  # all went through
     assert _kinds(events, "deliver")
     assert [e["fid"] for e in _kinds(events, "fault", action="apply")] == [0, 1, 2]
