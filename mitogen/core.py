@@ -1078,6 +1078,7 @@ class Context:
 
     via = None
     remote_name = None
+    disconnected = False
 
     def __init__(self, router, context_id, name=None):
         self.router = router
@@ -1106,6 +1107,7 @@ class Context:
         return self._call_chain
 
     def on_disconnect(self):
+        self.disconnected = True
         fire(self, 'disconnect')
 
     def send(self, msg):
@@ -1167,6 +1169,8 @@ class Context:
         disconnected; with ``wait=True``, waits for that first."""
         latch = Latch()
         listen(self, 'disconnect', lambda: latch.put(None))
+        if self.disconnected:  # already gone: its disconnect will not fire again
+            latch.put(None)
         self.send(Message(handle=SHUTDOWN))
         if wait:
             latch.get()

@@ -139,3 +139,12 @@ def test_a_child_that_does_not_disconnect_is_forced_after_5_seconds():
     assert 5.0 <= elapsed < 5.0 + 5.0, elapsed
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_shutdown_of_a_context_already_gone_returns(router):
+    child = router.local()
+    child.shutdown(wait=True)
+    assert child.disconnected
+    latch = child.shutdown()  # a second time: nothing will disconnect again
+    assert latch.get(timeout=5) is None
+    child.shutdown(wait=True)
