@@ -358,6 +358,40 @@ def test_returncode_to_str_names_the_signal():
     assert mitogen.parent.SIGNAL_BY_NUM[11] == "SIGSEGV"
 
 
+def test_a_local_child_boots_in_one_interpreter(router):
+    """No fork and no second interpreter: the process this one started runs the context,
+    named on its command line, and boots children of its own from the source it kept."""
+    child = router.local(name="in-place")
+    argv = child.call(funcs.cmdline)
+    assert argv[0] == mitogen.parent.get_sys_executable() + "(mitogen:in-place)"
+    assert argv[1:4] == ["-S", "-c", mitogen.parent.STUB]
+    assert child.call(funcs.child_processes) == []
+    grandchild = router.local(via=child)
+    assert grandchild.call(funcs.cmdline)[1:3] == ["-S", "-c"]
+    assert grandchild.call(os.getppid) == child.call(os.getpid)
+
+
+def test_a_wrapped_python_boots_with_the_first_stage(router):
+    """A python_path of more than the interpreter (a wrapper, options) gets the usual
+    first stage: its second interpreter is what the context runs in."""
+    child = router.local(name="staged", python_path=[sys.executable, "-E"])
+    assert child.call(funcs.cmdline) == [sys.executable + "(mitogen:staged)", "-S"]
+    assert child.call(funcs.child_processes) == []
+    grandchild = router.local(via=child, python_path=[sys.executable, "-E"])
+    assert grandchild.call(os.getppid) == child.call(os.getpid)
+
+
+@pytest.mark.parametrize("method, in_place", [
+    ("local", True), ("ssh", False), ("sudo", False), ("docker", False), ("fork", False),
+])
+def test_only_a_python_this_process_starts_itself_boots_in_place(method, in_place):
+    conn_class = mitogen.parent.get_connection_class(method)
+    options = conn_class.options_class(max_message_size=1 << 20, **(
+        {"hostname": "h"} if method == "ssh" else {"container": "c"} if method == "docker"
+        else {}))
+    assert conn_class(options, router=_NoRouter()).boots_in_place is in_place  # type: ignore
+
+
 def test_the_child_closes_the_boot_descriptors_and_reaps_the_first_stage(router):
     child = router.local()
     fds = child.call(funcs.open_fds)

@@ -32,8 +32,13 @@ def fail(message):
 
 
 def argv0():
+    return cmdline()[0]
+
+
+def cmdline():
+    """This process's command line as the kernel (and ps) shows it."""
     with open("/proc/self/cmdline", "rb") as f:
-        return f.read().split(b"\0")[0].decode()
+        return [part.decode() for part in f.read().split(b"\0")[:-1]]
 
 
 def print_and_log(text):
