@@ -787,12 +787,13 @@ def _get_thread_waker():
 
 def _read_buffer():
     """This thread's scratch space for stream reads: one per thread that reads, not per
-    stream (a master may have hundreds), reused so that a read does not allocate (and, at
-    this size, mmap) a fresh buffer each time."""
+    stream (a master may have hundreds), reused so that a read does not allocate a fresh
+    buffer each time. Anonymous memory, not a zero-filled bytearray: a page costs nothing
+    until a read reaches it, so a thread that reads small messages holds 4 KiB, not 128."""
     try:
         return _thread_state.read_buffer
     except AttributeError:
-        buf = _thread_state.read_buffer = bytearray(CHUNK_SIZE)
+        buf = _thread_state.read_buffer = mmap.mmap(-1, CHUNK_SIZE)
         return buf
 
 
@@ -1609,6 +1610,7 @@ class Timer:
 
     def cancel(self):
         self.active = False
+        self.func = None  # it waits in the heap until due: let what it would call go now
 
 
 class Stream:

@@ -57,3 +57,32 @@ def test_mitogen_main_decorator_runs_the_script(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=60, check=False)
     assert "child differs: True" in out.stdout, out.stderr
+
+
+def test_broker_timers_fire_in_order_and_a_cancelled_one_lets_go_of_its_function():
+    import gc
+    import weakref
+
+    class Target:
+        def method(self):
+            raise AssertionError("a cancelled timer fired")
+
+    fired = []
+    done = threading.Event()
+    broker = mitogen.master.Broker()
+    try:
+        target = Target()
+        ref = weakref.ref(target)
+        cancelled = broker.defer_sync(lambda: broker.timer(0.02, target.method))
+        broker.defer_sync(lambda: broker.timer(0.01, lambda: fired.append(1)))
+        broker.defer_sync(lambda: broker.timer(0.03, lambda: (fired.append(2), done.set())))
+        cancelled.cancel()
+        del target
+        gc.collect()
+        # Still in the broker's heap until it is due, but no longer holding its target.
+        assert ref() is None
+        assert done.wait(10)
+        assert fired == [1, 2]
+    finally:
+        broker.shutdown()
+        broker.join()
