@@ -60,6 +60,7 @@ def test_mitogen_main_decorator_runs_the_script(tmp_path):
 
 
 def test_broker_timers_fire_in_order_and_a_cancelled_one_lets_go_of_its_function():
+    import functools
     import gc
     import weakref
 
@@ -73,7 +74,7 @@ def test_broker_timers_fire_in_order_and_a_cancelled_one_lets_go_of_its_function
     try:
         target = Target()
         ref = weakref.ref(target)
-        cancelled = broker.defer_sync(lambda: broker.timer(0.02, target.method))
+        cancelled = broker.defer_sync(functools.partial(broker.timer, 0.02, target.method))
         broker.defer_sync(lambda: broker.timer(0.01, lambda: fired.append(1)))
         broker.defer_sync(lambda: broker.timer(0.03, lambda: (fired.append(2), done.set())))
         cancelled.cancel()
