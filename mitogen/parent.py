@@ -23,8 +23,9 @@ bootstrap of a child goes like this (see "The UNIX First Stage"):
    sudo or container tool in between, see :attr:`Connection.boots_in_place`), one
    interpreter does it all: it is started with ``argv[0]`` naming the context already, and
    :data:`IN_PLACE_STAGE` reads the payload, loads the code and runs it in that very
-   process, the source left on fd 101 in a memfd. That saves the second interpreter
-   start (about 15 ms of CPU, a fifth of a child's whole start).
+   process, the source left on fd 101 in a memfd. That saves the fork, the second
+   interpreter start and the hand-over between them: about 40 % of the CPU a local child
+   takes to start (``python bench/run.py --only fanout``).
 3. The program is the minified :mod:`mitogen.core` plus one line calling
    :meth:`ExternalContext.main` with this context's configuration. The master keeps the
    minified, compressed core in a boot image beside the core's bytecode cache (see

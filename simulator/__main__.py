@@ -238,7 +238,8 @@ def _container_states(record: Any) -> dict:
         run = record.resources.get("run")
         containers = client.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run}"},
                                             ignore_removed=True)
-        return {c.labels.get(LABEL_HOST): f"container {c.name} {c.status}" for c in containers}
+        return {c.labels[LABEL_HOST]: f"container {c.name} {c.status}" for c in containers
+                if LABEL_HOST in c.labels}  # not the overlay keepers of a swarm run
     finally:
         client.close()
 

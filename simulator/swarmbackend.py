@@ -229,8 +229,17 @@ class ExecRelayControl(RelayControl):
 # --------------------------------------------------------------------------------------------
 
 
-def _swarm_state(client: docker.DockerClient) -> Dict[str, Any]:
-    return client.info().get("Swarm") or {}
+def _swarm_state(client: docker.DockerClient, settle: float = 30.0) -> Dict[str, Any]:
+    """The engine's swarm state, once it has settled: ``pending`` is an engine between
+    states (a swarm left a moment ago, by another run's reaper say, or being joined), which
+    becomes ``inactive`` or ``active`` within moments. Polled, bounded by `settle` seconds
+    (the engine offers no event for it)."""
+    deadline = time.monotonic() + settle
+    while True:
+        state = client.info().get("Swarm") or {}
+        if state.get("LocalNodeState") != "pending" or time.monotonic() >= deadline:
+            return state
+        time.sleep(0.2)
 
 
 def _made_by_us(client: docker.DockerClient, state: Mapping[str, Any]) -> bool:
@@ -490,6 +499,36 @@ class SwarmBackend(ContainerBackend):
         if self._nodes and self._nodes[0].engine is None:
             urls.insert(0, os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
         return urls
+
+    def _make_containers(self, tags: Dict[str, str]) -> None:
+        super()._make_containers(tags)
+        self._keep_overlays(tags)
+
+    def _keep_overlays(self, tags: Dict[str, str]) -> None:
+        """One idle container per node and overlay its hosts use, holding the overlay there.
+
+        A worker forgets an attachable overlay once none of its running containers uses it;
+        a stopped container on it then cannot start again ("network ... not found"), and a
+        new one fails to attach (the manager's attachment times out), so a host that was
+        alone on its segment on that node could not come back from a crash, a stop or a
+        restart. The keeper does nothing but stay attached; it goes with the run's other
+        containers. None on the node this runner manages the swarm through: a manager keeps
+        every overlay.
+        """
+        wanted: Dict[Tuple[str, str], str] = {}
+        for host in self.topology.hosts:
+            node = self._host_nodes[host.id]
+            if node == self._nodes[0].id:
+                continue
+            names = [self._networks[host.parent].name]
+            if host.children:
+                names.append(self._networks[host.id].name)
+            for name in names:
+                wanted.setdefault((node, name), tags[host.suite])
+        for index, ((node, name), tag) in enumerate(sorted(wanted.items())):
+            self._node_client(node).containers.run(
+                tag, entrypoint=["sleep", "infinity"], network=name, detach=True,
+                name=f"msim-{self._run}-keep-{index}", labels=self._labels())
 
     def _engine_for(self, host: Host) -> docker.DockerClient:
         return self._node_client(self._host_nodes[host.id])

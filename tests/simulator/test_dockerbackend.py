@@ -109,8 +109,18 @@ def _require_swarm() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="module", params=["docker", "swarm"])
+#: The conformance suite also runs on three engines joined in a swarm (simulator/swarmlab.py),
+#: gate and leaf on different nodes: every fault is then applied on a node other than the
+#: manager the runner talks to. One lab for the module, on one xdist worker.
+SWARM3 = pytest.param("swarm3", marks=[pytest.mark.slow, pytest.mark.xdist_group("swarm3"),
+                                       pytest.mark.timeout(600)])
+
+
+@pytest.fixture(scope="module", params=["docker", "swarm", SWARM3])
 def tree(request) -> Iterator:
+    if request.param == "swarm3":
+        yield from _tree_on_a_lab()
+        return
     if request.param == "docker":
         _require_docker()
         from simulator.dockerbackend import DockerBackend
@@ -126,6 +136,27 @@ def tree(request) -> Iterator:
         yield backend
     finally:
         backend.destroy()
+
+
+def _tree_on_a_lab() -> Iterator:
+    from simulator import images
+    from simulator.swarmbackend import SwarmBackend
+    from simulator.swarmlab import SwarmLab, lab_unavailable
+
+    _require_docker()
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    topology = parse_topology({**SMALL, "placement": {"rule": "spread"}}, "small.yml")
+    with SwarmLab(3) as lab:
+        lab.load_images([images.image_tag("bookworm")])
+        backend = SwarmBackend(engine=lab.manager)
+        try:
+            backend.create(topology)
+            assert backend.node_of("gate") != backend.node_of("leaf")
+            yield backend
+        finally:
+            backend.destroy()
 
 
 @pytest.fixture

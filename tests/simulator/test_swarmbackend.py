@@ -3,9 +3,10 @@ three-node swarm of three engines in their own network namespaces (simulator/swa
 with a tree spread over them, a node lacking a tool, faults applied on other nodes, and a
 whole node killed mid-run.
 
-On the one-node swarm the backend makes on this machine's engine: the conformance suite
-(every fault kind on a small tree) and a killed runner's reaper in test_dockerbackend.py,
-``up``/``status``/``down`` in test_main.py (each checks the made swarm is left).
+The conformance suite (every fault kind on a small tree) runs in test_dockerbackend.py on the
+one-node swarm the backend makes on this machine's engine and on a three-engine lab (gate and
+leaf on different nodes), and a killed runner's reaper on the one-node swarm; test_main.py
+tries ``up``/``status``/``down`` (each checks the made swarm is left).
 """
 
 from __future__ import annotations
