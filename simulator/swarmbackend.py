@@ -715,7 +715,8 @@ class SwarmBackend(ContainerBackend):
         return gateway
 
     def _engine_addresses(self) -> int:
-        return len(self._nodes)
+        # Each node attached to an overlay takes one, and a worker's keeper one more.
+        return 2 * len(self._nodes)
 
     def _root_parent_address(self, segment: Segment) -> str:
         # .1 is the overlay's own; .2, the owner's slot, is free on the root segment.
