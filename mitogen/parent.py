@@ -197,6 +197,26 @@ STUB = (
     "exec(zlib.decompress(binascii.a2b_base64(sys.argv[1])))"
 )
 
+#: What both first stages below do once the child may speak: say MITO000, read the payload
+#: (see Connection.get_preamble) from stdin, inflate the source C and the bytecode K, and find
+#: where the configuration line starts (i). Kept small: it travels on the command line.
+_READ_PAYLOAD = """\
+os.write(1,b'MITO000\\n')
+def G(n):
+ C=b''
+ while len(C)<n:
+  try:b=os.read(0,n-len(C))
+  except BlockingIOError:select.select([0],[],[]);continue
+  if not b:os._exit(1)
+  C+=b
+ return C
+C=zlib.decompress(G(int(G(8))))
+n=int(G(8))
+K=zlib.decompress(G(n)) if n else b''
+import marshal,_frozen_importlib_external as X
+i=C.rindex(b'\\n',0,-1)+1
+"""
+
 #: The first stage, in the target's Python; see the module docstring. Kept small: it travels
 #: on the command line of every new context.
 FIRST_STAGE = """\
@@ -214,20 +234,7 @@ os.close(R);os.close(r);os.close(Q)
 P=b"import marshal,_pickle,_socket,select,_signal,heapq,_struct,fcntl,zlib,threading,mmap;"
 P+=b"\\nwith open(102,'rb') as _b:_c=marshal.load(_b),marshal.load(_b)\\nexec(_c[0]);exec(_c[1])"
 os.write(W,P);os.close(W)
-os.write(1,b'MITO000\\n')
-def G(n):
- C=b''
- while len(C)<n:
-  try:b=os.read(0,n-len(C))
-  except BlockingIOError:select.select([0],[],[]);continue
-  if not b:os._exit(1)
-  C+=b
- return C
-C=zlib.decompress(G(int(G(8))))
-n=int(G(8))
-K=zlib.decompress(G(n)) if n else b''
-import marshal,_frozen_importlib_external as X
-i=C.rindex(b'\\n',0,-1)+1
+""" + _READ_PAYLOAD + """\
 if K[:4]==X.MAGIC_NUMBER:K=K[4:]
 else:K=marshal.dumps(compile(C[:i],'mitogen/core.py','exec'))
 for f,D in(V,K+marshal.dumps(compile(C[i:],'mitogen/core.py','exec'))),(w,C):
@@ -240,22 +247,7 @@ os._exit(0)
 #: The first stage of a child whose Python this process starts itself (see the module
 #: docstring, 2.): the same protocol on stdin and stdout, without the fork and the second
 #: interpreter. The source goes to fd 101 in a memfd: a pipe could not hold it unread.
-IN_PLACE_STAGE = """\
-import os,sys,select,zlib,marshal
-os.write(1,b'MITO000\\n')
-def G(n):
- C=b''
- while len(C)<n:
-  try:b=os.read(0,n-len(C))
-  except BlockingIOError:select.select([0],[],[]);continue
-  if not b:os._exit(1)
-  C+=b
- return C
-C=zlib.decompress(G(int(G(8))))
-n=int(G(8))
-K=zlib.decompress(G(n)) if n else b''
-import _frozen_importlib_external as X
-i=C.rindex(b'\\n',0,-1)+1
+IN_PLACE_STAGE = "import os,sys,select\n" + _READ_PAYLOAD + """\
 K=marshal.loads(K[4:]) if K[:4]==X.MAGIC_NUMBER else compile(C[:i],'mitogen/core.py','exec')
 L=compile(C[i:],'mitogen/core.py','exec')
 f=os.memfd_create('mitogen-core')
